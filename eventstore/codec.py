@@ -1,0 +1,281 @@
+"""Events on Kafka records, in CloudEvents 1.0 binary mode.
+
+Writing: the envelope's attributes become ``ce_*`` headers, the payload (personal fields sealed
+under the subject's data key) becomes the JSON record value, the stream id the record key.
+
+Reading is split so that a whole batch needs one key-store round trip: :func:`parse_record`
+reads headers and payload without keys; :func:`needed_subjects` says whose keys a batch needs;
+:func:`finish` unseals, upcasts and validates. A record whose type this reader does not know
+is returned as :class:`Skipped` (and counted), never raised: newer writers may add types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from eventstore.errors import DecodeError
+from eventstore.keyring import KeyLookup, seal, sealed_subject, unseal
+from eventstore.metrics import EVENTS_SKIPPED
+from eventstore.positions import Position
+from eventstore.topics import TopicLayout
+from schemas.envelope import (
+    CONTENT_TYPE,
+    CONTENT_TYPE_HEADER,
+    HEADER_PREFIX,
+    SPECVERSION,
+    Envelope,
+    format_time,
+    parse_time,
+)
+from schemas.events import EVENT_TYPES, Event
+from schemas.upcasting import UPCASTERS, UpcastError, Upcasters
+
+_JSON = msgspec.json.Encoder()
+_ANY = msgspec.json.Decoder()
+_DECODERS: dict[type[Event], msgspec.json.Decoder[Any]] = {
+    cls: msgspec.json.Decoder(cls) for cls in EVENT_TYPES.values()
+}
+
+
+class RecordLike(Protocol):
+    """What the codec reads from a consumed record (aiokafka's ConsumerRecord fits)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+class OutgoingRecord(msgspec.Struct, frozen=True):
+    """One encoded event, ready for the producer."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int
+    envelope: Envelope
+    event: Event
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    """An event read from (or acknowledged by) the log, with its attributes and position."""
+
+    envelope: Envelope
+    event: Event
+    position: Position
+
+
+class Skipped(msgspec.Struct, frozen=True):
+    """A record that yielded no event: an unknown type, or a poison record (with the error)."""
+
+    position: Position
+    reason: str
+    type: str
+    error: str
+    headers: list[tuple[str, bytes]]
+    value: bytes | None
+
+
+class ParsedRecord(msgspec.Struct):
+    """A record whose headers and payload are read, but not yet unsealed or validated."""
+
+    envelope: Envelope
+    cls: type[Event]
+    payload: dict[str, Any] | None
+    raw: bytes
+    position: Position
+    headers: list[tuple[str, bytes]]
+
+
+Decoded = RecordedEvent | Skipped
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+def envelope_headers(envelope: Envelope) -> list[tuple[str, bytes]]:
+    """The Kafka headers carrying an envelope (binary content mode)."""
+    headers = [
+        ("ce_specversion", envelope.specversion.encode()),
+        ("ce_id", str(envelope.id).encode()),
+        ("ce_source", envelope.source.encode()),
+        ("ce_type", envelope.type.encode()),
+        ("ce_subject", envelope.subject.encode()),
+        ("ce_time", format_time(envelope.time).encode()),
+        ("ce_schemaversion", str(envelope.schemaversion).encode()),
+        (CONTENT_TYPE_HEADER, envelope.datacontenttype.encode()),
+    ]
+    for name in ("actor", "correlationid", "causationid"):
+        value = getattr(envelope, name)
+        if value is not None:
+            headers.append((HEADER_PREFIX + name, value.encode()))
+    return headers
+
+
+def encode_event(
+    event: Event, envelope: Envelope, keys: KeyLookup, layout: TopicLayout
+) -> OutgoingRecord:
+    """Seal the personal fields of ``event`` and lay it out as a Kafka record."""
+    if event.personal_fields:
+        subject = event.subject_id
+        assert subject is not None, f"{type(event).__name__} names no subject field"
+        sealed: dict[str, str] = {}
+        for name in event.personal_fields:
+            value = getattr(event, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise DecodeError(f"{type(event).__name__}.{name} is erased; cannot write it")
+            key = keys.get(subject)
+            if key is None:
+                raise DecodeError(f"no data key for subject {subject}")
+            sealed[name] = seal(key, subject, envelope.id, value)
+        payload = msgspec.structs.replace(event, **sealed) if sealed else event
+    else:
+        payload = event
+    return OutgoingRecord(
+        topic=layout.topic(event.stream),
+        key=str(event.stream_id).encode(),
+        value=_JSON.encode(payload),
+        headers=envelope_headers(envelope),
+        timestamp_ms=int(envelope.time.timestamp() * 1000),
+        envelope=envelope,
+        event=event,
+    )
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+def read_envelope(headers: Iterable[tuple[str, bytes]]) -> Envelope:
+    """Rebuild the envelope from a record's headers; :class:`DecodeError` if incomplete."""
+    attrs: dict[str, str] = {}
+    content_type = CONTENT_TYPE
+    for name, raw in headers:
+        if name.startswith(HEADER_PREFIX):
+            attrs[name[len(HEADER_PREFIX) :]] = raw.decode("utf-8", "replace")
+        elif name == CONTENT_TYPE_HEADER:
+            content_type = raw.decode("utf-8", "replace")
+    try:
+        if attrs.get("specversion") != SPECVERSION:
+            raise DecodeError(f"unsupported CloudEvents specversion {attrs.get('specversion')!r}")
+        return Envelope(
+            id=uuid.UUID(attrs["id"]),
+            source=attrs["source"],
+            type=attrs["type"],
+            subject=attrs["subject"],
+            time=parse_time(attrs["time"]),
+            datacontenttype=content_type,
+            schemaversion=int(attrs.get("schemaversion", "1")),
+            actor=attrs.get("actor"),
+            correlationid=attrs.get("correlationid"),
+            causationid=attrs.get("causationid"),
+        )
+    except KeyError as exc:
+        raise DecodeError(f"missing CloudEvents header ce_{exc.args[0]}") from None
+    except ValueError as exc:
+        raise DecodeError(f"bad CloudEvents header: {exc}") from None
+
+
+def parse_record(record: RecordLike, layout: TopicLayout, epoch: int) -> ParsedRecord | Skipped:
+    """Read a record's envelope and payload, without keys. Never raises for bad records."""
+    position = Position(epoch, layout.stream_of(record.topic), record.partition, record.offset)
+    headers = list(record.headers or ())
+    raw = record.value or b""
+    event_type = ""
+    try:
+        envelope = read_envelope(headers)
+        event_type = envelope.type
+        cls = EVENT_TYPES.get(event_type)
+        if cls is None:
+            EVENTS_SKIPPED.labels("unknown_type", event_type[:64]).inc()
+            return Skipped(position, "unknown_type", event_type, "", headers, record.value)
+        if envelope.datacontenttype != CONTENT_TYPE:
+            raise DecodeError(f"unsupported content type {envelope.datacontenttype!r}")
+        payload: dict[str, Any] | None = None
+        if cls.personal_fields or envelope.schemaversion != cls.version:
+            decoded = _ANY.decode(raw)
+            if not isinstance(decoded, dict):
+                raise DecodeError("payload is not a JSON object")
+            payload = decoded
+        return ParsedRecord(envelope, cls, payload, raw, position, headers)
+    except (DecodeError, msgspec.DecodeError) as exc:
+        EVENTS_SKIPPED.labels("poison", event_type[:64]).inc()
+        return Skipped(position, "poison", event_type, str(exc), headers, record.value)
+
+
+def needed_subjects(parsed: Iterable[ParsedRecord | Skipped]) -> set[uuid.UUID]:
+    """Subjects whose keys are needed to unseal these records."""
+    subjects: set[uuid.UUID] = set()
+    for item in parsed:
+        if isinstance(item, ParsedRecord) and item.payload is not None:
+            for name in item.cls.personal_fields:
+                value = item.payload.get(name)
+                if isinstance(value, str):
+                    # A malformed sealed value is reported by finish() as poison.
+                    with contextlib.suppress(DecodeError):
+                        subjects.add(sealed_subject(value))
+    return subjects
+
+
+def finish(
+    parsed: ParsedRecord | Skipped, keys: KeyLookup, upcasters: Upcasters = UPCASTERS
+) -> Decoded:
+    """Unseal, upcast and validate a parsed record into a :class:`RecordedEvent`."""
+    if isinstance(parsed, Skipped):
+        return parsed
+    cls, envelope = parsed.cls, parsed.envelope
+    try:
+        if parsed.payload is None:
+            event = _DECODERS[cls].decode(parsed.raw)
+        else:
+            payload = parsed.payload
+            if envelope.schemaversion != cls.version:
+                payload = upcasters.upcast(
+                    envelope.type, envelope.schemaversion, cls.version, payload
+                )
+            for name in cls.personal_fields:
+                value = payload.get(name)
+                if isinstance(value, str):
+                    opened = unseal(keys, envelope.id, value)
+                    payload[name] = opened if isinstance(opened, str) else {"kind": "erased"}
+            event = msgspec.convert(payload, cls)
+    except (DecodeError, UpcastError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        EVENTS_SKIPPED.labels("poison", envelope.type[:64]).inc()
+        return Skipped(
+            parsed.position, "poison", envelope.type, str(exc), parsed.headers, parsed.raw
+        )
+    return RecordedEvent(envelope, event, parsed.position)
+
+
+async def decode_records(
+    records: Sequence[RecordLike],
+    layout: TopicLayout,
+    epoch: int,
+    keys_for_read: KeyFetcher,
+    upcasters: Upcasters = UPCASTERS,
+) -> list[Decoded]:
+    """Decode a batch with one key lookup for all the subjects it needs."""
+    parsed = [parse_record(r, layout, epoch) for r in records]
+    subjects = needed_subjects(parsed)
+    keys: KeyLookup = await keys_for_read(subjects) if subjects else {}
+    return [finish(p, keys, upcasters) for p in parsed]
+
+
+class KeyFetcher(Protocol):
+    async def __call__(
+        self, subjects: Iterable[uuid.UUID], /
+    ) -> dict[uuid.UUID, AESGCM | None]: ...

@@ -1,0 +1,296 @@
+"""Reading the log in batches, with positions stored by the caller, never by Kafka.
+
+Two ways to read:
+
+* :class:`GroupReader`: a consumer-group member (projectors, archiver). Kafka only balances
+  partitions; offsets are never committed to Kafka. On every assignment the reader asks the
+  caller's :class:`PositionStore` where each partition stands and seeks there. A batch is handed
+  to the caller's handler together with the offset range it covers per partition, so the handler
+  can store its effects and the new offsets in one transaction (and compare-and-set them, so a
+  member that lost a partition mid-batch cannot apply it twice).
+* :class:`LogReader`: no group, every partition of the chosen topics (fan-out, replay, audit,
+  tests), from the beginning, the live end, or given offsets; optionally only up to the end
+  offsets as they stood when it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Literal, Protocol
+
+import msgspec
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from eventstore.codec import Decoded, KeyFetcher, RecordLike, decode_records
+from eventstore.errors import LogUnavailable
+from eventstore.settings import Settings
+from eventstore.topics import TopicLayout
+from schemas.events import StreamKind
+
+log = structlog.get_logger(__name__)
+
+Partition = tuple[str, int]
+StartAt = Literal["beginning", "end"]
+
+
+class OffsetRange(msgspec.Struct, frozen=True):
+    """The records of one partition in a batch: ``first`` .. ``last`` inclusive."""
+
+    first: int
+    last: int
+
+    @property
+    def next(self) -> int:
+        """The offset to resume from after this range."""
+        return self.last + 1
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """Decoded records in log order per partition, and the offset range of each partition."""
+
+    items: list[Decoded]
+    ranges: dict[Partition, OffsetRange]
+
+
+class PositionStore(Protocol):
+    """Where the caller keeps its read positions (next offset to read per partition)."""
+
+    async def load(self, partitions: Sequence[Partition]) -> Mapping[Partition, int]: ...
+
+
+BatchHandler = Callable[[Batch], Awaitable[None]]
+
+
+def _consumer(settings: Settings, group_id: str | None, *topics: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        client_id="backbone-reader",
+        # Offsets live with the caller's effects, never in Kafka.
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=16 * 1024 * 1024,
+        max_poll_records=None,
+    )
+
+
+async def _decode(
+    records: Mapping[TopicPartition, Sequence[RecordLike]],
+    layout: TopicLayout,
+    epoch: int,
+    keys: KeyFetcher,
+) -> Batch:
+    flat: list[RecordLike] = []
+    ranges: dict[Partition, OffsetRange] = {}
+    for tp, recs in records.items():
+        if not recs:
+            continue
+        flat.extend(recs)
+        ranges[(tp.topic, tp.partition)] = OffsetRange(recs[0].offset, recs[-1].offset)
+    items = await decode_records(flat, layout, epoch, keys)
+    return Batch(items, ranges)
+
+
+class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, reader: GroupReader) -> None:
+        self._reader = reader
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        # Wait for the batch in flight: its transaction must finish before another member
+        # may start on these partitions.
+        async with self._reader._batch_lock:
+            pass
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._reader._seek_to_stored(list(assigned))
+
+
+class GroupReader:
+    """A consumer-group member that hands decoded batches to ``handler``; see module doc."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group_id: str,
+        streams: Sequence[StreamKind],
+        positions: PositionStore,
+        handler: BatchHandler,
+        keys: KeyFetcher,
+        epoch: int,
+        max_records: int = 5000,
+        poll_timeout_ms: int = 200,
+    ) -> None:
+        self._settings = settings
+        self._layout = TopicLayout.from_settings(settings)
+        self._group_id = group_id
+        self._topics = [self._layout.topic(s) for s in streams]
+        self._positions = positions
+        self._handler = handler
+        self._keys = keys
+        self._epoch = epoch
+        self._max_records = max_records
+        self._poll_timeout_ms = poll_timeout_ms
+        self._batch_lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def assignment(self) -> set[Partition]:
+        if self._consumer is None:
+            return set()
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    async def _seek_to_stored(self, assigned: list[TopicPartition]) -> None:
+        consumer = self._consumer
+        if consumer is None or not assigned:
+            return
+        stored = await self._positions.load([(tp.topic, tp.partition) for tp in assigned])
+        for tp in assigned:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, offset)
+        log.info("reader.assigned", group=self._group_id, partitions=len(assigned))
+
+    async def run(self) -> None:
+        """Read and hand over batches until :meth:`stop`."""
+        consumer = _consumer(self._settings, self._group_id)
+        self._consumer = consumer
+        try:
+            consumer.subscribe(self._topics, listener=_SeekOnAssign(self))
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise LogUnavailable(f"Kafka unreachable: {exc}") from exc
+        try:
+            while not self._stopping.is_set():
+                records = await consumer.getmany(
+                    timeout_ms=self._poll_timeout_ms, max_records=self._max_records
+                )
+                if not records:
+                    continue
+                async with self._batch_lock:
+                    # Drop partitions revoked while this poll was in flight.
+                    mine = consumer.assignment()
+                    records = {tp: r for tp, r in records.items() if tp in mine}
+                    if not records:
+                        continue
+                    batch = await _decode(records, self._layout, self._epoch, self._keys)
+                    await self._handler(batch)
+        finally:
+            self._consumer = None
+            await consumer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+class LogReader:
+    """Reads every partition of the chosen streams without a consumer group."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        streams: Sequence[StreamKind],
+        keys: KeyFetcher,
+        epoch: int,
+        max_records: int = 5000,
+    ) -> None:
+        self._settings = settings
+        self._layout = TopicLayout.from_settings(settings)
+        self._streams = streams
+        self._keys = keys
+        self._epoch = epoch
+        self._max_records = max_records
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(
+        self,
+        start_at: StartAt = "beginning",
+        offsets: Mapping[Partition, int] | None = None,
+    ) -> None:
+        """Assign every partition and position it at ``start_at`` or at ``offsets``."""
+        consumer = _consumer(self._settings, None)
+        try:
+            await consumer.start()
+            partitions: list[TopicPartition] = []
+            for stream in self._streams:
+                topic = self._layout.topic(stream)
+                found = consumer.partitions_for_topic(topic)
+                if not found:
+                    await consumer._client.force_metadata_update()
+                    found = consumer.partitions_for_topic(topic) or set()
+                partitions.extend(TopicPartition(topic, p) for p in sorted(found))
+            consumer.assign(partitions)
+            if start_at == "end":
+                await consumer.seek_to_end(*partitions)
+            else:
+                await consumer.seek_to_beginning(*partitions)
+            for (topic, partition), offset in (offsets or {}).items():
+                consumer.seek(TopicPartition(topic, partition), offset)
+        except KafkaError as exc:
+            await consumer.stop()
+            raise LogUnavailable(f"Kafka unreachable: {exc}") from exc
+        self._consumer = consumer
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def __aenter__(self) -> LogReader:
+        if self._consumer is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _require(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("LogReader is not started")
+        return self._consumer
+
+    async def end_offsets(self) -> dict[Partition, int]:
+        """The next offset to be written, per partition, as of now."""
+        consumer = self._require()
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+    async def next_batch(self, timeout_ms: int = 200) -> Batch:
+        """The next decoded batch (possibly empty when nothing arrived within the timeout)."""
+        consumer = self._require()
+        records = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
+        return await _decode(records, self._layout, self._epoch, self._keys)
+
+    async def batches_until_end(self, timeout_ms: int = 500) -> AsyncIterator[Batch]:
+        """Batches up to the end offsets as they stand when this is called, then stop."""
+        consumer = self._require()
+        target = await self.end_offsets()
+        remaining = {p for p, end in target.items() if await self._position(p) < end}
+        while remaining:
+            records = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
+            trimmed = {
+                tp: [r for r in recs if r.offset < target[(tp.topic, tp.partition)]]
+                for tp, recs in records.items()
+            }
+            batch = await _decode(trimmed, self._layout, self._epoch, self._keys)
+            if batch.items:
+                yield batch
+            for p in list(remaining):
+                if await self._position(p) >= target[p]:
+                    remaining.discard(p)
+
+    async def _position(self, partition: Partition) -> int:
+        consumer = self._require()
+        position: int = await consumer.position(TopicPartition(*partition))
+        return position

@@ -1,0 +1,300 @@
+"""Personal-data encryption: per-subject data keys, wrapped by a master key, and crypto-shredding.
+
+Every person (subject) has a random 256-bit data key. Personal fields of their events are
+sealed with AES-GCM under that key before the event enters the log; the key itself is stored in
+PostgreSQL wrapped (AES-GCM) by a master key from configuration. Erasing a subject deletes the
+wrapped key: every copy of their events, in Kafka, in the S3 archive and in backups of the
+log, becomes unreadable at that moment, and decoders yield :data:`schemas.ERASED` instead.
+
+A sealed value is the string ``pd1:`` + base64(subject uuid || 96-bit nonce || ciphertext+tag).
+It names its own subject, so tools can tell whose key a value needs without the schema. The
+event id is the AES-GCM associated data: a sealed value cannot be replayed into another event.
+
+Keys are cached per process. An erasure is announced with ``NOTIFY`` so every process drops
+its cached copy at once; a process that loses its listening connection drops its whole cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import asyncpg
+import structlog
+from asyncpg.pool import PoolConnectionProxy
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from eventstore.errors import DecodeError, KeyStoreUnavailable, SubjectErased
+from eventstore.pg import Pool
+from eventstore.settings import MasterKey
+from schemas.personal import ERASED, Erased
+
+SEAL_PREFIX: Final = "pd1:"
+_NONCE = 12
+_UUID = 16
+ERASURE_CHANNEL: Final = "backbone_data_key_erased"
+
+log = structlog.get_logger(__name__)
+
+KeyLookup = Mapping[uuid.UUID, AESGCM | None]
+"""Subject -> its data key, or ``None`` once erased. A subject never keyed is absent."""
+
+
+def seal(key: AESGCM, subject: uuid.UUID, event_id: uuid.UUID, plaintext: str) -> str:
+    """Encrypt one personal value of ``subject`` for the event ``event_id``."""
+    nonce = os.urandom(_NONCE)
+    ciphertext = key.encrypt(nonce, plaintext.encode("utf-8"), event_id.bytes)
+    return SEAL_PREFIX + base64.b64encode(subject.bytes + nonce + ciphertext).decode("ascii")
+
+
+def sealed_subject(sealed: str) -> uuid.UUID:
+    """The subject a sealed value belongs to (no key needed)."""
+    return uuid.UUID(bytes=_sealed_bytes(sealed)[:_UUID])
+
+
+def unseal(keys: KeyLookup, event_id: uuid.UUID, sealed: str) -> str | Erased:
+    """Decrypt a sealed value; :data:`ERASED` when its subject's key is gone."""
+    raw = _sealed_bytes(sealed)
+    subject = uuid.UUID(bytes=raw[:_UUID])
+    if subject not in keys:
+        # Nothing can have been sealed for a subject that never had a key: this value is
+        # corrupt, or the key store is not the one this log was written with.
+        raise DecodeError(f"no data key was ever made for subject {subject}")
+    key = keys[subject]
+    if key is None:
+        return ERASED
+    nonce, ciphertext = raw[_UUID : _UUID + _NONCE], raw[_UUID + _NONCE :]
+    try:
+        return key.decrypt(nonce, ciphertext, event_id.bytes).decode("utf-8")
+    except InvalidTag:
+        raise DecodeError(
+            f"sealed value of subject {subject} does not authenticate for event {event_id}"
+        ) from None
+
+
+def _sealed_bytes(sealed: str) -> bytes:
+    if not sealed.startswith(SEAL_PREFIX):
+        raise DecodeError("personal field is not sealed")
+    try:
+        raw = base64.b64decode(sealed[len(SEAL_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise DecodeError("sealed value is not valid base64") from None
+    if len(raw) < _UUID + _NONCE + 16:
+        raise DecodeError("sealed value is truncated")
+    return raw
+
+
+def _wrap(master: MasterKey, subject: uuid.UUID, data_key: bytes) -> bytes:
+    nonce = os.urandom(_NONCE)
+    return nonce + AESGCM(master.key).encrypt(nonce, data_key, subject.bytes)
+
+
+def _unwrap(master: MasterKey, subject: uuid.UUID, wrapped: bytes) -> bytes:
+    try:
+        return AESGCM(master.key).decrypt(wrapped[:_NONCE], wrapped[_NONCE:], subject.bytes)
+    except InvalidTag:
+        raise KeyStoreUnavailable(
+            f"data key of {subject} does not unwrap with master key {master.key_id!r}: "
+            "wrong BACKBONE_MASTER_KEY?"
+        ) from None
+
+
+class KeyRing:
+    """Data keys of subjects: created on first write, cached, destroyed on erasure.
+
+    The pool is owned by the caller. :meth:`start` takes one connection from it to listen for
+    erasures made by other processes; :meth:`close` gives it back.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        master_keys: Sequence[MasterKey],
+        *,
+        cache_size: int = 100_000,
+    ) -> None:
+        if not master_keys:
+            raise ValueError("at least one master key is needed")
+        self._pool = pool
+        self._masters = {m.key_id: m for m in master_keys}
+        self._current = master_keys[0]
+        self._cache: OrderedDict[uuid.UUID, AESGCM | None] = OrderedDict()
+        self._cache_size = cache_size
+        self._listener: PoolConnectionProxy[Any] | None = None
+
+    async def start(self) -> None:
+        """Listen for erasures announced by other processes."""
+        conn = await self._pool.acquire()
+        await conn.add_listener(ERASURE_CHANNEL, self._on_erasure_notice)
+        conn.add_termination_listener(self._on_listener_lost)
+        self._listener = conn
+
+    async def close(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None and not conn.is_closed():
+            await conn.remove_listener(ERASURE_CHANNEL, self._on_erasure_notice)
+            await self._pool.release(conn)
+
+    async def __aenter__(self) -> KeyRing:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _on_erasure_notice(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        try:
+            self.forget(uuid.UUID(str(payload)))
+        except ValueError:
+            self._cache.clear()
+
+    def _on_listener_lost(self, conn: object) -> None:
+        # Notices may have been missed while the connection was down: trust nothing cached.
+        self._cache.clear()
+        self._listener = None
+        log.warning("keyring.listener_lost", action="cache cleared")
+
+    def forget(self, subject: uuid.UUID) -> None:
+        """Drop a subject's cached key (after an erasure seen elsewhere)."""
+        self._cache.pop(subject, None)
+
+    def _remember(self, subject: uuid.UUID, key: AESGCM | None) -> None:
+        self._cache[subject] = key
+        self._cache.move_to_end(subject)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _open(self, subject: uuid.UUID, master_key_id: str, wrapped: bytes) -> AESGCM:
+        master = self._masters.get(master_key_id)
+        if master is None:
+            raise KeyStoreUnavailable(
+                f"data key of {subject} is wrapped by master key {master_key_id!r}, "
+                "which BACKBONE_MASTER_KEY does not list"
+            )
+        return AESGCM(_unwrap(master, subject, wrapped))
+
+    async def keys_for_write(self, subjects: Iterable[uuid.UUID]) -> dict[uuid.UUID, AESGCM]:
+        """Keys to seal new personal data with, created where missing.
+
+        Raises :class:`SubjectErased` when any subject is erased: nothing personal of an
+        erased person may enter the log again.
+        """
+        wanted = set(subjects)
+        found: dict[uuid.UUID, AESGCM] = {}
+        missing: list[uuid.UUID] = []
+        for subject in wanted:
+            if subject in self._cache:
+                key = self._cache[subject]
+                if key is None:
+                    raise SubjectErased(f"subject {subject} is erased")
+                found[subject] = key
+            else:
+                missing.append(subject)
+        if missing:
+            rows = [
+                (s, self._current.key_id, _wrap(self._current, s, AESGCM.generate_key(256)))
+                for s in missing
+            ]
+            try:
+                async with self._pool.acquire() as conn:
+                    # Insert-if-absent then read back: concurrent writers converge on one key.
+                    await conn.executemany(
+                        "INSERT INTO data_keys (subject, master_key_id, wrapped) "
+                        "VALUES ($1, $2, $3) ON CONFLICT (subject) DO NOTHING",
+                        rows,
+                    )
+                    stored = await conn.fetch(
+                        "SELECT subject, master_key_id, wrapped FROM data_keys "
+                        "WHERE subject = ANY($1::uuid[])",
+                        missing,
+                    )
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise KeyStoreUnavailable(f"key store unreachable: {exc}") from exc
+            for row in stored:
+                subject = row["subject"]
+                if row["wrapped"] is None:
+                    self._remember(subject, None)
+                    raise SubjectErased(f"subject {subject} is erased")
+                key = self._open(subject, row["master_key_id"], row["wrapped"])
+                self._remember(subject, key)
+                found[subject] = key
+        return found
+
+    async def keys_for_read(self, subjects: Iterable[uuid.UUID]) -> dict[uuid.UUID, AESGCM | None]:
+        """Keys to open sealed values with: ``None`` for erased subjects; never-keyed ones absent."""
+        result: dict[uuid.UUID, AESGCM | None] = {}
+        missing: list[uuid.UUID] = []
+        for subject in set(subjects):
+            if subject in self._cache:
+                result[subject] = self._cache[subject]
+            else:
+                missing.append(subject)
+        if missing:
+            try:
+                async with self._pool.acquire() as conn:
+                    stored = await conn.fetch(
+                        "SELECT subject, master_key_id, wrapped FROM data_keys "
+                        "WHERE subject = ANY($1::uuid[])",
+                        missing,
+                    )
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise KeyStoreUnavailable(f"key store unreachable: {exc}") from exc
+            by_subject = {row["subject"]: row for row in stored}
+            for subject in missing:
+                row = by_subject.get(subject)
+                if row is None:
+                    continue  # never keyed; not cached, since a key may be made later
+                key = (
+                    None
+                    if row["wrapped"] is None
+                    else self._open(subject, row["master_key_id"], row["wrapped"])
+                )
+                self._remember(subject, key)
+                result[subject] = key
+        return result
+
+    async def erase(self, subject: uuid.UUID) -> bool:
+        """Destroy a subject's data key for good; return whether a key was destroyed.
+
+        Erasing twice, or erasing a subject that never had a key, is allowed: the subject is
+        marked erased either way so that no key can be created for it afterwards.
+        """
+        try:
+            async with self._pool.acquire() as conn:
+                async with conn.transaction():
+                    had_key = await conn.fetchval(
+                        "SELECT wrapped IS NOT NULL FROM data_keys WHERE subject = $1 FOR UPDATE",
+                        subject,
+                    )
+                    await conn.execute(
+                        "INSERT INTO data_keys (subject, master_key_id, wrapped, erased_at) "
+                        "VALUES ($1, NULL, NULL, now()) ON CONFLICT (subject) DO UPDATE SET "
+                        "wrapped = NULL, master_key_id = NULL, "
+                        "erased_at = coalesce(data_keys.erased_at, now())",
+                        subject,
+                    )
+                    await conn.execute("SELECT pg_notify($1, $2)", ERASURE_CHANNEL, str(subject))
+                # The old row version still holds the wrapped key until vacuumed; reclaim it
+                # now so the key does not linger in the heap.
+                await conn.execute("VACUUM data_keys")
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise KeyStoreUnavailable(f"key store unreachable: {exc}") from exc
+        self._remember(subject, None)
+        return bool(had_key)
+
+    async def is_erased(self, subject: uuid.UUID) -> bool:
+        """Whether the subject has been erased."""
+        keys = await self.keys_for_read([subject])
+        if keys.get(subject) is not None:
+            return False
+        async with self._pool.acquire() as conn:
+            erased = await conn.fetchval(
+                "SELECT erased_at IS NOT NULL FROM data_keys WHERE subject = $1", subject
+            )
+        return bool(erased)

@@ -1,0 +1,302 @@
+"""Appending events to the log: idempotent, ``acks=all``, bounded, and self-healing.
+
+An append is reported successful only after Kafka acknowledged every record of it with
+``acks=all`` (all in-sync replicas, at least ``min.insync.replicas``). Each append is bounded
+by ``send_timeout``; past it the caller gets :class:`SendTimeout` (outcome unknown, retry with
+the same event id is safe because readers deduplicate by id).
+
+aiokafka's idempotent producer can wedge after ``OutOfOrderSequenceNumber`` (aio-libs/aiokafka
+issue 1017): every later send fails or hangs until the process restarts. The producer here
+detects that state (that error, an unknown/fenced producer id, or a dead sender task), builds a
+fresh client (new producer id, sequences from zero) and re-sends the records that were not
+acknowledged, with their original event ids. Acknowledged records are never re-sent, so
+nothing acknowledged is lost or written twice by the recovery itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotEnoughReplicasAfterAppendError,
+    NotEnoughReplicasError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    RecordTooLargeError,
+    UnknownProducerId,
+)
+
+from eventstore.codec import OutgoingRecord, RecordedEvent, encode_event
+from eventstore.errors import (
+    LogUnavailable,
+    NotEnoughReplicas,
+    RecordRejected,
+    SendTimeout,
+)
+from eventstore.keyring import KeyRing
+from eventstore.metrics import PRODUCE_ERRORS, PRODUCE_LATENCY, PRODUCER_RECREATED
+from eventstore.positions import Position
+from eventstore.settings import Settings
+from eventstore.topics import TopicLayout
+from schemas.envelope import Envelope, new_event_id, utc_now
+from schemas.events import Event
+
+log = structlog.get_logger(__name__)
+
+ProducerFactory = Callable[[], AIOKafkaProducer]
+
+# Errors after which this producer instance can never send again (sequence state is broken).
+_WEDGED = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch, ProducerFenced)
+
+
+def default_producer_factory(settings: Settings, **overrides: Any) -> ProducerFactory:
+    """Factory of correctly configured producers; ``overrides`` tune batching for benchmarks."""
+
+    def make() -> AIOKafkaProducer:
+        options: dict[str, Any] = {
+            "bootstrap_servers": settings.kafka_bootstrap,
+            "client_id": "backbone-eventstore",
+            "enable_idempotence": True,
+            "acks": "all",
+            # Records of one command are small; batch briefly without hurting latency.
+            "linger_ms": 1,
+            "max_batch_size": 256 * 1024,
+            "request_timeout_ms": 30000,
+            "retry_backoff_ms": 50,
+            "compression_type": None,
+        }
+        options.update(overrides)
+        return AIOKafkaProducer(**options)
+
+    return make
+
+
+class EventProducer:
+    """Writes events to the log. Owns one Kafka producer at a time; use ``async with``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keyring: KeyRing,
+        epoch: int,
+        *,
+        producer_factory: ProducerFactory | None = None,
+    ) -> None:
+        self._settings = settings
+        self._layout = TopicLayout.from_settings(settings)
+        self._keyring = keyring
+        self._epoch = epoch
+        self._factory = producer_factory or default_producer_factory(settings)
+        self._producer: AIOKafkaProducer | None = None
+        self._generation = 0
+        self._rebuild_lock = asyncio.Lock()
+
+    @property
+    def layout(self) -> TopicLayout:
+        return self._layout
+
+    @property
+    def generation(self) -> int:
+        """How many Kafka producers this instance has built (1 after start)."""
+        return self._generation
+
+    async def start(self) -> None:
+        self._producer = await self._build()
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> EventProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _build(self) -> AIOKafkaProducer:
+        producer = self._factory()
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise LogUnavailable(
+                f"Kafka at {self._settings.kafka_bootstrap} is unreachable: {exc}"
+            ) from exc
+        self._generation += 1
+        return producer
+
+    async def _rebuild(self, broken: AIOKafkaProducer, reason: str) -> None:
+        """Replace ``broken`` with a fresh producer, once, however many senders noticed."""
+        async with self._rebuild_lock:
+            if id(self._producer) != id(broken):
+                return  # another append already rebuilt it
+            PRODUCER_RECREATED.inc()
+            log.warning("producer.rebuild", reason=reason, generation=self._generation)
+            self._producer = None
+            try:
+                async with asyncio.timeout(5):
+                    await broken.stop()
+            except (TimeoutError, KafkaError):
+                pass  # a wedged producer may not stop cleanly; it is abandoned either way
+            self._producer = await self._build()
+
+    def envelope_for(
+        self,
+        event: Event,
+        *,
+        actor: str | None,
+        correlation_id: str | None,
+        causation_id: str | None,
+        event_id: uuid.UUID | None = None,
+    ) -> Envelope:
+        return Envelope(
+            id=event_id or new_event_id(),
+            source=self._settings.source,
+            type=event.type_name(),
+            subject=str(event.stream_id),
+            time=utc_now(),
+            schemaversion=event.version,
+            actor=actor,
+            correlationid=correlation_id,
+            causationid=causation_id,
+        )
+
+    async def append(
+        self,
+        events: Sequence[Event],
+        *,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> list[RecordedEvent]:
+        """Write ``events``; return them with their positions once Kafka acknowledged all.
+
+        Records are atomic one by one: events of one stream keep their order, but an append
+        spanning several records can fail part-way. Commands therefore produce one event.
+        """
+        if not events:
+            return []
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._settings.send_timeout):
+                subjects = {
+                    s for e in events if e.personal_fields and (s := e.subject_id) is not None
+                }
+                keys = await self._keyring.keys_for_write(subjects) if subjects else {}
+                records = [
+                    encode_event(
+                        event,
+                        self.envelope_for(
+                            event,
+                            actor=actor,
+                            correlation_id=correlation_id,
+                            causation_id=causation_id,
+                        ),
+                        keys,
+                        self._layout,
+                    )
+                    for event in events
+                ]
+                result = await self.send_records(records)
+        except TimeoutError:
+            PRODUCE_ERRORS.labels("SendTimeout").inc()
+            raise SendTimeout(f"no acknowledgement within {self._settings.send_timeout}s") from None
+        except Exception as exc:
+            PRODUCE_ERRORS.labels(type(exc).__name__).inc()
+            raise
+        PRODUCE_LATENCY.observe(time.perf_counter() - started)
+        return result
+
+    async def send_records(self, records: Sequence[OutgoingRecord]) -> list[RecordedEvent]:
+        """Send encoded records until all are acknowledged, rebuilding a wedged producer.
+
+        The caller bounds the time (``append`` does). Only unacknowledged records are re-sent.
+        """
+        acked: dict[int, RecordedEvent] = {}
+        pending = list(range(len(records)))
+        while pending:
+            producer = self._producer
+            if producer is None:
+                raise LogUnavailable("the producer is not running")
+            if _sender_dead(producer):
+                # Records handed to a dead sender would wait forever: rebuild first.
+                await self._rebuild(producer, "sender task died")
+                continue
+            futures = []
+            for index in pending:
+                record = records[index]
+                try:
+                    futures.append(
+                        await producer.send(
+                            record.topic,
+                            value=record.value,
+                            key=record.key,
+                            headers=record.headers,
+                            timestamp_ms=record.timestamp_ms,
+                        )
+                    )
+                except KafkaError as exc:
+                    futures.append(_failed(exc))
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            still: list[int] = []
+            wedged: BaseException | None = None
+            for index, outcome in zip(pending, outcomes, strict=True):
+                record = records[index]
+                if isinstance(outcome, BaseException):
+                    if isinstance(outcome, _WEDGED) or _sender_dead(producer):
+                        wedged = outcome
+                        still.append(index)
+                        continue
+                    raise _translate(outcome) from outcome
+                stream = self._layout.stream_of(record.topic)
+                acked[index] = RecordedEvent(
+                    record.envelope,
+                    record.event,
+                    Position(self._epoch, stream, outcome.partition, outcome.offset),
+                )
+            if wedged is not None:
+                await self._rebuild(producer, type(wedged).__name__)
+            pending = still
+        return [acked[i] for i in range(len(records))]
+
+
+def _sender_dead(producer: AIOKafkaProducer) -> bool:
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    return task is not None and task.done()
+
+
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+def _translate(exc: BaseException) -> Exception:
+    """Map a Kafka client error onto the event store's typed errors."""
+    if isinstance(exc, NotEnoughReplicasError | NotEnoughReplicasAfterAppendError):
+        return NotEnoughReplicas(f"too few in-sync replicas: {exc}")
+    if isinstance(exc, RecordTooLargeError | MessageSizeTooLargeError):
+        return RecordRejected(f"record too large: {exc}")
+    if isinstance(exc, KafkaConnectionError | KafkaTimeoutError):
+        return LogUnavailable(f"Kafka unreachable: {exc}")
+    if isinstance(exc, KafkaError):
+        if exc.retriable:
+            return LogUnavailable(f"Kafka error: {exc}")
+        return RecordRejected(f"Kafka refused the record: {exc}")
+    if isinstance(exc, Exception):
+        return exc
+    raise exc

@@ -1,0 +1,1 @@
+"""Operations: the `backbone` CLI, the local stack, replay, and benchmarks."""

@@ -1,0 +1,67 @@
+"""The CloudEvents 1.0 envelope, and how it rides on a Kafka record in binary mode.
+
+In binary mode the event's attributes travel as record headers named ``ce_<attribute>`` and
+the record value is the payload alone (``content-type`` header: ``application/json``). The
+header names and their order are fixed here; :mod:`eventstore.codec` builds and reads them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import msgspec
+import uuid_utils.compat as uuid_compat
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/json"
+DEFAULT_SOURCE = "urn:backbone"
+
+# CloudEvents extension attributes (lower-case alphanumerics only, per the spec).
+EXT_SCHEMA_VERSION = "schemaversion"
+EXT_ACTOR = "actor"
+EXT_CORRELATION = "correlationid"
+EXT_CAUSATION = "causationid"
+
+HEADER_PREFIX = "ce_"
+CONTENT_TYPE_HEADER = "content-type"
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """CloudEvents context attributes of one event (everything but the data)."""
+
+    id: uuid.UUID
+    source: str
+    type: str
+    subject: str
+    time: dt.datetime
+    specversion: str = SPECVERSION
+    datacontenttype: str = CONTENT_TYPE
+    schemaversion: int = 1
+    actor: str | None = None
+    correlationid: str | None = None
+    causationid: str | None = None
+
+
+def new_event_id() -> uuid.UUID:
+    """A fresh UUIDv7: time-ordered, so ids sort roughly by creation."""
+    return uuid_compat.uuid7()
+
+
+def utc_now() -> dt.datetime:
+    """The current time, UTC, millisecond precision (what the envelope records)."""
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def format_time(value: dt.datetime) -> str:
+    """RFC 3339 UTC with milliseconds and a ``Z``, as every tier prints times."""
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str) -> dt.datetime:
+    """Parse an RFC 3339 timestamp into an aware UTC datetime."""
+    parsed = dt.datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError(f"time without a zone offset: {value!r}")
+    return parsed.astimezone(dt.UTC)

@@ -1,0 +1,149 @@
+"""The CloudEvents binary-mode codec, without servers: data keys are held in memory here."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from eventstore import Position, Skipped, TopicLayout
+from eventstore.codec import RecordedEvent, encode_event, finish, needed_subjects, parse_record
+from eventstore.metrics import EVENTS_SKIPPED
+from schemas import ERASED, Envelope, Event, MessageSent, new_event_id, utc_now
+from tests.samples import ALICE, PERSONAL_PLAINTEXTS, ROOM, sample_events
+
+LAYOUT = TopicLayout("chat", 4, 8, 1, 1)
+KEYS: dict[uuid.UUID, AESGCM | None] = {ALICE: AESGCM(AESGCM.generate_key(256))}
+
+
+class Record(msgspec.Struct):
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def envelope(event: Event, **overrides: Any) -> Envelope:
+    attrs: dict[str, Any] = {
+        "id": new_event_id(),
+        "source": "urn:test",
+        "type": event.type_name(),
+        "subject": str(event.stream_id),
+        "time": utc_now(),
+        "actor": str(ALICE),
+        "correlationid": "req-1",
+    }
+    attrs.update(overrides)
+    return Envelope(**attrs)
+
+
+def written(event: Event, offset: int = 0) -> Record:
+    out = encode_event(event, envelope(event), KEYS, LAYOUT)  # type: ignore[arg-type]
+    return Record(out.topic, 1, offset, out.value, out.headers)
+
+
+def read(record: Record, keys: dict[uuid.UUID, AESGCM | None] = KEYS) -> RecordedEvent | Skipped:
+    return finish(parse_record(record, LAYOUT, epoch=1), keys)
+
+
+def test_every_event_round_trips_with_its_envelope() -> None:
+    """encode -> Kafka record -> decode gives the same event, envelope and position."""
+    for offset, event in enumerate(sample_events()):
+        record = written(event, offset)
+        decoded = read(record)
+        assert isinstance(decoded, RecordedEvent), decoded
+        assert decoded.event == event
+        assert decoded.position == Position(1, event.stream, 1, offset)
+        assert decoded.envelope.type == event.type_name()
+        assert decoded.envelope.subject == str(event.stream_id)
+        assert decoded.envelope.actor == str(ALICE)
+        assert decoded.envelope.correlationid == "req-1"
+
+
+def test_records_use_cloudevents_binary_mode_headers_and_stream_keys() -> None:
+    event = sample_events()[10]
+    out = encode_event(event, envelope(event), KEYS, LAYOUT)  # type: ignore[arg-type]
+    names = [name for name, _ in out.headers]
+    for required in ("ce_specversion", "ce_id", "ce_source", "ce_type", "ce_subject", "ce_time"):
+        assert required in names
+    headers = dict(out.headers)
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["content-type"] == b"application/json"
+    assert headers["ce_schemaversion"] == b"1"
+    assert out.key == str(ROOM).encode()
+    assert out.topic == "chat.conversations"
+
+
+def test_personal_fields_never_appear_in_clear_in_the_record() -> None:
+    """Every personal value is sealed: no plaintext in the value or the headers."""
+    for event in sample_events():
+        out = encode_event(event, envelope(event), KEYS, LAYOUT)  # type: ignore[arg-type]
+        blob = out.value + b"".join(v for _, v in out.headers)
+        for text in PERSONAL_PLAINTEXTS:
+            assert text.encode() not in blob, (type(event).__name__, text)
+
+
+def test_without_the_subjects_key_personal_fields_decode_as_erased() -> None:
+    """Crypto-shredding: a destroyed key leaves the event readable but its personal data erased."""
+    event = sample_events()[10]
+    assert isinstance(event, MessageSent)
+    decoded = read(written(event), keys={ALICE: None})
+    assert isinstance(decoded, RecordedEvent)
+    assert isinstance(decoded.event, MessageSent)
+    assert decoded.event.body == ERASED
+    assert decoded.event.message_id == event.message_id
+    assert decoded.event.sender_id == ALICE
+
+
+def test_a_batch_asks_for_each_needed_subject_once() -> None:
+    parsed = [parse_record(written(e), LAYOUT, 1) for e in sample_events()]
+    assert needed_subjects(parsed) == {ALICE}
+
+
+def test_unknown_event_types_are_skipped_and_counted() -> None:
+    record = written(sample_events()[2])
+    record.headers = [(k, b"chat.future.thing" if k == "ce_type" else v) for k, v in record.headers]
+    before = EVENTS_SKIPPED.labels("unknown_type", "chat.future.thing")._value.get()
+    decoded = read(record)
+    assert isinstance(decoded, Skipped)
+    assert (decoded.reason, decoded.type) == ("unknown_type", "chat.future.thing")
+    assert EVENTS_SKIPPED.labels("unknown_type", "chat.future.thing")._value.get() == before + 1
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: setattr(r, "value", b"{not json"),
+        lambda r: setattr(r, "value", b"[1, 2]"),
+        lambda r: setattr(r, "headers", [h for h in r.headers if h[0] != "ce_id"]),
+        lambda r: setattr(
+            r, "headers", [(k, b"0.3" if k == "ce_specversion" else v) for k, v in r.headers]
+        ),
+        lambda r: setattr(r, "value", r.value.replace(b'"kind":"text"', b'"kind":"video"')),
+        lambda r: setattr(r, "value", r.value.replace(b'"body":"pd1:', b'"body":"pd1:AAAA')),
+    ],
+)
+def test_damaged_records_are_reported_as_poison_not_raised(damage: Any) -> None:
+    record = written(sample_events()[10])
+    damage(record)
+    decoded = read(record)
+    assert isinstance(decoded, Skipped)
+    assert decoded.reason == "poison"
+    assert decoded.error
+
+
+def test_a_sealed_value_cannot_be_replayed_into_another_event() -> None:
+    """The event id is authenticated with the ciphertext."""
+    original = written(sample_events()[10])
+    other = written(sample_events()[10])
+    body = msgspec.json.decode(original.value)["body"]
+    forged = msgspec.json.decode(other.value)
+    forged["body"] = body
+    other.value = msgspec.json.encode(forged)
+    decoded = read(other)
+    assert isinstance(decoded, Skipped)
+    assert "authenticate" in decoded.error
