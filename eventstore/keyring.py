@@ -227,7 +227,7 @@ class KeyRing:
         return found
 
     async def keys_for_read(self, subjects: Iterable[uuid.UUID]) -> dict[uuid.UUID, AESGCM | None]:
-        """Keys to open sealed values with: ``None`` for erased subjects; never-keyed ones absent."""
+        """Keys to open sealed values: ``None`` for erased subjects; never-keyed ones absent."""
         result: dict[uuid.UUID, AESGCM | None] = {}
         missing: list[uuid.UUID] = []
         for subject in set(subjects):

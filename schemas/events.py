@@ -23,6 +23,7 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 
 from schemas.fields import (
+    GROUP_MEMBERS_MAX,
     ClientMsgId,
     ContentType,
     ConversationName,
@@ -169,10 +170,21 @@ class UserErased(UserEvent, frozen=True, kw_only=True, tag="chat.user.erased"):
 # --- conversations -----------------------------------------------------------------------
 
 
+class InitialMember(msgspec.Struct, frozen=True):
+    """A member a group starts with."""
+
+    user_id: Id
+    role: MemberRole = "member"
+
+
 class ConversationCreated(
     ConversationEvent, frozen=True, kw_only=True, tag="chat.conversation.created"
 ):
-    """A group conversation was created; members follow as :class:`MemberJoined` events."""
+    """A group conversation was created with its first members (the creator as owner).
+
+    The members ride in this one event, not in separate ``MemberJoined`` records, so the
+    group and its membership appear in the log atomically.
+    """
 
     personal_fields: ClassVar[tuple[str, ...]] = ("name", "description")
     subject_field: ClassVar[str] = "creator_id"
@@ -181,6 +193,7 @@ class ConversationCreated(
     creator_id: Id
     name: ConversationName | Erased
     description: Description | Erased | None = None
+    members: Annotated[tuple[InitialMember, ...], msgspec.Meta(max_length=GROUP_MEMBERS_MAX)] = ()
 
 
 class DirectConversationOpened(

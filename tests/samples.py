@@ -8,6 +8,7 @@ from schemas import (
     ConversationCreated,
     DirectConversationOpened,
     Event,
+    InitialMember,
     MediaUploaded,
     MemberJoined,
     MemberLeft,
@@ -55,7 +56,11 @@ def sample_events(user: uuid.UUID = ALICE, room: uuid.UUID = ROOM) -> list[Event
             filename="holiday.png",
         ),
         ConversationCreated(
-            conversation_id=room, creator_id=user, name="Hiking club", description="Weekends"
+            conversation_id=room,
+            creator_id=user,
+            name="Hiking club",
+            description="Weekends",
+            members=(InitialMember(user, "owner"), InitialMember(BOB, "member")),
         ),
         DirectConversationOpened(conversation_id=room, user_ids=(user, BOB), opened_by=user),
         MemberJoined(conversation_id=room, user_id=BOB, role="member", added_by=user),

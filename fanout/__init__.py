@@ -1,0 +1,1 @@
+"""Fan-out: the WebSocket tier pushing events to subscribers."""

@@ -1,0 +1,1 @@
+"""Ingest: the HTTP command API (auth, conversations, messages). Built by the ingest issue."""

@@ -1,0 +1,240 @@
+"""``backbone bench produce``: acknowledged events per second and ack latency at acks=all.
+
+Three subjects, one run, the same stack, each against fresh topics of the same layout:
+
+1. the event store's producer (``EventProducer.append``): 1 KB ``MessageSent`` events with
+   sealed bodies, CloudEvents headers, keyed by conversation across many conversations;
+2. raw aiokafka with the same producer settings, sending records of the same size, headers
+   and keys (what the event store adds on top of the client is the difference);
+3. Kafka's own ``ProducerPerformance`` tool (Java client, idempotent, acks=all), 1 KB records.
+
+Subjects 1 and 2 run a closed loop of ``--concurrency`` workers, each awaiting its ack before
+the next send, as concurrent HTTP requests would. The Java tool pipelines without bound (its
+own design), so it shows the broker's ceiling on this machine rather than a like-for-like
+latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from eventstore import EventStore, Settings, TopicLayout, provision_topics
+from eventstore.codec import encode_event
+from eventstore.producer import default_producer_factory
+from ops.bench.report import Figures, figures, table, write_json
+from ops.environment import stack_settings
+from ops.stack import default_stack_dir, stack_up
+from ops.stack.jvm import java_path
+from ops.stack.maven import KAFKA_TOOLS, fetch
+from schemas import Envelope, MessageSent, new_event_id, utc_now
+
+# A 730-character body seals to ~1 KB of base64 in a ~1.1 KB JSON record value.
+BODY = ("lorem ipsum dolor sit amet " * 40)[:730]
+
+
+def _event(conversation: uuid.UUID, sender: uuid.UUID, n: int) -> MessageSent:
+    return MessageSent(
+        conversation_id=conversation,
+        message_id=uuid.uuid4(),
+        sender_id=sender,
+        client_msg_id=f"b-{n}",
+        body=BODY,
+    )
+
+
+async def _closed_loop(total: int, concurrency: int, one: object) -> tuple[list[float], float]:
+    """Run ``one(i)`` ``total`` times with ``concurrency`` workers; latencies and wall time."""
+    latencies: list[float] = []
+    counter = iter(range(total))
+
+    async def worker() -> None:
+        for i in counter:
+            t0 = time.perf_counter()
+            await one(i)  # type: ignore[operator]
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - started
+
+
+async def bench_eventstore(
+    settings: Settings, total: int, concurrency: int, conversations: list[uuid.UUID]
+) -> Figures:
+    senders = [uuid.uuid4() for _ in range(64)]
+    async with await EventStore.open(settings) as store:
+        producer = store.producer
+        # Warm-up: metadata, connections and the senders' data keys.
+        for i, sender in enumerate(senders):
+            await producer.append([_event(conversations[i % len(conversations)], sender, i)])
+
+        async def one(i: int) -> None:
+            event = _event(conversations[i % len(conversations)], senders[i % len(senders)], i)
+            await producer.append([event], actor=str(event.sender_id))
+
+        latencies, seconds = await _closed_loop(total, concurrency, one)
+    return figures("eventstore EventProducer.append", latencies, seconds)
+
+
+async def bench_raw(
+    settings: Settings, total: int, concurrency: int, conversations: list[uuid.UUID]
+) -> Figures:
+    layout = TopicLayout.from_settings(settings)
+    # The same record shape as the event store writes, prepared up front (no encryption here).
+    sample = _event(conversations[0], uuid.uuid4(), 0)
+    envelope = Envelope(
+        id=new_event_id(),
+        source="urn:bench",
+        type=sample.type_name(),
+        subject=str(sample.conversation_id),
+        time=utc_now(),
+    )
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    keys = {sample.sender_id: AESGCM(AESGCM.generate_key(256))}
+    record = encode_event(sample, envelope, keys, layout)  # type: ignore[arg-type]
+    keys_bytes = [str(c).encode() for c in conversations]
+    producer: AIOKafkaProducer = default_producer_factory(settings)()
+    await producer.start()
+    try:
+        for key in keys_bytes[:64]:
+            await (await producer.send(record.topic, record.value, key=key, headers=record.headers))
+
+        async def one(i: int) -> None:
+            future = await producer.send(
+                record.topic,
+                record.value,
+                key=keys_bytes[i % len(keys_bytes)],
+                headers=record.headers,
+            )
+            await future
+
+        latencies, seconds = await _closed_loop(total, concurrency, one)
+    finally:
+        await producer.stop()
+    return figures(
+        "raw aiokafka (same settings)", latencies, seconds, note=f"{len(record.value)} B values"
+    )
+
+
+_JAVA_SUMMARY = re.compile(
+    r"(\d+) records sent, ([\d.]+) records/sec .*?([\d.]+) ms avg latency, ([\d.]+) ms max "
+    r"latency, (\d+) ms 50th, (\d+) ms 95th, (\d+) ms 99th"
+)
+
+
+def bench_java(settings: Settings, topic: str, total: int, size: int) -> Figures:
+    lib = fetch(KAFKA_TOOLS)
+    argv = [
+        java_path("bench"),
+        "-Xmx512m",
+        "-cp",
+        f"{lib}/*",
+        "org.apache.kafka.tools.ProducerPerformance",
+        "--topic",
+        topic,
+        "--num-records",
+        str(total),
+        "--record-size",
+        str(size),
+        "--throughput",
+        "-1",
+        "--producer-props",
+        f"bootstrap.servers={settings.kafka_bootstrap}",
+        "acks=all",
+        "enable.idempotence=true",
+        "linger.ms=1",
+        "batch.size=262144",
+    ]
+    started = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    seconds = time.perf_counter() - started
+    match = _JAVA_SUMMARY.search(out.stdout.strip().splitlines()[-1] if out.stdout else "")
+    if out.returncode != 0 or match is None:
+        raise RuntimeError(
+            f"ProducerPerformance failed: {out.stderr[-2000:] or out.stdout[-2000:]}"
+        )
+    sent, rate, _avg, max_ms, p50, _p95, p99 = match.groups()
+    return Figures(
+        name="Kafka ProducerPerformance (Java)",
+        count=int(sent),
+        seconds=round(seconds, 3),
+        per_second=float(rate),
+        p50_ms=float(p50),
+        p99_ms=float(p99),
+        max_ms=float(max_ms),
+        note="open loop, unbounded in-flight",
+    )
+
+
+async def _fresh_topics(settings: Settings, name: str) -> Settings:
+    import msgspec
+
+    fresh = msgspec.structs.replace(settings, topic_prefix=f"bench-{name}-{uuid.uuid4().hex[:8]}")
+    await provision_topics(fresh.kafka_bootstrap, TopicLayout.from_settings(fresh))
+    return fresh
+
+
+def run(args: argparse.Namespace) -> int:
+    info = stack_up(default_stack_dir())
+    base = stack_settings(info)
+    conversations = [uuid.uuid4() for _ in range(args.conversations)]
+
+    async def python_side() -> tuple[Figures, Figures, Settings]:
+        es = await bench_eventstore(
+            await _fresh_topics(base, "es"), args.events, args.concurrency, conversations
+        )
+        raw = await bench_raw(
+            await _fresh_topics(base, "raw"), args.events, args.concurrency, conversations
+        )
+        java_settings = await _fresh_topics(base, "java")
+        return es, raw, java_settings
+
+    es, raw, java_settings = asyncio.run(python_side())
+    java = bench_java(
+        java_settings,
+        TopicLayout.from_settings(java_settings).topic("conversation"),
+        args.java_events,
+        1024,
+    )
+    rows = [es, raw, java]
+    ratio = es.per_second / raw.per_second if raw.per_second else 0.0
+    print(table(rows))
+    print(f"eventstore / raw aiokafka: {ratio:.1%} (goal >= 80%)")
+    write_json(
+        Path(args.out),
+        "produce",
+        {
+            "events": args.events,
+            "java_events": args.java_events,
+            "concurrency": args.concurrency,
+            "conversations": args.conversations,
+            "acks": "all",
+            "idempotent": True,
+            "brokers": info.brokers,
+        },
+        rows,
+        {"eventstore_vs_raw": round(ratio, 4)},
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "produce", help="event store producer vs raw aiokafka vs Java", description=__doc__
+    )
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--java-events", type=int, default=200_000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--conversations", type=int, default=1000)
+    parser.add_argument("--out", default="bench-results/produce.json")
+    parser.set_defaults(func=run)

@@ -1,0 +1,82 @@
+"""Shared pieces of every benchmark: latency summaries, the printed table, the JSON file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+
+class Figures(msgspec.Struct, frozen=True):
+    """One measured subject: throughput and latency percentiles."""
+
+    name: str
+    count: int
+    seconds: float
+    per_second: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    note: str = ""
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+def figures(name: str, latencies_s: list[float], seconds: float, note: str = "") -> Figures:
+    ordered = sorted(latencies_s)
+    return Figures(
+        name=name,
+        count=len(ordered),
+        seconds=round(seconds, 3),
+        per_second=round(len(ordered) / seconds, 1) if seconds > 0 else 0.0,
+        p50_ms=round(percentile(ordered, 0.50) * 1000, 2),
+        p99_ms=round(percentile(ordered, 0.99) * 1000, 2),
+        max_ms=round(ordered[-1] * 1000, 2) if ordered else None,
+        note=note,
+    )
+
+
+def table(rows: Sequence[Figures]) -> str:
+    header = f"{'subject':<34} {'count':>8} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+    lines = [header, "-" * len(header)]
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    for row in rows:
+        lines.append(
+            f"{row.name:<34} {row.count:>8} {row.per_second:>10.0f} "
+            f"{cell(row.p50_ms):>8} {cell(row.p99_ms):>8} {cell(row.max_ms):>8}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(
+    path: Path,
+    bench: str,
+    params: dict[str, Any],
+    rows: Sequence[Figures],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "bench": bench,
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "params": params,
+        "results": [msgspec.to_builtins(r) for r in rows],
+        **(extra or {}),
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")

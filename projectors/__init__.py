@@ -1,0 +1,1 @@
+"""Projectors: read models in PostgreSQL and Redis caches built from the log."""

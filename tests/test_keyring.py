@@ -1,0 +1,95 @@
+"""Data keys in PostgreSQL: created once, wrapped by the master key, rotatable, erasable."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import uuid
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from eventstore import EventStore, KeyRing, KeyStoreUnavailable, MasterKey, Settings, SubjectErased
+from eventstore.keyring import seal, unseal
+from schemas import ERASED
+
+
+def roundtrip(key_a: AESGCM, key_b: AESGCM | None, subject: uuid.UUID) -> str | object:
+    event = uuid.uuid4()
+    return unseal({subject: key_b}, event, seal(key_a, subject, event, "hello"))
+
+
+async def test_concurrent_writers_converge_on_one_key(store: EventStore) -> None:
+    subject = uuid.uuid4()
+    rings = [KeyRing(store.pool, store.settings.master_keys) for _ in range(5)]
+    keys = await asyncio.gather(*(r.keys_for_write([subject]) for r in rings))
+    first = keys[0][subject]
+    for other in keys[1:]:
+        assert roundtrip(first, other[subject], subject) == "hello"
+    async with store.pool.acquire() as conn:
+        count = await conn.fetchval("SELECT count(*) FROM data_keys WHERE subject=$1", subject)
+    assert count == 1
+
+
+async def test_keys_are_stored_wrapped_never_in_clear(store: EventStore) -> None:
+    subject = uuid.uuid4()
+    await store.keyring.keys_for_write([subject])
+    async with store.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT master_key_id, wrapped FROM data_keys WHERE subject=$1", subject
+        )
+    assert row is not None
+    assert row["master_key_id"] == store.settings.master_key.key_id
+    assert len(row["wrapped"]) == 12 + 32 + 16  # nonce + AES-GCM(32-byte key) + tag
+
+
+async def test_an_old_master_key_still_unwraps_after_rotation(store: EventStore) -> None:
+    subject = uuid.uuid4()
+    old = await store.keyring.keys_for_write([subject])
+    rotated = (MasterKey("next", os.urandom(32)), *store.settings.master_keys)
+    ring = KeyRing(store.pool, rotated)
+    again = await ring.keys_for_read([subject])
+    assert roundtrip(old[subject], again[subject], subject) == "hello"
+    fresh = uuid.uuid4()
+    await ring.keys_for_write([fresh])
+    async with store.pool.acquire() as conn:
+        kid = await conn.fetchval("SELECT master_key_id FROM data_keys WHERE subject=$1", fresh)
+    assert kid == "next", "new keys are wrapped by the first (current) master key"
+
+
+async def test_a_wrong_master_key_is_reported_not_misread(store: EventStore) -> None:
+    subject = uuid.uuid4()
+    await store.keyring.keys_for_write([subject])
+    wrong = KeyRing(store.pool, (MasterKey(store.settings.master_key.key_id, os.urandom(32)),))
+    with pytest.raises(KeyStoreUnavailable, match="does not unwrap"):
+        await wrong.keys_for_read([subject])
+
+
+async def test_erasure_is_final(store: EventStore) -> None:
+    """An erased subject reads as erased, cannot get a new key, and erasing again is harmless."""
+    subject = uuid.uuid4()
+    key = (await store.keyring.keys_for_write([subject]))[subject]
+    assert await store.keyring.erase(subject) is True
+    assert await store.keyring.erase(subject) is False
+    ring = KeyRing(store.pool, store.settings.master_keys)
+    assert (await ring.keys_for_read([subject]))[subject] is None
+    assert roundtrip(key, None, subject) is ERASED
+    with pytest.raises(SubjectErased):
+        await ring.keys_for_write([subject])
+    assert await ring.is_erased(subject)
+
+
+async def test_a_subject_erased_before_any_key_can_never_get_one(store: EventStore) -> None:
+    subject = uuid.uuid4()
+    assert await store.keyring.erase(subject) is False
+    with pytest.raises(SubjectErased):
+        await KeyRing(store.pool, store.settings.master_keys).keys_for_write([subject])
+
+
+def test_master_key_format_matches_settings(base_settings: Settings) -> None:
+    """The local stack's key is a valid 32-byte AES key with an id."""
+    key = base_settings.master_key
+    assert len(key.key) == 32
+    assert key.key_id
+    assert base64.b64encode(key.key)
