@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import msgspec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from eventstore.errors import DecodeError
+from eventstore.errors import DecodeError, InvalidEvent
 from eventstore.keyring import KeyLookup, seal, sealed_subject, unseal
 from eventstore.metrics import EVENTS_SKIPPED
 from eventstore.positions import Position
@@ -128,7 +128,16 @@ def envelope_headers(envelope: Envelope) -> list[tuple[str, bytes]]:
 def encode_event(
     event: Event, envelope: Envelope, keys: KeyLookup, layout: TopicLayout
 ) -> OutgoingRecord:
-    """Seal the personal fields of ``event`` and lay it out as a Kafka record."""
+    """Validate ``event``, seal its personal fields and lay it out as a Kafka record.
+
+    Validation runs the same typed decoder readers use, so nothing that a reader would reject
+    as poison can be written (msgspec Structs do not check limits on construction).
+    """
+    plain = _JSON.encode(event)
+    try:
+        _DECODERS[type(event)].decode(plain)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"{type(event).__name__}: {exc}") from None
     if event.personal_fields:
         subject = event.subject_id
         assert subject is not None, f"{type(event).__name__} names no subject field"
@@ -143,13 +152,13 @@ def encode_event(
             if key is None:
                 raise DecodeError(f"no data key for subject {subject}")
             sealed[name] = seal(key, subject, envelope.id, value)
-        payload = msgspec.structs.replace(event, **sealed) if sealed else event
+        value = _JSON.encode(msgspec.structs.replace(event, **sealed)) if sealed else plain
     else:
-        payload = event
+        value = plain
     return OutgoingRecord(
         topic=layout.topic(event.stream),
         key=str(event.stream_id).encode(),
-        value=_JSON.encode(payload),
+        value=value,
         headers=envelope_headers(envelope),
         timestamp_ms=int(envelope.time.timestamp() * 1000),
         envelope=envelope,

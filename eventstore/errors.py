@@ -8,6 +8,7 @@
     │   ├── NotEnoughReplicas        ISR below min.insync.replicas (retriable)
     │   └── SendTimeout              no ack within the bound; outcome unknown (retriable)
     ├── RecordRejected               Kafka refused the record itself (too large, invalid)
+    │   └── InvalidEvent             the event breaks its schema; never written
     ├── KeyStoreUnavailable          the data-key store cannot be reached (retriable)
     ├── SubjectErased                writing personal data of an erased subject
     ├── DecodeError                  a record cannot be decoded (poison)
@@ -47,6 +48,10 @@ class SendTimeout(LogUnavailable):
 
 class RecordRejected(EventStoreError):
     """Kafka refused this record (e.g. larger than the topic allows); retrying cannot help."""
+
+
+class InvalidEvent(RecordRejected):
+    """The event breaks its own schema (a limit, a pattern): it would be poison in the log."""
 
 
 class KeyStoreUnavailable(EventStoreError):

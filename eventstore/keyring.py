@@ -138,6 +138,7 @@ class KeyRing:
     async def close(self) -> None:
         conn, self._listener = self._listener, None
         if conn is not None and not conn.is_closed():
+            conn.remove_termination_listener(self._on_listener_lost)
             await conn.remove_listener(ERASURE_CHANNEL, self._on_erasure_notice)
             await self._pool.release(conn)
 

@@ -115,9 +115,10 @@ class EventProducer:
         self._producer = await self._build()
 
     async def stop(self) -> None:
+        """Flush what is pending within the send bound, then close regardless."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.stop()
+            await _close(producer, self._settings.send_timeout)
 
     async def __aenter__(self) -> EventProducer:
         await self.start()
@@ -129,11 +130,15 @@ class EventProducer:
     async def _build(self) -> AIOKafkaProducer:
         producer = self._factory()
         try:
-            await producer.start()
-        except KafkaError as exc:
-            await producer.stop()
+            # Bounded: an idempotent producer waits for a producer id, which a cluster that
+            # lost its controller quorum never hands out.
+            async with asyncio.timeout(self._settings.send_timeout):
+                await producer.start()
+        except (KafkaError, TimeoutError) as exc:
+            await _close(producer, grace=1.0)
+            reason = str(exc) or f"no producer id within {self._settings.send_timeout}s"
             raise LogUnavailable(
-                f"Kafka at {self._settings.kafka_bootstrap} is unreachable: {exc}"
+                f"Kafka at {self._settings.kafka_bootstrap} is unreachable: {reason}"
             ) from exc
         self._generation += 1
         return producer
@@ -145,12 +150,8 @@ class EventProducer:
                 return  # another append already rebuilt it
             PRODUCER_RECREATED.inc()
             log.warning("producer.rebuild", reason=reason, generation=self._generation)
-            self._producer = None
-            try:
-                async with asyncio.timeout(5):
-                    await broken.stop()
-            except (TimeoutError, KafkaError):
-                pass  # a wedged producer may not stop cleanly; it is abandoned either way
+            # Appends that still hold ``broken`` fail on it and retry on the new producer.
+            await _close(broken, grace=1.0)
             self._producer = await self._build()
 
     def envelope_for(
@@ -256,7 +257,8 @@ class EventProducer:
             for index, outcome in zip(pending, outcomes, strict=True):
                 record = records[index]
                 if isinstance(outcome, BaseException):
-                    if isinstance(outcome, _WEDGED) or _sender_dead(producer):
+                    replaced = self._producer is not producer
+                    if isinstance(outcome, _WEDGED) or replaced or _sender_dead(producer):
                         wedged = outcome
                         still.append(index)
                         continue
@@ -271,6 +273,28 @@ class EventProducer:
                 await self._rebuild(producer, type(wedged).__name__)
             pending = still
         return [acked[i] for i in range(len(records))]
+
+
+async def _close(producer: AIOKafkaProducer, grace: float) -> None:
+    """Stop ``producer``, waiting at most ``grace`` seconds for pending records.
+
+    aiokafka's ``stop()`` waits until every pending batch is delivered, and an idempotent
+    producer retries without limit, so while the ISR is below minimum it would never return.
+    Past the grace period the sender is cancelled and the connections closed: the records
+    still pending were never acknowledged, and their appends fail by their own bound.
+    """
+    try:
+        async with asyncio.timeout(grace):
+            await producer.stop()
+        return
+    except TimeoutError:
+        log.warning("producer.stop_forced", grace=grace)
+    except KafkaError as exc:
+        log.warning("producer.stop_failed", error=str(exc))
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        await sender.close()
+    await producer.client.close()
 
 
 def _sender_dead(producer: AIOKafkaProducer) -> bool:

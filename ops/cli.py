@@ -10,13 +10,14 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ops import bench, testing, up
+    from ops import bench, serve, testing, up
     from ops.stack.commands import register as register_stack
 
     parser = argparse.ArgumentParser(prog="backbone", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up.register(sub)
     register_stack(sub)
+    serve.register(sub)
     bench.register(sub)
     testing.register(sub)
     return parser

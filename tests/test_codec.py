@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from eventstore import Position, Skipped, TopicLayout
+from eventstore import InvalidEvent, Position, Skipped, TopicLayout
 from eventstore.codec import RecordedEvent, encode_event, finish, needed_subjects, parse_record
 from eventstore.metrics import EVENTS_SKIPPED
 from schemas import ERASED, Envelope, Event, MessageSent, new_event_id, utc_now
@@ -147,3 +147,16 @@ def test_a_sealed_value_cannot_be_replayed_into_another_event() -> None:
     decoded = read(other)
     assert isinstance(decoded, Skipped)
     assert "authenticate" in decoded.error
+
+
+def test_an_event_breaking_its_schema_is_refused_before_it_is_written() -> None:
+    """msgspec does not check limits on construction; the encoder does, so no poison is written."""
+    event = MessageSent(
+        conversation_id=ROOM,
+        message_id=uuid.uuid4(),
+        sender_id=ALICE,
+        client_msg_id="has space",
+        body="hi",
+    )
+    with pytest.raises(InvalidEvent, match="client_msg_id"):
+        encode_event(event, envelope(event), KEYS, LAYOUT)  # type: ignore[arg-type]

@@ -116,7 +116,7 @@ async def test_unknown_event_types_are_skipped_counted_and_reading_goes_on(
 ) -> None:
     user = uuid.uuid4()
     first = await store.producer.append(
-        [UserRegistered(user_id=user, username="u1", email="a@b.c")]
+        [UserRegistered(user_id=user, username="user1", email="a@b.c")]
     )
     raw = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await raw.start()
@@ -135,7 +135,9 @@ async def test_unknown_event_types_are_skipped_counted_and_reading_goes_on(
         )
     finally:
         await raw.stop()
-    last = await store.producer.append([UserRegistered(user_id=user, username="u2", email="a@b.c")])
+    last = await store.producer.append(
+        [UserRegistered(user_id=user, username="user2", email="a@b.c")]
+    )
     before = EVENTS_SKIPPED.labels("unknown_type", "chat.user.teleported")._value.get()
 
     read = await read_all(store)

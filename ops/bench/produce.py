@@ -24,7 +24,9 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 from aiokafka import AIOKafkaProducer
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore import EventStore, Settings, TopicLayout, provision_topics
 from eventstore.codec import encode_event
@@ -97,10 +99,8 @@ async def bench_raw(
         subject=str(sample.conversation_id),
         time=utc_now(),
     )
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     keys = {sample.sender_id: AESGCM(AESGCM.generate_key(256))}
-    record = encode_event(sample, envelope, keys, layout)  # type: ignore[arg-type]
+    record = encode_event(sample, envelope, keys, layout)
     keys_bytes = [str(c).encode() for c in conversations]
     producer: AIOKafkaProducer = default_producer_factory(settings)()
     await producer.start()
@@ -176,8 +176,6 @@ def bench_java(settings: Settings, topic: str, total: int, size: int) -> Figures
 
 
 async def _fresh_topics(settings: Settings, name: str) -> Settings:
-    import msgspec
-
     fresh = msgspec.structs.replace(settings, topic_prefix=f"bench-{name}-{uuid.uuid4().hex[:8]}")
     await provision_topics(fresh.kafka_bootstrap, TopicLayout.from_settings(fresh))
     return fresh
