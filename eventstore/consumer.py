@@ -138,6 +138,8 @@ class GroupReader:
         self._max_records = max_records
         self._poll_timeout_ms = poll_timeout_ms
         self._batch_lock = asyncio.Lock()
+        # Next offset to hand over per partition (set from the stored position on assignment).
+        self._next: dict[Partition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
 
@@ -151,14 +153,38 @@ class GroupReader:
         consumer = self._consumer
         if consumer is None or not assigned:
             return
-        stored = await self._positions.load([(tp.topic, tp.partition) for tp in assigned])
-        for tp in assigned:
-            offset = stored.get((tp.topic, tp.partition))
-            if offset is None:
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, offset)
+        async with self._batch_lock:
+            stored = await self._positions.load([(tp.topic, tp.partition) for tp in assigned])
+            for tp in assigned:
+                partition = (tp.topic, tp.partition)
+                offset = stored.get(partition)
+                if offset is None:
+                    # Nothing is ever committed, so the consumer starts at the earliest offset.
+                    self._next.pop(partition, None)
+                else:
+                    consumer.seek(tp, offset)
+                    self._next[partition] = offset
         log.info("reader.assigned", group=self._group_id, partitions=len(assigned))
+
+    def _unseen(
+        self, records: Mapping[TopicPartition, Sequence[RecordLike]], mine: set[TopicPartition]
+    ) -> dict[TopicPartition, list[RecordLike]]:
+        """Records of partitions still assigned, from the next offset to deliver on.
+
+        While a new assignment looks up its stored positions, the consumer may already fetch
+        from the earliest offset; those records (and any fetched again after the seek) are
+        below the next offset to deliver and are dropped here, so every record is handed
+        over once per assignment.
+        """
+        fresh: dict[TopicPartition, list[RecordLike]] = {}
+        for tp, recs in records.items():
+            if tp not in mine:
+                continue
+            floor = self._next.get((tp.topic, tp.partition), 0)
+            kept = [r for r in recs if r.offset >= floor]
+            if kept:
+                fresh[tp] = kept
+        return fresh
 
     async def run(self) -> None:
         """Read and hand over batches until :meth:`stop`."""
@@ -178,13 +204,13 @@ class GroupReader:
                 if not records:
                     continue
                 async with self._batch_lock:
-                    # Drop partitions revoked while this poll was in flight.
-                    mine = consumer.assignment()
-                    records = {tp: r for tp, r in records.items() if tp in mine}
-                    if not records:
+                    fresh = self._unseen(records, consumer.assignment())
+                    if not fresh:
                         continue
-                    batch = await _decode(records, self._layout, self._epoch, self._keys)
+                    batch = await _decode(fresh, self._layout, self._epoch, self._keys)
                     await self._handler(batch)
+                    for partition, span in batch.ranges.items():
+                        self._next[partition] = span.next
         finally:
             self._consumer = None
             await consumer.stop()
