@@ -29,8 +29,9 @@ from ops.stack.health import Target, wait_healthy
 from ops.stack.info import PartStatus
 from ops.stack.layout import LOOPBACK, log_file
 from ops.stack.ports import choose_port
-from ops.stack.process import is_ours, privilege_drop, rotate_log, spawn_detached, stop
+from ops.stack.process import is_ours, privilege_drop, rotate_log, spawn_detached
 from ops.stack.progress import say
+from ops.stack.recorded import recorded_status, stop_recorded
 from ops.stack.state import ProcessRecord, StateStore
 
 PART = "postgres"
@@ -186,29 +187,15 @@ class Postgres:
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT: disconnect clients, checkpoint) of the server we started."""
-        with self.store.edit() as state:
-            record = state.parts.get(PART)
-            if record is None or record.pid is None:
-                return
-            home = Path(record.home) if record.home else self.default_home
-            pid = record.pid if is_ours(record.pid, self.pgdata(home)) else None
-            record.pid = None
-        if pid is not None:
-            stop([pid], sig=signal.SIGINT)
+        stop_recorded(self.store, PART, self._pgdata_of, sig=signal.SIGINT)
 
     def status(self) -> list[PartStatus]:
-        record = self.store.load().parts.get(PART)
+        return recorded_status(self.store, PART, self._pgdata_of, self.log)
+
+    def _pgdata_of(self, record: ProcessRecord | None) -> Path:
+        """The data directory a recorded server runs on (its home may be the fallback)."""
         home = Path(record.home) if record and record.home else self.default_home
-        alive = record is not None and is_ours(record.pid, self.pgdata(home))
-        return [
-            PartStatus(
-                name=PART,
-                address=f"{LOOPBACK}:{record.port}" if record else "-",
-                running=alive,
-                pid=record.pid if record and alive else None,
-                log=self.log,
-            )
-        ]
+        return self.pgdata(home)
 
     # -- internals ---------------------------------------------------------------------------
 

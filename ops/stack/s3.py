@@ -19,8 +19,9 @@ from ops.stack.info import PartStatus
 from ops.stack.jvm import java_path, marker_option
 from ops.stack.layout import LOOPBACK, log_file
 from ops.stack.ports import choose_port
-from ops.stack.process import is_ours, rotate_log, spawn_detached, stop
+from ops.stack.process import is_ours, rotate_log, spawn_detached
 from ops.stack.progress import say
+from ops.stack.recorded import recorded_status, stop_recorded
 from ops.stack.state import ProcessRecord, StateStore
 
 PART = "s3"
@@ -140,27 +141,10 @@ class S3Proxy:
 
     def stop(self) -> None:
         """SIGTERM the server we started."""
-        with self.store.edit() as state:
-            record = state.parts.get(PART)
-            if record is None or record.pid is None:
-                return
-            pid = record.pid if is_ours(record.pid, self.config) else None
-            record.pid = None
-        if pid is not None:
-            stop([pid])
+        stop_recorded(self.store, PART, lambda _record: self.config)
 
     def status(self) -> list[PartStatus]:
-        record = self.store.load().parts.get(PART)
-        alive = record is not None and is_ours(record.pid, self.config)
-        return [
-            PartStatus(
-                name=PART,
-                address=f"{LOOPBACK}:{record.port}" if record else "-",
-                running=alive,
-                pid=record.pid if record and alive else None,
-                log=self.log,
-            )
-        ]
+        return recorded_status(self.store, PART, lambda _record: self.config, self.log)
 
     @staticmethod
     def _jar() -> Path:
