@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 from ops.stack.errors import StackError
+from ops.stack.process import run_logged
 from ops.stack.progress import say
 
 APT_TIMEOUT = 900.0
@@ -35,7 +35,6 @@ def apt_install(packages: Sequence[str], log: Path) -> None:
             )
         prefix = ["sudo", "-n"]
     say(f"installing {', '.join(wanted)} with apt-get")
-    log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     # Wait for a dpkg lock held by another apt run instead of failing at once.
     lock_wait = ["-o", "DPkg::Lock::Timeout=300"]
@@ -43,22 +42,5 @@ def apt_install(packages: Sequence[str], log: Path) -> None:
         [*prefix, "apt-get", *lock_wait, "update", "-q"],
         [*prefix, "apt-get", *lock_wait, "install", "-y", "-q", "--no-install-recommends", *wanted],
     ]
-    with log.open("a") as out:
-        for argv in steps:
-            out.write(f"=== {' '.join(argv)}\n")
-            out.flush()
-            try:
-                result = subprocess.run(
-                    argv,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    timeout=APT_TIMEOUT,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise StackError(part, f"`{' '.join(argv)}` timed out", log) from exc
-            if result.returncode != 0:
-                raise StackError(
-                    part, f"`{' '.join(argv)}` failed with code {result.returncode}", log
-                )
+    for argv in steps:
+        run_logged(argv, log, part=part, what=f"`{' '.join(argv)}`", timeout=APT_TIMEOUT, env=env)

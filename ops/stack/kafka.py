@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import functools
 import os
-import subprocess
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from ops.stack.jvm import java_path, marker_option
 from ops.stack.kafka_probe import serves
 from ops.stack.layout import LOOPBACK, log_file, logs_dir
 from ops.stack.ports import choose_port
-from ops.stack.process import is_ours, kill, rotate_log, spawn_detached, stop
+from ops.stack.process import is_ours, kill, rotate_log, run_logged, spawn_detached, stop
 from ops.stack.progress import say
 from ops.stack.state import ProcessRecord, StackState, StateStore
 
@@ -428,27 +427,13 @@ class KafkaCluster:
         return pid
 
     def _format(self, node_id: int, argv: list[str], log: Path) -> None:
-        with log.open("a") as out:
-            out.write(f"=== formatting storage: {' '.join(argv)}\n")
-            out.flush()
-            try:
-                result = subprocess.run(
-                    argv,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=FORMAT_TIMEOUT,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise StackError(
-                    self.part_name(node_id), "formatting storage timed out", log
-                ) from exc
-        if result.returncode != 0:
-            raise StackError(
-                self.part_name(node_id),
-                f"kafka.tools.StorageTool format failed with code {result.returncode}",
-                log,
-            )
+        run_logged(
+            argv,
+            log,
+            part=self.part_name(node_id),
+            what="formatting storage (kafka.tools.StorageTool format)",
+            timeout=FORMAT_TIMEOUT,
+        )
 
     def _wait_serving(
         self,

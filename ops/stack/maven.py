@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import importlib.resources
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ops.stack.errors import StackError
 from ops.stack.layout import cache_dir
+from ops.stack.process import run_logged
 from ops.stack.progress import say
 from ops.stack.state import file_lock
 
@@ -128,21 +128,10 @@ def _resolve(bundle: Bundle) -> None:
         f"-DoutputDirectory={staging}",
     ]
     say(f"{bundle.part}: fetching {bundle.name} {bundle.version} from Maven Central")
-    with log.open("w") as out:
-        out.write(f"=== {' '.join(argv)}\n")
-        out.flush()
-        try:
-            result = subprocess.run(
-                argv,
-                cwd=home,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=MVN_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise StackError(bundle.part, "Maven timed out fetching jars", log) from exc
-    if result.returncode != 0 or not any(staging.glob("*.jar")):
+    run_logged(
+        argv, log, part=bundle.part, what="Maven (fetching jars)", timeout=MVN_TIMEOUT, cwd=home
+    )
+    if not any(staging.glob("*.jar")):
         raise StackError(bundle.part, f"Maven could not fetch {bundle.name} {bundle.version}", log)
     staging.rename(bundle.lib)
     (home / COMPLETE_MARKER).write_text(f"{bundle.name} {bundle.version}\n")

@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,41 @@ def rotate_log(log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     if log.exists() and log.stat().st_size > 0:
         log.replace(log.with_name(log.name + ".prev"))
+
+
+def run_logged(
+    argv: Sequence[str],
+    log: Path,
+    *,
+    part: str,
+    what: str,
+    timeout: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run a short command to completion, its output appended to `log`.
+
+    A time-out or a non-zero exit is a :class:`StackError` naming `part`, `what` failed, and
+    the log, so the user sees the command's own output in the error.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        out.write(f"=== {' '.join(argv)}\n")
+        out.flush()
+        try:
+            result = subprocess.run(
+                list(argv),
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise StackError(part, f"{what} timed out after {timeout:.0f}s", log) from exc
+    if result.returncode != 0:
+        raise StackError(part, f"{what} failed with code {result.returncode}", log)
 
 
 def spawn_detached(argv: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None) -> int:
