@@ -103,7 +103,7 @@ def run_logged(
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise StackError(part, f"{what} timed out after {timeout:.0f}s", log) from exc
+            raise StackError(part, f"{what} timed out after {timeout:g}s", log) from exc
     if result.returncode != 0:
         raise StackError(part, f"{what} failed with code {result.returncode}", log)
 
