@@ -147,10 +147,10 @@ def encode_event(
             if value is None:
                 continue
             if not isinstance(value, str):
-                raise DecodeError(f"{type(event).__name__}.{name} is erased; cannot write it")
+                raise InvalidEvent(f"{type(event).__name__}.{name} is erased; cannot write it")
             key = keys.get(subject)
             if key is None:
-                raise DecodeError(f"no data key for subject {subject}")
+                raise ValueError(f"no data key was fetched for subject {subject}")
             sealed[name] = seal(key, subject, envelope.id, value)
         value = _JSON.encode(msgspec.structs.replace(event, **sealed)) if sealed else plain
     else:

@@ -42,7 +42,7 @@ def envelope(event: Event, **overrides: Any) -> Envelope:
 
 
 def written(event: Event, offset: int = 0) -> Record:
-    out = encode_event(event, envelope(event), KEYS, LAYOUT)  # type: ignore[arg-type]
+    out = encode_event(event, envelope(event), KEYS, LAYOUT)
     return Record(out.topic, 1, offset, out.value, out.headers)
 
 
@@ -66,7 +66,7 @@ def test_every_event_round_trips_with_its_envelope() -> None:
 
 def test_records_use_cloudevents_binary_mode_headers_and_stream_keys() -> None:
     event = sample_events()[10]
-    out = encode_event(event, envelope(event), KEYS, LAYOUT)  # type: ignore[arg-type]
+    out = encode_event(event, envelope(event), KEYS, LAYOUT)
     names = [name for name, _ in out.headers]
     for required in ("ce_specversion", "ce_id", "ce_source", "ce_type", "ce_subject", "ce_time"):
         assert required in names
@@ -81,7 +81,7 @@ def test_records_use_cloudevents_binary_mode_headers_and_stream_keys() -> None:
 def test_personal_fields_never_appear_in_clear_in_the_record() -> None:
     """Every personal value is sealed: no plaintext in the value or the headers."""
     for event in sample_events():
-        out = encode_event(event, envelope(event), KEYS, LAYOUT)  # type: ignore[arg-type]
+        out = encode_event(event, envelope(event), KEYS, LAYOUT)
         blob = out.value + b"".join(v for _, v in out.headers)
         for text in PERSONAL_PLAINTEXTS:
             assert text.encode() not in blob, (type(event).__name__, text)
@@ -140,6 +140,8 @@ def test_a_sealed_value_cannot_be_replayed_into_another_event() -> None:
     """The event id is authenticated with the ciphertext."""
     original = written(sample_events()[10])
     other = written(sample_events()[10])
+    assert original.value is not None
+    assert other.value is not None
     body = msgspec.json.decode(original.value)["body"]
     forged = msgspec.json.decode(other.value)
     forged["body"] = body
@@ -159,4 +161,17 @@ def test_an_event_breaking_its_schema_is_refused_before_it_is_written() -> None:
         body="hi",
     )
     with pytest.raises(InvalidEvent, match="client_msg_id"):
-        encode_event(event, envelope(event), KEYS, LAYOUT)  # type: ignore[arg-type]
+        encode_event(event, envelope(event), KEYS, LAYOUT)
+
+
+def test_an_erased_value_cannot_be_written_back_into_the_log() -> None:
+    """Only plaintext is sealed; an event carrying the erased marker is refused."""
+    event = MessageSent(
+        conversation_id=ROOM,
+        message_id=uuid.uuid4(),
+        sender_id=ALICE,
+        client_msg_id="c-2",
+        body=ERASED,
+    )
+    with pytest.raises(InvalidEvent, match="erased"):
+        encode_event(event, envelope(event), KEYS, LAYOUT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import uuid
 
@@ -92,4 +91,3 @@ def test_master_key_format_matches_settings(base_settings: Settings) -> None:
     key = base_settings.master_key
     assert len(key.key) == 32
     assert key.key_id
-    assert base64.b64encode(key.key)

@@ -103,22 +103,14 @@ def assert_every_acked_event_once(acked: list[uuid.UUID], read: list[object]) ->
 
 @pytest.fixture
 def single_broker(tmp_path: Path) -> Iterator[KafkaCluster]:
-    cluster = KafkaCluster(tmp_path / "k1", brokers=1)
-    cluster.start()
-    try:
+    with KafkaCluster(tmp_path / "k1", brokers=1) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
 def three_brokers(tmp_path: Path) -> Iterator[KafkaCluster]:
-    cluster = KafkaCluster(tmp_path / "k3", brokers=3)
-    cluster.start()
-    try:
+    with KafkaCluster(tmp_path / "k3", brokers=3) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 async def test_acknowledged_events_survive_a_broker_kill_and_restart(

@@ -116,7 +116,7 @@ def write_fixtures() -> None:  # pragma: no cover - run by hand, see module docs
         )
         subject = event.subject_id
         keys = {subject: AESGCM(key)} if subject else {}
-        out = encode_event(event, envelope, keys, LAYOUT)  # type: ignore[arg-type]
+        out = encode_event(event, envelope, keys, LAYOUT)
         path = FIXTURES / f"{event.type_name()}.v{event.version}.json"
         if path.exists():
             continue

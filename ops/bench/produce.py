@@ -22,6 +22,7 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -52,7 +53,9 @@ def _event(conversation: uuid.UUID, sender: uuid.UUID, n: int) -> MessageSent:
     )
 
 
-async def _closed_loop(total: int, concurrency: int, one: object) -> tuple[list[float], float]:
+async def _closed_loop(
+    total: int, concurrency: int, one: Callable[[int], Awaitable[None]]
+) -> tuple[list[float], float]:
     """Run ``one(i)`` ``total`` times with ``concurrency`` workers; latencies and wall time."""
     latencies: list[float] = []
     counter = iter(range(total))
@@ -60,7 +63,7 @@ async def _closed_loop(total: int, concurrency: int, one: object) -> tuple[list[
     async def worker() -> None:
         for i in counter:
             t0 = time.perf_counter()
-            await one(i)  # type: ignore[operator]
+            await one(i)
             latencies.append(time.perf_counter() - t0)
 
     started = time.perf_counter()
