@@ -38,6 +38,7 @@ from aiokafka.errors import (
 )
 
 from eventstore.codec import OutgoingRecord, RecordedEvent, encode_event
+from eventstore.deadlines import SharedDeadline
 from eventstore.errors import (
     LogUnavailable,
     NotEnoughReplicas,
@@ -101,6 +102,8 @@ class EventProducer:
         self._producer: AIOKafkaProducer | None = None
         self._generation = 0
         self._rebuild_lock = asyncio.Lock()
+        # Every append shares the send bound: one sweeper instead of a timer per append.
+        self._deadline = SharedDeadline(settings.send_timeout)
 
     @property
     def layout(self) -> TopicLayout:
@@ -119,6 +122,7 @@ class EventProducer:
         producer, self._producer = self._producer, None
         if producer is not None:
             await _close(producer, self._settings.send_timeout)
+        await self._deadline.close()
 
     async def __aenter__(self) -> EventProducer:
         await self.start()
@@ -192,7 +196,7 @@ class EventProducer:
             return []
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._settings.send_timeout):
+            async with self._deadline.bound():
                 subjects = {
                     s for e in events if e.personal_fields and (s := e.subject_id) is not None
                 }
@@ -245,13 +249,14 @@ class EventProducer:
                             record.topic,
                             value=record.value,
                             key=record.key,
+                            partition=record.partition,
                             headers=record.headers,
                             timestamp_ms=record.timestamp_ms,
                         )
                     )
                 except KafkaError as exc:
                     futures.append(_failed(exc))
-            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            outcomes = await _outcomes(futures)
             still: list[int] = []
             wedged: BaseException | None = None
             for index, outcome in zip(pending, outcomes, strict=True):
@@ -301,6 +306,16 @@ def _sender_dead(producer: AIOKafkaProducer) -> bool:
     sender = getattr(producer, "_sender", None)
     task = getattr(sender, "sender_task", None)
     return task is not None and task.done()
+
+
+async def _outcomes(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """Each future's result or exception; one record (the common case) skips ``gather``."""
+    if len(futures) == 1:
+        try:
+            return [await futures[0]]
+        except Exception as exc:  # noqa: BLE001 - same as gather(return_exceptions=True)
+            return [exc]
+    return await asyncio.gather(*futures, return_exceptions=True)
 
 
 def _failed(exc: BaseException) -> asyncio.Future[Any]:

@@ -10,7 +10,14 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore import InvalidEvent, Position, Skipped, TopicLayout
-from eventstore.codec import RecordedEvent, encode_event, finish, needed_subjects, parse_record
+from eventstore.codec import (
+    RecordedEvent,
+    encode_event,
+    finish,
+    needed_subjects,
+    parse_record,
+    stream_placement,
+)
 from eventstore.metrics import EVENTS_SKIPPED
 from schemas import ERASED, Envelope, Event, MessageSent, new_event_id, utc_now
 from tests.samples import ALICE, PERSONAL_PLAINTEXTS, ROOM, sample_events
@@ -175,3 +182,16 @@ def test_an_erased_value_cannot_be_written_back_into_the_log() -> None:
     )
     with pytest.raises(InvalidEvent, match="erased"):
         encode_event(event, envelope(event), KEYS, LAYOUT)
+
+
+def test_streams_are_placed_where_kafkas_default_partitioner_puts_their_key() -> None:
+    """The cached placement equals the Java-compatible murmur2 placement, for any count."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    for partitions in (1, 3, 8, 12):
+        every = list(range(partitions))
+        for _ in range(300):
+            stream = uuid.uuid4()
+            key, partition = stream_placement(stream, partitions)
+            assert key == str(stream).encode()
+            assert partition == DefaultPartitioner()(key, every, every)

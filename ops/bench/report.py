@@ -49,7 +49,7 @@ def figures(name: str, latencies_s: list[float], seconds: float, note: str = "")
 
 
 def table(rows: Sequence[Figures]) -> str:
-    header = f"{'subject':<34} {'count':>8} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+    header = f"{'subject':<40} {'count':>8} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
     lines = [header, "-" * len(header)]
 
     def cell(value: float | None) -> str:
@@ -57,7 +57,7 @@ def table(rows: Sequence[Figures]) -> str:
 
     for row in rows:
         lines.append(
-            f"{row.name:<34} {row.count:>8} {row.per_second:>10.0f} "
+            f"{row.name:<40} {row.count:>8} {row.per_second:>10.0f} "
             f"{cell(row.p50_ms):>8} {cell(row.p99_ms):>8} {cell(row.max_ms):>8}"
         )
     return "\n".join(lines)
