@@ -29,14 +29,19 @@ def all_migrations() -> list[Migration]:
     return [m for component, package in MIGRATIONS for m in load_migrations(component, package)]
 
 
-async def provision(settings: Settings) -> tuple[list[Migration], list[str]]:
-    """Apply pending migrations and create missing topics; return what was done."""
-    pool = await create_pool(settings.postgres_dsn, min_size=1, max_size=2)
+async def migrate_all(dsn: str) -> list[Migration]:
+    """Apply every pending migration of every component to the database at ``dsn``."""
+    pool = await create_pool(dsn, min_size=1, max_size=2)
     try:
         async with pool.acquire() as conn:
-            applied = await migrate(conn, all_migrations())
+            return await migrate(conn, all_migrations())
     finally:
         await pool.close()
+
+
+async def provision(settings: Settings) -> tuple[list[Migration], list[str]]:
+    """Apply pending migrations and create missing topics; return what was done."""
+    applied = await migrate_all(settings.postgres_dsn)
     created = await provision_topics(settings.kafka_bootstrap, TopicLayout.from_settings(settings))
     return applied, created
 

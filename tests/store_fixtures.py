@@ -9,12 +9,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import msgspec
 import pytest
 
 from eventstore import EventStore, Settings, TopicLayout, provision_topics
 from ops.environment import stack_settings
-from ops.provision import provision
+from ops.provision import migrate_all, provision
 from ops.stack import StackInfo
 
 
@@ -36,6 +37,29 @@ async def fresh_topics(settings: Settings, **layout: int) -> Settings:
     )
     await provision_topics(fresh.kafka_bootstrap, TopicLayout.from_settings(fresh))
     return fresh
+
+
+async def fresh_database(settings: Settings) -> Settings:
+    """``settings`` pointing at a new PostgreSQL database of its own, with every migration.
+
+    For tests of read models and ingest state, which must not see each other's rows. The
+    databases are small and left behind (the stack's data directory is disposable).
+    """
+    name = f"t{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    head, _, _ = settings.postgres_dsn.rpartition("/")
+    fresh = msgspec.structs.replace(settings, postgres_dsn=f"{head}/{name}")
+    await migrate_all(fresh.postgres_dsn)
+    return fresh
+
+
+async def isolated(settings: Settings, **layout: int) -> Settings:
+    """Fresh topics (hence a fresh Redis key namespace) and a fresh database."""
+    return await fresh_database(await fresh_topics(settings, **layout))
 
 
 @pytest.fixture
