@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from eventstore import Settings, load_settings
+from ingest.auth.tokens import local_jwt_keys
 from ops.stack import StackInfo
 
 MASTER_KEY_FILE = "master.key"
@@ -38,6 +39,8 @@ def stack_env(info: StackInfo, base: Mapping[str, str] | None = None) -> dict[st
     env.update(info.env())
     if not env.get("BACKBONE_MASTER_KEY"):
         env["BACKBONE_MASTER_KEY"] = local_master_key(info.data_dir)
+    if not env.get("BACKBONE_JWT_KEYS"):
+        env["BACKBONE_JWT_KEYS"] = local_jwt_keys(info.data_dir)
     return env
 
 

@@ -21,7 +21,7 @@ from eventstore import (
 )
 from ops.stack import StackInfo
 
-MIGRATIONS: tuple[tuple[str, str], ...] = (("eventstore", "eventstore"),)
+MIGRATIONS: tuple[tuple[str, str], ...] = (("eventstore", "eventstore"), ("ingest", "ingest"))
 """(component, package holding ``sql/NNNN_*.sql``), applied in this order."""
 
 

@@ -1,0 +1,247 @@
+"""Sessions on the real PostgreSQL and Redis: rotation, reuse detection, revocation that sticks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from eventstore import Pool, Settings, create_pool
+from ingest.auth import (
+    AccessTokens,
+    InvalidRefreshToken,
+    InvalidToken,
+    RefreshTokenReused,
+    Revocation,
+    SessionStore,
+    SigningKey,
+    TokenKeys,
+)
+from tests.store_fixtures import isolated
+
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+async def deployment(base_settings: Settings) -> Settings:
+    return await isolated(base_settings)
+
+
+@pytest.fixture(scope="module")
+async def pool(deployment: Settings) -> AsyncIterator[Pool]:
+    pool = await create_pool(deployment.postgres_dsn, max_size=6)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def redis(deployment: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(deployment.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def sessions(pool: Pool, redis: Redis, deployment: Settings, clock: Clock) -> SessionStore:
+    tokens = AccessTokens(
+        TokenKeys([SigningKey("t1", os.urandom(32))]),
+        issuer="urn:backbone:test",
+        audience="backbone-test",
+        clock=clock,
+    )
+    return SessionStore(
+        pool,
+        redis,
+        tokens,
+        namespace=deployment.topic_prefix,
+        session_ttl=30 * 86400,
+        refresh_ttl=7 * 86400,
+        clock=clock,
+    )
+
+
+async def forget_namespace(redis: Redis, namespace: str) -> None:
+    """What losing Redis looks like to this deployment (other tests' keys are left alone)."""
+    keys = [key async for key in redis.scan_iter(match=f"{namespace}:*")]
+    if keys:
+        await redis.delete(*keys)
+
+
+async def next_message(feed: PubSub) -> bytes:
+    """The next published payload (redis-py answers None for skipped subscribe notices)."""
+    async with asyncio.timeout(5):
+        while True:
+            message = await feed.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None:
+                data: bytes = message["data"]
+                return data
+
+
+async def refused_reason(sessions: SessionStore, access_token: str) -> str | None:
+    try:
+        await sessions.authenticate(access_token)
+    except InvalidToken as exc:
+        return exc.reason
+    return None
+
+
+async def test_a_new_session_is_served_from_redis(
+    sessions: SessionStore, redis: Redis, pool: Pool
+) -> None:
+    """The hot path is a cache hit: PostgreSQL is not asked while the entry lives."""
+    pair = await sessions.create(uuid.uuid4())
+    claims = await sessions.authenticate(pair.access_token)
+    assert (claims.user_id, claims.session_id) == (pair.user_id, pair.session_id)
+    key = f"{sessions.namespace}:session:{pair.session_id}"
+    assert await redis.get(key) == b"1"
+    assert 0 < await redis.pttl(key) <= sessions.cache_ttl * 1000
+    # Behind the cache's back: the cached answer stands until the entry goes.
+    await pool.execute(
+        "UPDATE ingest.sessions SET revoked_at = now(), reason = 'admin' WHERE session_id = $1",
+        pair.session_id,
+    )
+    assert await sessions.is_session_active(pair.session_id) is True
+    await redis.delete(key)
+    assert await sessions.is_session_active(pair.session_id) is False
+
+
+async def test_refresh_rotates_and_spends_the_old_token(sessions: SessionStore) -> None:
+    first = await sessions.create(uuid.uuid4())
+    second = await sessions.refresh(first.refresh_token)
+    assert second.session_id == first.session_id
+    assert second.refresh_token != first.refresh_token
+    assert len(second.refresh_token) >= 43  # 256 bits, url-safe base64
+    assert (await sessions.authenticate(second.access_token)).session_id == first.session_id
+    third = await sessions.refresh(second.refresh_token)
+    assert third.session_id == first.session_id
+
+
+async def test_a_reused_refresh_token_revokes_the_whole_family(
+    sessions: SessionStore, redis: Redis
+) -> None:
+    pair = await sessions.create(uuid.uuid4())
+    rotated = await sessions.refresh(pair.refresh_token)
+    async with redis.pubsub() as feed:
+        await feed.subscribe(sessions.revocations_channel)
+        with pytest.raises(RefreshTokenReused):
+            await sessions.refresh(pair.refresh_token)
+        message = await next_message(feed)
+    with pytest.raises(InvalidRefreshToken) as refused:
+        await sessions.refresh(rotated.refresh_token)
+    assert refused.value.reason == "revoked"
+    assert await refused_reason(sessions, rotated.access_token) == "revoked"
+    assert await refused_reason(sessions, pair.access_token) == "revoked"
+    assert msgspec.json.decode(message, type=Revocation) == Revocation(
+        pair.session_id, pair.user_id, "refresh_reuse"
+    )
+
+
+async def test_two_refreshes_racing_with_one_token_cannot_both_win(
+    sessions: SessionStore,
+) -> None:
+    pair = await sessions.create(uuid.uuid4())
+    outcomes = await asyncio.gather(
+        sessions.refresh(pair.refresh_token),
+        sessions.refresh(pair.refresh_token),
+        return_exceptions=True,
+    )
+    assert sorted(type(o).__name__ for o in outcomes) == ["RefreshTokenReused", "TokenPair"]
+
+
+async def test_logout_is_immediate_and_survives_losing_redis(
+    sessions: SessionStore, redis: Redis
+) -> None:
+    pair = await sessions.create(uuid.uuid4())
+    other = await sessions.create(pair.user_id)
+    async with redis.pubsub() as feed:
+        await feed.subscribe(sessions.revocations_channel)
+        assert await sessions.revoke(pair.session_id, "logout") is True
+        message = await next_message(feed)
+    assert await refused_reason(sessions, pair.access_token) == "revoked"
+    await forget_namespace(redis, sessions.namespace)
+    assert await refused_reason(sessions, pair.access_token) == "revoked"
+    assert await redis.get(f"{sessions.namespace}:session:{pair.session_id}") == b"0"
+    assert await refused_reason(sessions, other.access_token) is None, "only that session ended"
+    with pytest.raises(InvalidRefreshToken):
+        await sessions.refresh(pair.refresh_token)
+    assert await sessions.revoke(pair.session_id, "logout") is False
+    assert msgspec.json.decode(message) == {
+        "session_id": str(pair.session_id),
+        "user_id": str(pair.user_id),
+        "reason": "logout",
+    }
+
+
+async def test_revoking_a_user_ends_all_their_sessions_only(sessions: SessionStore) -> None:
+    user, bystander = uuid.uuid4(), uuid.uuid4()
+    mine = [await sessions.create(user) for _ in range(3)]
+    theirs = await sessions.create(bystander)
+    assert await sessions.revoke_user_sessions(user, "password_change") == 3
+    assert await sessions.revoke_user_sessions(user, "erasure") == 0
+    for pair in mine:
+        assert await refused_reason(sessions, pair.access_token) == "revoked"
+    assert await refused_reason(sessions, theirs.access_token) is None
+
+
+async def test_refresh_tokens_and_sessions_expire(sessions: SessionStore, clock: Clock) -> None:
+    idle = await sessions.create(uuid.uuid4())
+    clock.now += sessions.refresh_ttl
+    with pytest.raises(InvalidRefreshToken) as idle_refused:
+        await sessions.refresh(idle.refresh_token)
+
+    clock.now = T0
+    busy = await sessions.create(uuid.uuid4())
+    token = busy.refresh_token
+    while clock.now + 6 * 86400 < T0 + sessions.session_ttl:
+        clock.now += 6 * 86400
+        token = (await sessions.refresh(token)).refresh_token
+    clock.now = T0 + sessions.session_ttl
+    with pytest.raises(InvalidRefreshToken) as busy_refused:
+        await sessions.refresh(token)
+    assert (idle_refused.value.reason, busy_refused.value.reason) == ("expired", "expired")
+
+
+async def test_an_ended_session_is_refused_when_redis_must_ask_again(
+    sessions: SessionStore, redis: Redis, clock: Clock
+) -> None:
+    pair = await sessions.create(uuid.uuid4())
+    clock.now += sessions.session_ttl
+    await forget_namespace(redis, sessions.namespace)
+    assert await sessions.is_session_active(pair.session_id) is False
+
+
+@pytest.mark.parametrize("token", ["", "x" * 43, "y" * 5000])
+async def test_unknown_refresh_tokens_are_refused(sessions: SessionStore, token: str) -> None:
+    with pytest.raises(InvalidRefreshToken) as refused:
+        await sessions.refresh(token)
+    assert refused.value.reason == "unknown"
+
+
+async def test_only_digests_of_refresh_tokens_are_stored(
+    sessions: SessionStore, pool: Pool
+) -> None:
+    pair = await sessions.create(uuid.uuid4())
+    stored = await pool.fetch(
+        "SELECT token_hash FROM ingest.refresh_tokens WHERE session_id = $1", pair.session_id
+    )
+    assert [len(row["token_hash"]) for row in stored] == [32]
+    assert pair.refresh_token.encode() not in stored[0]["token_hash"]
