@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from eventstore.codec import Decoded, KeyFetcher, RecordLike, decode_records
-from eventstore.errors import LogUnavailable
+from eventstore.errors import EventStoreError, LogUnavailable
 from eventstore.settings import Settings
 from eventstore.topics import TopicLayout
 from schemas.events import StreamKind
@@ -55,6 +55,17 @@ class Batch(msgspec.Struct, frozen=True):
     ranges: dict[Partition, OffsetRange]
 
 
+class PositionsMoved(EventStoreError):
+    """Raised by a batch handler whose stored positions no longer match the batch.
+
+    Another member applied these partitions (a rebalance overtook this one), or an operator
+    moved them. The handler rolls back; the reader seeks the batch's partitions to the stored
+    positions again and reads on from there.
+    """
+
+    retriable = True
+
+
 class PositionStore(Protocol):
     """Where the caller keeps its read positions (next offset to read per partition)."""
 
@@ -64,11 +75,14 @@ class PositionStore(Protocol):
 BatchHandler = Callable[[Batch], Awaitable[None]]
 
 
-def _consumer(settings: Settings, group_id: str | None, *topics: str) -> AIOKafkaConsumer:
+def _consumer(
+    settings: Settings, group_id: str | None, *topics: str, instance_id: str | None = None
+) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=group_id,
+        group_instance_id=instance_id,
         client_id="backbone-reader",
         # Offsets live with the caller's effects, never in Kafka.
         enable_auto_commit=False,
@@ -126,8 +140,13 @@ class GroupReader:
         epoch: int,
         max_records: int = 5000,
         poll_timeout_ms: int = 200,
+        instance_id: str | None = None,
     ) -> None:
+        """``instance_id`` makes this a static member (KIP-345): a restarted process with the
+        same id takes its partitions back at once instead of waiting for the session of its
+        dead predecessor to time out. Ids must be unique within the group."""
         self._settings = settings
+        self._instance_id = instance_id
         self._layout = TopicLayout.from_settings(settings)
         self._group_id = group_id
         self._topics = [self._layout.topic(s) for s in streams]
@@ -154,17 +173,23 @@ class GroupReader:
         if consumer is None or not assigned:
             return
         async with self._batch_lock:
-            stored = await self._positions.load([(tp.topic, tp.partition) for tp in assigned])
-            for tp in assigned:
-                partition = (tp.topic, tp.partition)
-                offset = stored.get(partition)
-                if offset is None:
-                    # Nothing is ever committed, so the consumer starts at the earliest offset.
-                    self._next.pop(partition, None)
-                else:
-                    consumer.seek(tp, offset)
-                    self._next[partition] = offset
+            await self._seek_locked(consumer, assigned)
         log.info("reader.assigned", group=self._group_id, partitions=len(assigned))
+
+    async def _seek_locked(
+        self, consumer: AIOKafkaConsumer, assigned: list[TopicPartition]
+    ) -> None:
+        """Seek ``assigned`` to the stored positions; the caller holds the batch lock."""
+        stored = await self._positions.load([(tp.topic, tp.partition) for tp in assigned])
+        for tp in assigned:
+            partition = (tp.topic, tp.partition)
+            offset = stored.get(partition)
+            if offset is None:
+                # Nothing is ever committed, so the consumer starts at the earliest offset.
+                self._next.pop(partition, None)
+            else:
+                consumer.seek(tp, offset)
+                self._next[partition] = offset
 
     def _unseen(
         self, records: Mapping[TopicPartition, Sequence[RecordLike]], mine: set[TopicPartition]
@@ -188,7 +213,7 @@ class GroupReader:
 
     async def run(self) -> None:
         """Read and hand over batches until :meth:`stop`."""
-        consumer = _consumer(self._settings, self._group_id)
+        consumer = _consumer(self._settings, self._group_id, instance_id=self._instance_id)
         self._consumer = consumer
         try:
             consumer.subscribe(self._topics, listener=_SeekOnAssign(self))
@@ -208,7 +233,12 @@ class GroupReader:
                     if not fresh:
                         continue
                     batch = await _decode(fresh, self._layout, self._epoch, self._keys)
-                    await self._handler(batch)
+                    try:
+                        await self._handler(batch)
+                    except PositionsMoved as exc:
+                        log.warning("reader.positions_moved", group=self._group_id, reason=str(exc))
+                        await self._seek_locked(consumer, list(fresh))
+                        continue
                     for partition, span in batch.ranges.items():
                         self._next[partition] = span.next
         finally:

@@ -79,6 +79,13 @@ class ReadSide:
         )
         return role
 
+    async def owner_count(self, conversation_id: uuid.UUID) -> int:
+        count: int = await self._pool.fetchval(
+            "SELECT count(*) FROM chat.members WHERE conversation_id = $1 AND role = 'owner'",
+            conversation_id,
+        )
+        return count
+
     async def conversation_kind(self, conversation_id: uuid.UUID) -> str | None:
         """``group``, ``direct``, or ``None`` when the read model has no such conversation."""
         kind: str | None = await self._pool.fetchval(

@@ -1,0 +1,242 @@
+"""Applying decoded log items to the read model inside one PostgreSQL transaction.
+
+The thin shell around :mod:`projectors.projection`: prefetch every row the items may read
+(one query per table), run the pure projection event by event over that working set, then
+write what changed with one statement per table. Erasures run last, as set-based updates, so
+that no row written earlier in the same batch can bring an erased value back.
+
+Items that cannot be applied become dead letters (same transaction): poison records the codec
+could not decode, and events whose projection raised. Unknown types are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+import structlog
+
+from eventstore import Connection, Decoded, RecordedEvent, Skipped, TopicLayout
+from eventstore.codec import envelope_headers
+from projectors import schema
+from projectors.metrics import EVENTS
+from projectors.projection import Drop, EraseUser, Op, Put, needs, project
+from projectors.rows import Key, Row
+from projectors.schema import Table, checked_schema_name, in_schema
+from projectors.tables import delete_rows, load_rows, upsert_rows
+from schemas import ConversationEvent, Event
+
+log = structlog.get_logger(__name__)
+
+
+class Applied(msgspec.Struct):
+    """What a batch changed, for the caches and the metrics."""
+
+    events: list[RecordedEvent] = msgspec.field(default_factory=list)
+    """Every decoded conversation event, applied or not: the recent history mirrors the log."""
+    membership: set[uuid.UUID] = msgspec.field(default_factory=set)
+    """Conversations whose member list changed."""
+    member_users: set[uuid.UUID] = msgspec.field(default_factory=set)
+    """Users whose set of conversations changed."""
+    conversations: set[uuid.UUID] = msgspec.field(default_factory=set)
+    """Conversations whose summary row changed."""
+    erased: list[uuid.UUID] = msgspec.field(default_factory=list)
+    """Users erased by this batch, in log order."""
+    redacted_conversations: set[uuid.UUID] = msgspec.field(default_factory=set)
+    """Conversations holding content of an erased user (recent history to rewrite)."""
+    failures: list[str] = msgspec.field(default_factory=list)
+    """The error of every item dead-lettered by this batch."""
+
+
+class _WorkingSet:
+    """Rows as of the event being projected: prefetched, then updated by each event's ops."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, dict[Key, Row | None]] = defaultdict(dict)
+        self._tables: dict[str, Table] = {}
+        self.changed: dict[str, dict[Key, Row | None]] = defaultdict(dict)
+
+    def get(self, table: Table, key: Key) -> Row | None:
+        try:
+            return self._rows[table.name][key]
+        except KeyError:
+            raise LookupError(f"{table.name} {key} was not prefetched") from None
+
+    def known(self, table: Table, key: Key) -> bool:
+        return key in self._rows[table.name]
+
+    def load(self, table: Table, keys: Iterable[Key], found: Iterable[Row]) -> None:
+        rows = self._rows[table.name]
+        for key in keys:
+            rows[key] = None
+        for row in found:
+            rows[row.key()] = row
+
+    def apply(self, op: Put | Drop) -> None:
+        table = op.row.table if isinstance(op, Put) else op.table
+        key = op.row.key() if isinstance(op, Put) else op.key
+        value = op.row if isinstance(op, Put) else None
+        self._tables[table.name] = table
+        self._rows[table.name][key] = value
+        self.changed[table.name][key] = value
+
+    def table(self, name: str) -> Table:
+        return self._tables[name]
+
+
+async def _prefetch(
+    conn: Connection, schema_name: str, work: _WorkingSet, events: Sequence[Event]
+) -> None:
+    wanted: dict[Table, dict[Key, None]] = defaultdict(dict)
+    for event in events:
+        for table, key in needs(event):
+            if not work.known(table, key):
+                wanted[table][key] = None
+    for table, keys in wanted.items():
+        found = await load_rows(conn, schema_name, table, keys)
+        work.load(table, keys, found)
+
+
+def _note_changes(applied: Applied, op: Op) -> None:
+    if isinstance(op, EraseUser):
+        return
+    table = op.row.table if isinstance(op, Put) else op.table
+    key = op.row.key() if isinstance(op, Put) else op.key
+    if table is schema.MEMBERS:
+        applied.membership.add(key[0])
+        applied.member_users.add(key[1])
+    elif table is schema.CONVERSATIONS:
+        applied.conversations.add(key[0])
+
+
+def _text_headers(headers: Iterable[tuple[str, bytes]]) -> str:
+    pairs = [[name, value.decode("utf-8", "replace")] for name, value in headers]
+    return msgspec.json.encode(pairs).decode()
+
+
+def _withheld(event: Event) -> bytes:
+    """The event's data with personal values withheld: a dead letter must not outlive erasure.
+
+    A retry never uses this copy; it reads the record again from the log.
+    """
+    data = msgspec.to_builtins(event)
+    for name in event.personal_fields:
+        if data.get(name) is not None:
+            data[name] = {"kind": "withheld"}
+    return msgspec.json.encode(data)
+
+
+def _dead_letter(layout: TopicLayout, item: Decoded, reason: str, error: str) -> tuple[Any, ...]:
+    """A ``dead_letters`` row (without the bookkeeping columns) for ``item``."""
+    position = item.position
+    if isinstance(item, Skipped):
+        payload, headers, type_ = item.value, _text_headers(item.headers), item.type
+    else:
+        payload = _withheld(item.event)
+        headers = _text_headers(envelope_headers(item.envelope))
+        type_ = item.envelope.type
+    topic = layout.topic(position.stream)
+    return (
+        topic,
+        position.partition,
+        position.offset,
+        position.token(),
+        type_,
+        reason,
+        error,
+        payload,
+        headers,
+    )
+
+
+_DEAD_LETTER_SQL = (
+    'INSERT INTO {schema}.dead_letters (topic, partition, "offset", position, type, reason, '
+    "error, payload, headers, failed_at, resolved) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, now(), false) "
+    'ON CONFLICT (topic, partition, "offset") DO NOTHING'
+)
+# Erasure, in order: redact every personal value of the user ($1), then find the
+# conversations whose cached copies (summary, recent history) hold some of it.
+_ERASE_SQL = (
+    "UPDATE {schema}.messages SET body = NULL WHERE sender_id = $1 AND body IS NOT NULL",
+    "UPDATE {schema}.conversations SET name = NULL, description = NULL "
+    "WHERE creator_id = $1 AND (name IS NOT NULL OR description IS NOT NULL)",
+    "UPDATE {schema}.media SET filename = NULL WHERE uploader_id = $1 AND filename IS NOT NULL",
+    "UPDATE {schema}.sessions SET device = NULL WHERE user_id = $1 AND device IS NOT NULL",
+)
+_ERASED_IN_SQL = (
+    "SELECT conversation_id FROM {schema}.conversations WHERE creator_id = $1 "
+    "UNION SELECT DISTINCT conversation_id FROM {schema}.messages WHERE sender_id = $1"
+)
+
+
+async def _write_dead_letters(
+    conn: Connection, schema_name: str, letters: list[tuple[Any, ...]]
+) -> None:
+    if letters:
+        await conn.executemany(in_schema(schema_name, _DEAD_LETTER_SQL), letters)
+
+
+async def _erase(conn: Connection, schema_name: str, user_id: uuid.UUID, applied: Applied) -> None:
+    """Redact the personal values of ``user_id`` in every table."""
+    for sql in _ERASE_SQL:
+        await conn.execute(in_schema(schema_name, sql), user_id)
+    touched = [r[0] for r in await conn.fetch(in_schema(schema_name, _ERASED_IN_SQL), user_id)]
+    applied.conversations.update(touched)
+    applied.redacted_conversations.update(touched)
+
+
+async def apply_items(
+    conn: Connection, schema_name: str, layout: TopicLayout, items: Sequence[Decoded]
+) -> Applied:
+    """Apply ``items`` (log order per partition) to ``schema_name``; return what changed.
+
+    The caller owns the transaction (and stores the offsets in it).
+    """
+    schema_name = checked_schema_name(schema_name)
+    applied = Applied()
+    work = _WorkingSet()
+    recorded = [i for i in items if isinstance(i, RecordedEvent)]
+    await _prefetch(conn, schema_name, work, [r.event for r in recorded])
+    letters: list[tuple[Any, ...]] = []
+    erasures: dict[uuid.UUID, None] = {}
+    for item in items:
+        if isinstance(item, Skipped):
+            if item.reason == "unknown_type":
+                EVENTS.labels("skipped", item.type[:64]).inc()
+            else:
+                EVENTS.labels("dead_lettered", item.type[:64]).inc()
+                letters.append(_dead_letter(layout, item, item.reason, item.error))
+                applied.failures.append(item.error)
+            continue
+        event = item.event
+        if isinstance(event, ConversationEvent):
+            applied.events.append(item)
+        try:
+            ops = project(item, work)
+        except Exception as exc:  # noqa: BLE001 - pure code: any failure means "cannot apply"
+            EVENTS.labels("dead_lettered", item.envelope.type).inc()
+            error = f"{type(exc).__name__}: {exc}"
+            letters.append(_dead_letter(layout, item, "projection", error))
+            applied.failures.append(error)
+            log.warning("projector.dead_letter", position=item.position.token(), error=error)
+            continue
+        for op in ops:
+            if isinstance(op, EraseUser):
+                erasures[op.user_id] = None
+            else:
+                work.apply(op)
+            _note_changes(applied, op)
+        EVENTS.labels("applied", item.envelope.type).inc()
+    for name, changed in work.changed.items():
+        table = work.table(name)
+        await delete_rows(conn, schema_name, table, [k for k, v in changed.items() if v is None])
+        await upsert_rows(conn, schema_name, table, [v for v in changed.values() if v is not None])
+    await _write_dead_letters(conn, schema_name, letters)
+    for user_id in erasures:
+        await _erase(conn, schema_name, user_id, applied)
+        applied.erased.append(user_id)
+    return applied

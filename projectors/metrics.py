@@ -1,0 +1,35 @@
+"""Prometheus metrics of the projectors."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter(
+    "backbone_projector_events_total",
+    "Log items handled by the projector, by outcome (applied, skipped, dead_lettered) and type.",
+    ["outcome", "type"],
+)
+BATCH_SECONDS = Histogram(
+    "backbone_projector_batch_seconds",
+    "Time to apply one batch: PostgreSQL transaction, caches and offsets.",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+BATCH_EVENTS = Histogram(
+    "backbone_projector_batch_events",
+    "Items per applied batch.",
+    buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000),
+)
+POSITIONS_MOVED = Counter(
+    "backbone_projector_positions_moved_total",
+    "Batches rolled back because the stored offsets moved (another member applied them).",
+)
+LAST_APPLIED = Gauge(
+    "backbone_projector_last_applied_offset",
+    "Offset of the last record applied, per partition.",
+    ["topic", "partition"],
+)
+LAG = Gauge(
+    "backbone_projector_lag",
+    "Records in the log not yet applied (log end - next offset to apply), per partition.",
+    ["topic", "partition"],
+)

@@ -1,0 +1,305 @@
+"""The read model's tables, described once and created into any schema.
+
+A rebuild projects the log into a *shadow* schema and swaps it in by renaming, so the DDL is
+not a one-off migration of ``chat``: it is a function of the schema name. :data:`TABLES` is
+the single description; the DDL, the generic set-based writes (:mod:`projectors.store`) and
+the checksum (:mod:`projectors.checksum`) are all derived from it, so they cannot drift apart.
+A change to the tables is a new :data:`READ_MODEL_VERSION`, built by a rebuild, never an
+``ALTER`` of the live schema.
+
+Every query of the read API is served by an index (primary keys plus :attr:`Table.indexes`):
+
+* my conversations: ``members (user_id, conversation_id)``, then primary-key lookups of
+  ``conversations``, ``read_markers`` and the last message;
+* a conversation, its members: primary key ``members (conversation_id, user_id)``;
+* a page of messages before/after a position: ``messages (conversation_id, "offset")``;
+* reactions of a page: primary key ``reactions (message_id, ...)``;
+* erasure: ``messages (sender_id)``, ``conversations (creator_id)``, ``media (uploader_id)``,
+  ``sessions (user_id)``.
+
+Unread counts cost one subtraction: every message gets ``seq``, its 1-based number in its
+conversation; ``conversations.message_count`` is the latest ``seq`` and a read marker stores the
+``seq`` it points at, so ``unread = message_count - up_to_seq``. Sending a message moves the
+sender's own marker to it (you have read what you wrote), and joining starts the marker at the
+current count, so neither your own messages nor history from before you joined count as unread.
+Deleted messages still count (they were delivered unread).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import msgspec
+
+from eventstore import Connection, Pool
+from projectors.errors import SchemaNameInvalid
+from projectors.read.contract import LIVE_SCHEMA
+
+READ_MODEL_VERSION: Final = 1
+"""Recorded as the schema's comment; a rebuild compares it to decide whether to rebuild."""
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Serialises read-model creation across every projector process (value is "projchat").
+_CREATE_LOCK: Final = 0x70726F6A63686174
+
+
+class Column(msgspec.Struct, frozen=True):
+    name: str
+    type: str
+    nullable: bool = False
+
+    @property
+    def sql_name(self) -> str:
+        return '"offset"' if self.name == "offset" else self.name
+
+
+class Table(msgspec.Struct, frozen=True):
+    """One read-model table: columns in order, primary key, secondary indexes."""
+
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    indexes: tuple[tuple[str, ...], ...] = ()
+    unique_indexes: tuple[tuple[str, ...], ...] = ()
+    # Columns left out of the checksum: wall-clock bookkeeping that a replay cannot reproduce.
+    unchecked: tuple[str, ...] = ()
+
+    def column(self, name: str) -> Column:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise KeyError(name)
+
+
+def _c(name: str, type_: str, nullable: bool = False) -> Column:
+    return Column(name, type_, nullable)
+
+
+OFFSETS = Table(
+    "offsets",
+    (_c("topic", "text"), _c("partition", "integer"), _c("next_offset", "bigint")),
+    ("topic", "partition"),
+)
+USERS = Table(
+    "users",
+    (
+        _c("user_id", "uuid"),
+        _c("username", "text", True),
+        _c("display_name", "text", True),
+        _c("status", "text", True),
+        _c("settings", "jsonb", True),
+        _c("role", "text"),
+        _c("erased", "boolean"),
+        _c("registered_at", "timestamptz"),
+        _c("updated_at", "timestamptz"),
+        _c("password_changed_at", "timestamptz", True),
+    ),
+    ("user_id",),
+)
+CONVERSATIONS = Table(
+    "conversations",
+    (
+        _c("conversation_id", "uuid"),
+        _c("kind", "text"),
+        _c("name", "text", True),
+        _c("description", "text", True),
+        _c("creator_id", "uuid"),
+        _c("created_at", "timestamptz"),
+        _c("partition", "integer"),
+        _c("created_offset", "bigint"),
+        _c("member_count", "integer"),
+        _c("message_count", "bigint"),
+        _c("last_message_id", "uuid", True),
+        _c("last_offset", "bigint", True),
+        _c("last_activity_at", "timestamptz"),
+    ),
+    ("conversation_id",),
+    indexes=(("creator_id",),),
+)
+MEMBERS = Table(
+    "members",
+    (
+        _c("conversation_id", "uuid"),
+        _c("user_id", "uuid"),
+        _c("role", "text"),
+        _c("joined_at", "timestamptz"),
+    ),
+    ("conversation_id", "user_id"),
+    indexes=(("user_id", "conversation_id"),),
+)
+MESSAGES = Table(
+    "messages",
+    (
+        _c("message_id", "uuid"),
+        _c("conversation_id", "uuid"),
+        _c("partition", "integer"),
+        _c("offset", "bigint"),
+        _c("seq", "bigint"),
+        _c("sender_id", "uuid"),
+        _c("client_msg_id", "text"),
+        _c("kind", "text"),
+        _c("body", "text", True),
+        _c("reply_to", "uuid", True),
+        _c("media_id", "uuid", True),
+        _c("created_at", "timestamptz"),
+        _c("edited_at", "timestamptz", True),
+        _c("deleted", "boolean"),
+        _c("deleted_at", "timestamptz", True),
+        _c("deleted_by", "uuid", True),
+    ),
+    ("message_id",),
+    indexes=(("sender_id",),),
+    unique_indexes=(("conversation_id", "offset"),),
+)
+REACTIONS = Table(
+    "reactions",
+    (
+        _c("message_id", "uuid"),
+        _c("user_id", "uuid"),
+        _c("emoji", "text"),
+        _c("conversation_id", "uuid"),
+        _c("reacted_at", "timestamptz"),
+    ),
+    ("message_id", "user_id", "emoji"),
+)
+READ_MARKERS = Table(
+    "read_markers",
+    (
+        _c("conversation_id", "uuid"),
+        _c("user_id", "uuid"),
+        _c("up_to", "uuid", True),
+        _c("up_to_offset", "bigint", True),
+        _c("up_to_seq", "bigint"),
+        _c("moved_at", "timestamptz"),
+    ),
+    ("conversation_id", "user_id"),
+)
+MEDIA = Table(
+    "media",
+    (
+        _c("media_id", "uuid"),
+        _c("uploader_id", "uuid"),
+        _c("content_type", "text"),
+        _c("size", "bigint"),
+        _c("sha256", "text"),
+        _c("filename", "text", True),
+        _c("uploaded_at", "timestamptz"),
+    ),
+    ("media_id",),
+    indexes=(("uploader_id",),),
+)
+SESSIONS = Table(
+    "sessions",
+    (
+        _c("session_id", "uuid"),
+        _c("user_id", "uuid"),
+        _c("device", "text", True),
+        _c("started_at", "timestamptz"),
+        _c("expires_at", "timestamptz"),
+        _c("revoked_at", "timestamptz", True),
+        _c("revoke_reason", "text", True),
+    ),
+    ("session_id",),
+    indexes=(("user_id",),),
+)
+DEAD_LETTERS = Table(
+    "dead_letters",
+    (
+        _c("topic", "text"),
+        _c("partition", "integer"),
+        _c("offset", "bigint"),
+        _c("position", "text"),
+        _c("type", "text"),
+        _c("reason", "text"),
+        _c("error", "text"),
+        _c("payload", "bytea", True),
+        _c("headers", "jsonb"),
+        _c("failed_at", "timestamptz"),
+        _c("retried_at", "timestamptz", True),
+        _c("resolved", "boolean"),
+    ),
+    ("topic", "partition", "offset"),
+    unchecked=("failed_at", "retried_at"),
+)
+
+TABLES: Final = (
+    OFFSETS,
+    USERS,
+    CONVERSATIONS,
+    MEMBERS,
+    MESSAGES,
+    REACTIONS,
+    READ_MARKERS,
+    MEDIA,
+    SESSIONS,
+    DEAD_LETTERS,
+)
+
+
+def checked_schema_name(schema: str) -> str:
+    """``schema`` if it is a plain lower-case identifier (safe to splice into SQL)."""
+    if not _SCHEMA_NAME.match(schema):
+        raise SchemaNameInvalid(f"not a plain lower-case identifier: {schema!r}")
+    return schema
+
+
+def in_schema(schema: str, sql: str) -> str:
+    """``sql`` with ``{schema}`` replaced by the checked name: the one place names are spliced."""
+    return sql.replace("{schema}", checked_schema_name(schema))
+
+
+def _columns(names: tuple[str, ...]) -> str:
+    return ", ".join('"offset"' if n == "offset" else n for n in names)
+
+
+def table_ddl(schema: str, table: Table) -> list[str]:
+    """``CREATE TABLE`` and ``CREATE INDEX`` statements of one table in ``schema``."""
+    schema = checked_schema_name(schema)
+    cols = [f"{c.sql_name} {c.type}{'' if c.nullable else ' NOT NULL'}" for c in table.columns]
+    cols.append(f"PRIMARY KEY ({_columns(table.primary_key)})")
+    statements = [f"CREATE TABLE {schema}.{table.name} (\n    " + ",\n    ".join(cols) + "\n)"]
+    for unique, groups in ((False, table.indexes), (True, table.unique_indexes)):
+        for cols_ in groups:
+            name = f"{table.name}_by_{'_'.join(cols_)}"
+            kind = "UNIQUE INDEX" if unique else "INDEX"
+            statements.append(f"CREATE {kind} {name} ON {schema}.{table.name} ({_columns(cols_)})")
+    return statements
+
+
+def schema_ddl(schema: str) -> list[str]:
+    """Every statement that creates the read model in a new schema ``schema``."""
+    schema = checked_schema_name(schema)
+    statements = [f"CREATE SCHEMA {schema}"]
+    for table in TABLES:
+        statements.extend(table_ddl(schema, table))
+    statements.append(f"COMMENT ON SCHEMA {schema} IS 'backbone read model v{READ_MODEL_VERSION}'")
+    return statements
+
+
+async def schema_exists(conn: Connection | Pool, schema: str) -> bool:
+    found = await conn.fetchval(
+        "SELECT true FROM pg_namespace WHERE nspname = $1", checked_schema_name(schema)
+    )
+    return bool(found)
+
+
+async def create_schema(conn: Connection, schema: str) -> bool:
+    """Create the read model in ``schema`` unless it exists; return whether it was created.
+
+    Idempotent and safe from many processes at once: creation runs in one transaction under
+    an advisory lock, so a schema is either absent or complete.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
+        if await schema_exists(conn, schema):
+            return False
+        for statement in schema_ddl(schema):
+            await conn.execute(statement)
+    return True
+
+
+async def ensure_live_schema(pool: Pool) -> bool:
+    """Create the live read model (:data:`LIVE_SCHEMA`) if absent; what start-up runs."""
+    async with pool.acquire() as conn:
+        return await create_schema(conn, LIVE_SCHEMA)

@@ -1,0 +1,172 @@
+"""The projector worker process: ``python -m projectors`` (``backbone serve projectors``).
+
+``run`` owns every long-lived client (pool, Redis, event store, log-end reader, HTTP server),
+creates them in order and closes them in reverse. The worker joins the consumer group
+``<topic prefix>.projector.chat``; any number of workers share the partitions, and a crash
+or a rebalance at any instant neither loses nor double-applies an event (see
+:mod:`projectors.projector`). SIGTERM and SIGINT stop it after the batch in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from typing import Final
+
+import asyncpg
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+
+from eventstore import (
+    ConfigError,
+    EventStore,
+    EventStoreError,
+    GroupReader,
+    LogEnds,
+    Pool,
+    Settings,
+    create_pool,
+)
+from projectors.caches import Caches
+from projectors.metrics import LAG
+from projectors.projector import Projector
+from projectors.schema import ensure_live_schema
+
+log = structlog.get_logger(__name__)
+
+METRICS_PORT_VARIABLE: Final = "BACKBONE_PROJECTOR_METRICS_PORT"
+METRICS_HOST_VARIABLE: Final = "BACKBONE_PROJECTOR_METRICS_HOST"
+WORKER_INDEX_VARIABLE: Final = "BACKBONE_WORKER_INDEX"
+_LAG_INTERVAL: Final = 5.0
+
+
+def group_id(settings: Settings) -> str:
+    """The consumer group of the live projector of this deployment."""
+    return f"{settings.topic_prefix}.projector.chat"
+
+
+def instance_id(settings: Settings, env: Mapping[str, str]) -> str | None:
+    """A static group-member id from ``BACKBONE_WORKER_INDEX`` (set by the supervisor).
+
+    A worker restarted after a crash then takes its partitions back at once, instead of
+    waiting out its dead predecessor's session. Without an index, membership is dynamic.
+    """
+    index = env.get(WORKER_INDEX_VARIABLE, "").strip()
+    return f"{group_id(settings)}-{index}" if index else None
+
+
+def metrics_port(env: Mapping[str, str]) -> int:
+    """``BACKBONE_PROJECTOR_METRICS_PORT`` (0, the default, serves nothing)."""
+    raw = env.get(METRICS_PORT_VARIABLE, "").strip() or "0"
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ConfigError(f"{METRICS_PORT_VARIABLE}={raw!r} is not a port number")
+    return int(raw)
+
+
+async def _track_lag(reader: GroupReader, projector: Projector, ends: LogEnds) -> None:
+    """Publish per-partition lag every few seconds (last-applied is set per batch)."""
+    while True:
+        owned = sorted(reader.assignment)
+        try:
+            if owned:
+                stored = await projector.positions.load(owned)
+                for (topic, partition), end in (await ends.end_offsets(owned)).items():
+                    behind = end - stored.get((topic, partition), 0)
+                    LAG.labels(topic, str(partition)).set(max(behind, 0))
+        except (EventStoreError, OSError, asyncpg.PostgresError) as exc:
+            log.warning("projector.lag_unknown", error=str(exc))
+        await asyncio.sleep(_LAG_INTERVAL)
+
+
+def _http_app(pool: Pool, redis: Redis, reader: GroupReader) -> web.Application:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(2):
+                await pool.fetchval("SELECT 1")
+                await redis.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported
+            return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+        if not reader.assignment:
+            return web.json_response({"status": "waiting for partitions"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def run(settings: Settings, env: Mapping[str, str] | None = None) -> None:
+    """Project the log into the live read model until SIGTERM/SIGINT."""
+    env = os.environ if env is None else env
+    port = metrics_port(env)
+    pool = await create_pool(settings.postgres_dsn)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with await EventStore.open(settings, pool=pool, with_producer=False) as store:
+            await ensure_live_schema(pool)
+            projector = Projector(pool, store.layout, caches=Caches(redis, settings.topic_prefix))
+            reader = GroupReader(
+                settings,
+                group_id=group_id(settings),
+                streams=("user", "conversation"),
+                positions=projector.positions,
+                handler=projector.handle,
+                keys=store.keyring.keys_for_read,
+                epoch=store.epoch,
+                instance_id=instance_id(settings, env),
+            )
+            await _serve(settings, env, port, pool, redis, reader, projector)
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+async def _serve(
+    settings: Settings,
+    env: Mapping[str, str],
+    port: int,
+    pool: Pool,
+    redis: Redis,
+    reader: GroupReader,
+    projector: Projector,
+) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, reader.stop)
+    ends = LogEnds(settings)
+    await ends.start()
+    runner: web.AppRunner | None = None
+    try:
+        if port:
+            runner = web.AppRunner(_http_app(pool, redis, reader))
+            await runner.setup()
+            host = env.get(METRICS_HOST_VARIABLE, "127.0.0.1")
+            await web.TCPSite(runner, host, port).start()
+        log.info("projector.started", group=group_id(settings), metrics_port=port)
+        lag = asyncio.create_task(_track_lag(reader, projector, ends))
+        try:
+            await reader.run()
+        finally:
+            lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
+        log.info("projector.stopped")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await ends.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

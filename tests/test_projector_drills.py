@@ -1,0 +1,257 @@
+"""Fault drills on real worker processes: SIGKILL mid-stream, and a rebalance mid-stream.
+
+Both end the same way: the read model equals a clean single pass of the same log into another
+database (checksum), and every message was applied exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from eventstore import EventStore, Pool, Settings, create_pool
+from projectors.checksum import checksum
+from projectors.projector import Projector
+from projectors.read.contract import LIVE_SCHEMA
+from projectors.schema import ensure_live_schema
+from schemas import Event, MemberJoined, MessageEdited, ReactionAdded, ReadMarkerMoved
+from tests.store_fixtures import fresh_database, isolated
+from tests.test_projector_support import (
+    catch_up,
+    group,
+    message,
+    register,
+    settings_env,
+    wait_for,
+)
+
+pytestmark = pytest.mark.fault
+
+
+def workload(rooms: int, users: int, messages: int, seed: int) -> tuple[list[Event], int]:
+    """Users, groups, then ``messages`` messages with edits, reactions, joins and markers mixed
+    in; returns the events and the number of distinct messages sent."""
+    rng = random.Random(seed)
+    people = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(users)]
+    groups = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(rooms)]
+    events: list[Event] = [register(p) for p in people]
+    members = {g: rng.sample(people, 3) for g in groups}
+    events += [group(g, m[0], *m[1:]) for g, m in members.items()]
+    sent: dict[uuid.UUID, list[uuid.UUID]] = {g: [] for g in groups}
+    for n in range(messages):
+        room = rng.choice(groups)
+        sender = rng.choice(members[room])
+        mid = uuid.UUID(int=rng.getrandbits(128))
+        events.append(message(room, sender, f"message {n}", mid))
+        sent[room].append(mid)
+        roll = rng.random()
+        if roll < 0.05:
+            events.append(
+                MessageEdited(conversation_id=room, message_id=mid, editor_id=sender, body="edit")
+            )
+        elif roll < 0.10:
+            events.append(
+                ReactionAdded(conversation_id=room, message_id=mid, user_id=sender, emoji="👍")
+            )
+        elif roll < 0.12:
+            reader = rng.choice(members[room])
+            events.append(ReadMarkerMoved(conversation_id=room, user_id=reader, up_to=mid))
+        elif roll < 0.125:
+            joiner = rng.choice(people)
+            if joiner not in members[room]:
+                members[room].append(joiner)
+                events.append(MemberJoined(conversation_id=room, user_id=joiner, added_by=sender))
+    return events, messages
+
+
+async def produce(store: EventStore, events: list[Event], chunk: int = 2000) -> None:
+    """Append ``events`` in order, a chunk at a time (one append keeps its order per stream)."""
+    for start in range(0, len(events), chunk):
+        await store.producer.append(events[start : start + chunk])
+
+
+async def applied_total(pool: Pool) -> int:
+    if not await pool.fetchval("SELECT to_regclass('chat.offsets') IS NOT NULL"):
+        return 0
+    return int(await pool.fetchval("SELECT coalesce(sum(next_offset), 0) FROM chat.offsets"))
+
+
+async def log_end(store: EventStore) -> int:
+    async with store.reader() as reader:
+        return sum((await reader.end_offsets()).values())
+
+
+class Worker:
+    """One ``python -m projectors`` process against ``settings``."""
+
+    def __init__(self, settings: Settings, log: Path, index: int = 0) -> None:
+        self.port = free_port()
+        self._env = {
+            **os.environ,
+            **settings_env(settings),
+            "BACKBONE_WORKER_INDEX": str(index),
+            "BACKBONE_PROJECTOR_METRICS_PORT": str(self.port),
+        }
+        self._log = log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self._log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "projectors", env=self._env, stdout=log, stderr=log
+            )
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{self.port}{path}") as response,
+        ):
+            return response.status, await response.text()
+
+    async def batches_applied(self) -> float:
+        """The worker's own count of applied batches, from its /metrics."""
+        status, text = await self.get("/metrics")
+        assert status == 200
+        for line in text.splitlines():
+            if line.startswith("backbone_projector_batch_events_count "):
+                return float(line.split()[1])
+        raise AssertionError("no batch metric")
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                await self.proc.wait()
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def drill(base_settings: Settings) -> AsyncIterator[tuple[Settings, EventStore]]:
+    settings = await isolated(base_settings, user_partitions=2, conversation_partitions=4)
+    async with await EventStore.open(settings) as store:
+        yield settings, store
+
+
+async def assert_equals_clean_replay(settings: Settings, store: EventStore) -> None:
+    """The worker-built read model equals a single clean pass into another database."""
+    clean = await fresh_database(settings)
+    pool = await create_pool(clean.postgres_dsn)
+    try:
+        await ensure_live_schema(pool)
+        await catch_up(store, Projector(pool, store.layout))
+        async with store.pool.acquire() as live, pool.acquire() as replay:
+            assert await checksum(live, LIVE_SCHEMA) == await checksum(replay, LIVE_SCHEMA)
+    finally:
+        await pool.close()
+
+
+async def test_sigkill_at_random_points_neither_loses_nor_repeats_an_event(
+    drill: tuple[Settings, EventStore], tmp_path: Path
+) -> None:
+    settings, store = drill
+    events, sent = workload(rooms=300, users=150, messages=50_000, seed=4)
+    await produce(store, events)
+    end = await log_end(store)
+    rng = random.Random(7)
+    worker = Worker(settings, tmp_path / "projector.log")
+    kills = 0
+    try:
+        for _ in range(8):
+            await worker.start()
+            target = min(end - 1, await applied_total(store.pool) + rng.randint(1000, 4000))
+
+            async def progressed(target: int = target) -> bool:
+                return await applied_total(store.pool) >= target
+
+            await wait_for(progressed, 60, f"the worker applied up to {target}")
+            await asyncio.sleep(rng.uniform(0, 0.05))  # land anywhere inside a batch
+            await worker.kill()
+            kills += 1
+        await worker.start()
+
+        async def finished() -> bool:
+            return await applied_total(store.pool) >= end
+
+        await wait_for(finished, 120, "the worker applied the whole log")
+        assert await worker.stop() == 0
+    finally:
+        if worker.proc is not None and worker.proc.returncode is None:
+            await worker.kill()
+    assert kills == 8
+    counted = await store.pool.fetchrow(
+        "SELECT count(*) AS messages, count(DISTINCT message_id) AS distinct_ids, "
+        "max(seq) FILTER (WHERE true) AS top FROM chat.messages"
+    )
+    assert counted is not None
+    assert (counted["messages"], counted["distinct_ids"]) == (sent, sent)
+    assert await store.pool.fetchval("SELECT sum(message_count) FROM chat.conversations") == sent, (
+        "every message counted once in its conversation"
+    )
+    assert await store.pool.fetchval("SELECT count(*) FROM chat.dead_letters") == 0
+    await assert_equals_clean_replay(settings, store)
+
+
+async def test_two_workers_with_a_rebalance_mid_stream_build_the_same_model(
+    drill: tuple[Settings, EventStore], tmp_path: Path
+) -> None:
+    """The second worker joins while the first applies and events keep arriving; both apply
+    batches (their own /metrics say so) and the result equals a clean single pass."""
+    settings, store = drill
+    events, sent = workload(rooms=200, users=100, messages=40_000, seed=11)
+    split = len(events) // 3
+    first = Worker(settings, tmp_path / "first.log", index=0)
+    second = Worker(settings, tmp_path / "second.log", index=1)
+    try:
+        await first.start()
+        await produce(store, events[:split])
+
+        async def started() -> bool:
+            return await applied_total(store.pool) >= split // 3
+
+        await wait_for(started, 60, "the first worker is applying")
+        await second.start()  # the group rebalances while the first one is mid-stream
+        await produce(store, events[split:])
+        end = await log_end(store)
+
+        async def finished() -> bool:
+            return await applied_total(store.pool) >= end
+
+        await wait_for(finished, 120, "both workers applied the whole log")
+        assert await first.get("/healthz") == (200, '{"status": "ok"}')
+        assert (await second.get("/readyz"))[0] == 200
+        assert await first.batches_applied() > 0
+        assert await second.batches_applied() > 0, "the second worker took partitions over"
+        assert await second.stop() == 0
+        assert await first.stop() == 0
+    finally:
+        for worker in (first, second):
+            if worker.proc is not None and worker.proc.returncode is None:
+                await worker.kill()
+    count = await store.pool.fetchval("SELECT count(*) FROM chat.messages")
+    assert count == sent
+    assert await store.pool.fetchval("SELECT count(*) FROM chat.dead_letters") == 0
+    await assert_equals_clean_replay(settings, store)

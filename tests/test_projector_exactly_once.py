@@ -1,0 +1,300 @@
+"""Exactly-once application: compare-and-set offsets, idempotence, dead letters, checksums."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import msgspec
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from eventstore import Batch, RecordedEvent, create_pool
+from eventstore.consumer import Partition, PositionsMoved
+from projectors.caches import rebuild_caches
+from projectors.checksum import checksum
+from projectors.dead_letters import list_dead_letters, retry_dead_letter
+from projectors.metrics import EVENTS
+from projectors.projector import Projector
+from projectors.read.contract import LIVE_SCHEMA, members_key, user_conversations_key
+from projectors.rows import ROW_CLASSES
+from projectors.schema import TABLES, create_schema, ensure_live_schema
+from tests.store_fixtures import fresh_database
+from tests.test_projector_support import (
+    World,
+    catch_up,
+    group,
+    message,
+    register,
+    wait_for,
+    world_fixture,  # noqa: F401 - provides the `world` fixture
+)
+
+
+async def all_batches(world: World) -> list[Batch]:
+    batches: list[Batch] = []
+    async with world.store.reader() as reader:
+        async for batch in reader.batches_until_end():
+            batches.append(batch)
+    return batches
+
+
+async def send_raw(world: World, stream_id: uuid.UUID, event_type: str, value: bytes) -> None:
+    """A record the way a foreign or broken writer would put it in the conversations topic."""
+    producer = AIOKafkaProducer(bootstrap_servers=world.settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        headers = [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", str(uuid.uuid4()).encode()),
+            ("ce_source", b"urn:test"),
+            ("ce_type", event_type.encode()),
+            ("ce_subject", str(stream_id).encode()),
+            ("ce_time", b"2026-11-25T12:00:00.000Z"),
+            ("content-type", b"application/json"),
+        ]
+        await producer.send_and_wait(
+            world.store.layout.topic("conversation"),
+            value,
+            key=str(stream_id).encode(),
+            headers=headers,
+        )
+    finally:
+        await producer.stop()
+
+
+def test_row_classes_match_their_tables_column_for_column() -> None:
+    for cls in ROW_CLASSES:
+        assert [f.name for f in msgspec.structs.fields(cls)] == [c.name for c in cls.table.columns]
+
+
+async def test_live_schema_has_the_contract_columns_and_indexes_serve_the_reads(
+    world: World,
+) -> None:
+    """Every column contract.py names exists; each read-API query is an index scan."""
+    async with world.store.pool.acquire() as conn:
+        assert not await create_schema(conn, LIVE_SCHEMA), "already there: created once"
+        columns = {
+            (r["table_name"], r["column_name"])
+            for r in await conn.fetch(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = $1",
+                LIVE_SCHEMA,
+            )
+        }
+        for needed in [
+            ("offsets", "topic"),
+            ("offsets", "partition"),
+            ("offsets", "next_offset"),
+            ("conversations", "conversation_id"),
+            ("conversations", "kind"),
+            ("members", "conversation_id"),
+            ("members", "user_id"),
+            ("members", "role"),
+            ("messages", "message_id"),
+            ("messages", "conversation_id"),
+            ("messages", "sender_id"),
+            ("messages", "deleted"),
+        ]:
+            assert needed in columns
+        assert {t.name for t in TABLES} <= {t for t, _ in columns}
+        queries = {
+            "my conversations": "SELECT c.*, m.role, c.message_count - coalesce(r.up_to_seq, 0) "
+            "FROM chat.members m JOIN chat.conversations c USING (conversation_id) "
+            "LEFT JOIN chat.read_markers r USING (conversation_id, user_id) "
+            "LEFT JOIN chat.messages l ON l.message_id = c.last_message_id WHERE m.user_id = $1",
+            "members": "SELECT user_id, role FROM chat.members WHERE conversation_id = $1",
+            "page before": 'SELECT * FROM chat.messages WHERE conversation_id = $1 AND "offset" '
+            '< 1000 ORDER BY "offset" DESC LIMIT 50',
+            "page after": 'SELECT * FROM chat.messages WHERE conversation_id = $1 AND "offset" '
+            '> 10 ORDER BY "offset" LIMIT 50',
+        }
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            for name, sql in queries.items():
+                plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", uuid.uuid4()))
+                assert "Seq Scan" not in plan, f"{name}:\n{plan}"
+
+
+async def test_a_batch_applied_twice_changes_nothing(world: World) -> None:
+    owner, bob, room = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await world.write([register(owner), group(room, owner, bob)])
+    await world.write([message(room, bob if n % 2 else owner, f"m{n}") for n in range(30)])
+    batches = await all_batches(world)
+    for batch in batches:
+        await world.projector.handle(batch)
+    async with world.store.pool.acquire() as conn:
+        once = await checksum(conn, LIVE_SCHEMA)
+        cached_once = await world.redis.hgetall(members_key(world.namespace, room))
+        # As if the commit had been lost after the caches were written: the offsets go back.
+        for batch in batches:
+            for (topic, partition), span in batch.ranges.items():
+                await conn.execute(
+                    "UPDATE chat.offsets SET next_offset = least(next_offset, $3) "
+                    "WHERE topic = $1 AND partition = $2",
+                    topic,
+                    partition,
+                    span.first,
+                )
+        for batch in batches:
+            await world.projector.handle(batch)
+        assert await checksum(conn, LIVE_SCHEMA) == once
+    assert await world.redis.hgetall(members_key(world.namespace, room)) == cached_once
+    count = await world.row("SELECT count(*) AS n FROM chat.messages")
+    assert count == {"n": 30}
+
+
+async def test_a_batch_behind_the_stored_offsets_is_refused_and_writes_nothing(
+    world: World,
+) -> None:
+    owner, room = uuid.uuid4(), uuid.uuid4()
+    await world.write([group(room, owner), message(room, owner, "hello")])
+    batches = await all_batches(world)
+    for batch in batches:
+        await world.projector.handle(batch)
+    async with world.store.pool.acquire() as conn:
+        before = await checksum(conn, LIVE_SCHEMA)
+        with pytest.raises(PositionsMoved, match="stored offsets moved"):
+            await world.projector.handle(batches[0])
+        assert await checksum(conn, LIVE_SCHEMA) == before
+
+
+async def test_poison_and_unprojectable_events_are_dead_lettered_and_later_ones_applied(
+    world: World,
+) -> None:
+    owner, room, ghost_room = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    orphan = uuid.uuid4()
+    await world.write([group(room, owner)])
+    await send_raw(world, room, "chat.message.sent", b"{not json")
+    await send_raw(world, room, "chat.room.painted", b'{"color":"red"}')
+    orphan_written = await world.write([message(ghost_room, owner, "nowhere", orphan)])
+    await world.write([message(room, owner, "after the poison")])
+    before = EVENTS.labels("skipped", "chat.room.painted")._value.get()
+    await world.catch_up()
+
+    assert EVENTS.labels("skipped", "chat.room.painted")._value.get() == before + 1
+    bodies = await world.rows("SELECT body FROM chat.messages WHERE conversation_id = $1", room)
+    assert bodies == [{"body": "after the poison"}]
+    async with world.store.pool.acquire() as conn:
+        letters = await list_dead_letters(conn)
+        payloads = await conn.fetch(
+            'SELECT reason, payload FROM chat.dead_letters ORDER BY topic, partition, "offset"'
+        )
+    assert {(d.type, d.reason) for d in letters} == {
+        ("chat.message.sent", "poison"),
+        ("chat.message.sent", "projection"),
+    }
+    by_reason = {p["reason"]: p["payload"] for p in payloads}
+    assert by_reason["poison"] == b"{not json"
+    assert b"nowhere" not in by_reason["projection"], "personal values are withheld"
+    failed = next(d for d in letters if d.reason == "projection")
+    assert failed.position == orphan_written[0].position.token()
+    assert "does not exist" in failed.error
+
+    # The conversation appears later; a retry of the dead letter now applies the message.
+    await world.write([group(ghost_room, owner)])
+    await world.catch_up()
+    applied = await retry_dead_letter(
+        world.store, world.projector, failed.topic, failed.partition, failed.offset
+    )
+    assert applied is True
+    assert await world.row("SELECT body FROM chat.messages WHERE message_id = $1", orphan) == {
+        "body": "nowhere"
+    }
+    poison = next(d for d in letters if d.reason == "poison")
+    assert not await retry_dead_letter(
+        world.store, world.projector, poison.topic, poison.partition, poison.offset
+    )
+    async with world.store.pool.acquire() as conn:
+        remaining = await list_dead_letters(conn)
+    assert [(d.reason, d.retried_at is not None) for d in remaining] == [("poison", True)]
+
+
+async def test_two_databases_projecting_one_log_have_equal_checksums(world: World) -> None:
+    owner, bob, room = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await world.write([register(owner), register(bob), group(room, owner, bob)])
+    await world.write([message(room, bob, f"m{n}") for n in range(50)])
+    await world.catch_up()
+    other = await fresh_database(world.settings)
+    # Keys stay in the deployment's key store; only the read model lives elsewhere.
+    pool = await create_pool(other.postgres_dsn)
+    try:
+        await ensure_live_schema(pool)
+        replica = Projector(pool, world.store.layout)  # no caches: the live ones stay as they are
+        await catch_up(world.store, replica, max_records=7)  # other batch boundaries, same result
+        async with world.store.pool.acquire() as a, pool.acquire() as b:
+            assert await checksum(a, LIVE_SCHEMA) == await checksum(b, LIVE_SCHEMA)
+            await b.execute("UPDATE chat.messages SET body = 'x' WHERE seq = 7")
+            assert await checksum(a, LIVE_SCHEMA) != await checksum(b, LIVE_SCHEMA)
+    finally:
+        await pool.close()
+
+
+async def test_membership_caches_can_be_dropped_and_rebuilt_from_postgres(world: World) -> None:
+    owner, bob, rooms = uuid.uuid4(), uuid.uuid4(), [uuid.uuid4() for _ in range(5)]
+    await world.write([group(room, owner, bob) for room in rooms])
+    await world.catch_up()
+    before = {r: await world.redis.hgetall(members_key(world.namespace, r)) for r in rooms}
+    convs = await world.redis.smembers(user_conversations_key(world.namespace, bob))
+    await world.redis.delete(*(members_key(world.namespace, r) for r in rooms))
+    await world.redis.delete(user_conversations_key(world.namespace, bob))
+
+    await rebuild_caches(world.store.pool, world.redis, world.namespace)
+
+    assert {r: await world.redis.hgetall(members_key(world.namespace, r)) for r in rooms} == before
+    assert await world.redis.smembers(user_conversations_key(world.namespace, bob)) == convs
+    assert len(convs) == len(rooms)
+
+
+async def test_group_reader_reseeks_when_the_stored_positions_moved(world: World) -> None:
+    """A handler refusing a batch with PositionsMoved makes the reader resume at the stored
+    offset: records another member applied are not handed over again."""
+    owner, room = uuid.uuid4(), uuid.uuid4()
+    written = await world.write(
+        [group(room, owner), *(message(room, owner, f"m{n}") for n in range(9))]
+    )
+    partition: Partition = (world.store.layout.topic("conversation"), written[0].position.partition)
+    stored: dict[Partition, int] = {}
+    firsts: list[int] = []
+    seen: list[RecordedEvent] = []
+
+    class Positions:
+        async def load(self, partitions: list[Partition]) -> dict[Partition, int]:
+            return {p: stored[p] for p in partitions if p in stored}
+
+    async def handler(batch: Batch) -> None:
+        span = batch.ranges[partition]
+        firsts.append(span.first)
+        if len(firsts) == 1:
+            stored[partition] = span.first + 4  # another member applied four records
+            raise PositionsMoved("moved")
+        seen.extend(i for i in batch.items if isinstance(i, RecordedEvent))
+        stored[partition] = span.next
+
+    reader = world.store.group_reader(
+        group_id=f"g-{uuid.uuid4().hex[:8]}",
+        streams=["conversation"],
+        positions=Positions(),
+        handler=handler,
+    )
+    running = asyncio.create_task(reader.run())
+    try:
+
+        async def done() -> bool:
+            return stored.get(partition) == written[-1].position.offset + 1
+
+        await wait_for(done, 60, "the reader applied everything")
+    finally:
+        reader.stop()
+        await running
+    assert firsts[:2] == [written[0].position.offset, written[0].position.offset + 4]
+    assert [r.envelope.id for r in seen] == [w.envelope.id for w in written[4:]]
+
+
+async def test_cache_keys_stay_in_the_deployment_namespace(world: World) -> None:
+    """Namespaces keep deployments (and tests) apart: every key written is under ours."""
+    owner, room = uuid.uuid4(), uuid.uuid4()
+    await world.write([group(room, owner), message(room, owner, "hi")])
+    await world.catch_up()
+    keys = [k async for k in world.redis.scan_iter(match=f"{world.namespace}:*")]
+    assert {k.split(b":")[1] for k in keys} == {b"members", b"user", b"recent", b"summary"}

@@ -1,0 +1,95 @@
+"""The pure projection, without any server: same input, same operations; first wins."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+
+from eventstore import Position, RecordedEvent
+from projectors import schema
+from projectors.errors import ProjectionError
+from projectors.projection import Put, needs, project
+from projectors.rows import ConversationRow, Key, MessageRow, Row
+from schemas import ERASED, Envelope, Event, MessageEdited, MessageSent
+
+ROOM, ALICE, MESSAGE = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+TIME = dt.datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=dt.UTC)
+
+
+class Rows:
+    """An in-memory stand-in for the prefetched working set."""
+
+    def __init__(self, *rows: Row) -> None:
+        self.rows: dict[tuple[str, Key], Row | None] = {(r.table.name, r.key()): r for r in rows}
+
+    def get(self, table: schema.Table, key: Key) -> Row | None:
+        return self.rows.get((table.name, key))
+
+
+def recorded(event: Event, offset: int = 7) -> RecordedEvent:
+    envelope = Envelope(
+        id=uuid.uuid4(), source="urn:t", type=event.type_name(), subject=str(ROOM), time=TIME
+    )
+    return RecordedEvent(envelope, event, Position(1, "conversation", 2, offset))
+
+
+def room(message_count: int = 0) -> ConversationRow:
+    return ConversationRow(
+        conversation_id=ROOM,
+        kind="group",
+        name="r",
+        description=None,
+        creator_id=ALICE,
+        created_at=TIME,
+        partition=2,
+        created_offset=0,
+        member_count=1,
+        message_count=message_count,
+        last_message_id=None,
+        last_offset=None,
+        last_activity_at=TIME,
+    )
+
+
+def sent(body: str = "hi") -> MessageSent:
+    return MessageSent(
+        conversation_id=ROOM, message_id=MESSAGE, sender_id=ALICE, client_msg_id="c", body=body
+    )
+
+
+def test_a_message_takes_the_next_number_and_its_time_and_position_from_the_log() -> None:
+    ops = project(recorded(sent()), Rows(room(message_count=4)))
+    message = next(op.row for op in ops if isinstance(op, Put) and isinstance(op.row, MessageRow))
+    assert (message.seq, message.offset, message.partition, message.created_at) == (5, 7, 2, TIME)
+    assert ops == project(recorded(sent()), Rows(room(message_count=4))), "deterministic"
+
+
+def test_a_known_message_id_is_ignored_first_wins() -> None:
+    existing = project(recorded(sent()), Rows(room()))[0]
+    assert isinstance(existing, Put)
+    assert project(recorded(sent("again")), Rows(room(1), existing.row)) == []
+
+
+def test_a_message_of_an_unknown_conversation_cannot_be_applied() -> None:
+    with pytest.raises(ProjectionError, match="does not exist"):
+        project(recorded(sent()), Rows())
+
+
+def test_an_erased_body_is_stored_as_null() -> None:
+    first = project(recorded(sent()), Rows(room()))[0]
+    assert isinstance(first, Put)
+    edit = MessageEdited(conversation_id=ROOM, message_id=MESSAGE, editor_id=ALICE, body=ERASED)
+    (op,) = project(recorded(edit, 8), Rows(first.row))
+    assert isinstance(op, Put)
+    assert isinstance(op.row, MessageRow)
+    assert (op.row.body, op.row.edited_at) == (None, TIME)
+
+
+def test_needs_name_every_row_a_projection_reads() -> None:
+    assert needs(sent()) == [
+        (schema.CONVERSATIONS, (ROOM,)),
+        (schema.MESSAGES, (MESSAGE,)),
+        (schema.READ_MARKERS, (ROOM, ALICE)),
+    ]
