@@ -10,8 +10,10 @@ from eventstore.codec import (
     Skipped,
     decode_records,
     encode_event,
+    stream_placement,
 )
 from eventstore.consumer import Batch, GroupReader, LogReader, OffsetRange, PositionStore
+from eventstore.ends import LogEnds
 from eventstore.epoch import bump_epoch, read_epoch
 from eventstore.errors import (
     ConfigError,
@@ -49,6 +51,7 @@ __all__ = [
     "InvalidPosition",
     "KeyRing",
     "KeyStoreUnavailable",
+    "LogEnds",
     "LogReader",
     "LogUnavailable",
     "MasterKey",
@@ -79,4 +82,5 @@ __all__ = [
     "provision_topics",
     "read_epoch",
     "redact_dsn",
+    "stream_placement",
 ]

@@ -78,7 +78,7 @@ def parse_master_keys(raw: str, variable: str) -> tuple[MasterKey, ...]:
     return tuple(keys)
 
 
-def _require(env: Mapping[str, str], name: str) -> str:
+def env_required(env: Mapping[str, str], name: str) -> str:
     variable = PREFIX + name
     value = env.get(variable, "").strip()
     if not value:
@@ -86,7 +86,7 @@ def _require(env: Mapping[str, str], name: str) -> str:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     variable = PREFIX + name
     raw = env.get(variable)
     if raw is None or raw.strip() == "":
@@ -100,7 +100,7 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
     variable = PREFIX + name
     raw = env.get(variable)
     if raw is None or raw.strip() == "":
@@ -117,20 +117,20 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read :class:`Settings` from ``env`` (default: the process environment)."""
     env = os.environ if env is None else env
-    bootstrap = _require(env, "KAFKA_BOOTSTRAP")
+    bootstrap = env_required(env, "KAFKA_BOOTSTRAP")
     for address in bootstrap.split(","):
         host, sep, port = address.strip().rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP: {address!r} is not host:port")
-    dsn = _require(env, "POSTGRES_DSN")
+    dsn = env_required(env, "POSTGRES_DSN")
     if not dsn.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{PREFIX}POSTGRES_DSN must be a postgresql:// URL")
-    redis_url = _require(env, "REDIS_URL")
+    redis_url = env_required(env, "REDIS_URL")
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{PREFIX}REDIS_URL must be a redis:// URL")
-    master_keys = parse_master_keys(_require(env, "MASTER_KEY"), PREFIX + "MASTER_KEY")
-    rf = _int(env, "KAFKA_REPLICATION_FACTOR", 1)
-    min_isr = _int(env, "KAFKA_MIN_INSYNC", 1)
+    master_keys = parse_master_keys(env_required(env, "MASTER_KEY"), PREFIX + "MASTER_KEY")
+    rf = env_int(env, "KAFKA_REPLICATION_FACTOR", 1)
+    min_isr = env_int(env, "KAFKA_MIN_INSYNC", 1)
     if min_isr > rf:
         raise ConfigError(
             f"{PREFIX}KAFKA_MIN_INSYNC={min_isr} exceeds {PREFIX}KAFKA_REPLICATION_FACTOR={rf}"
@@ -144,9 +144,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         topic_prefix=prefix,
         kafka_replication_factor=rf,
         kafka_min_insync=min_isr,
-        user_partitions=_int(env, "USER_PARTITIONS", 4),
-        conversation_partitions=_int(env, "CONVERSATION_PARTITIONS", 8),
-        send_timeout=_float(env, "SEND_TIMEOUT", 10.0),
+        user_partitions=env_int(env, "USER_PARTITIONS", 4),
+        conversation_partitions=env_int(env, "CONVERSATION_PARTITIONS", 8),
+        send_timeout=env_float(env, "SEND_TIMEOUT", 10.0),
         source=env.get(PREFIX + "SOURCE", "urn:backbone") or "urn:backbone",
         s3_endpoint=env.get(PREFIX + "S3_ENDPOINT", ""),
         s3_access_key=env.get(PREFIX + "S3_ACCESS_KEY", ""),

@@ -13,7 +13,7 @@ import pytest
 
 from ops.stack import StackInfo, default_stack_dir, stack_down, stack_status, stack_up
 
-pytest_plugins = ["tests.store_fixtures"]
+pytest_plugins = ["tests.store_fixtures", "tests.system_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,50 @@
+"""Where the log ends now, per partition: for "wait until the read model has caught up".
+
+One group-less consumer per process answers ListOffsets requests; it never fetches records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from eventstore.errors import LogUnavailable
+from eventstore.settings import Settings
+
+Partition = tuple[str, int]
+
+
+class LogEnds:
+    """The next offset to be written per partition, as of the call (read-committed)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=None,
+            client_id="backbone-ends",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        try:
+            await self._consumer.start()
+        except KafkaError as exc:
+            await self._consumer.stop()
+            raise LogUnavailable(f"Kafka unreachable: {exc}") from exc
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._consumer.stop()
+
+    async def end_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        try:
+            ends = await self._consumer.end_offsets([TopicPartition(t, p) for t, p in partitions])
+        except KafkaError as exc:
+            raise LogUnavailable(f"cannot read end offsets: {exc}") from exc
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}

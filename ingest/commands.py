@@ -1,0 +1,561 @@
+"""Conversation, member and message commands: validate, authorize, append, answer.
+
+Every command becomes exactly one event (or, on the batch path, one event per message) and is
+answered only after Kafka acknowledged it, with the position it was written at. The
+permission matrix these handlers enforce is documented in ``docs/permissions.md``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from aiohttp import web
+
+from eventstore import RecordedEvent
+from ingest import checks
+from ingest.context import READ, STORE, Principal
+from ingest.http import REQUEST_ID, json_response, path_uuid, read_body
+from ingest.openapi import Operation
+from ingest.problems import ProblemError
+from ingest.security import guard
+from schemas import (
+    ConversationCreated,
+    DirectConversationOpened,
+    Event,
+    InitialMember,
+    MemberJoined,
+    MemberLeft,
+    MemberRoleChanged,
+    MessageDeleted,
+    MessageEdited,
+    MessageSent,
+    ReactionAdded,
+    ReactionRemoved,
+    ReadMarkerMoved,
+)
+from schemas.api import (
+    Accepted,
+    AddMemberBody,
+    BatchAccepted,
+    ConversationCreatedAnswer,
+    CreateConversationBody,
+    DirectBody,
+    EditMessageBody,
+    ReactionBody,
+    ReadBody,
+    RoleBody,
+    SendBatchBody,
+    SendMessageBody,
+)
+from schemas.envelope import new_event_id
+from schemas.fields import Emoji
+
+T = TypeVar("T")
+
+DIRECT_NAMESPACE = uuid.UUID("6f3b9d2e-0c41-5a7e-9b8d-2f1e4c6a8b10")
+"""UUIDv5 namespace of direct conversation ids: the same pair always gets the same id."""
+
+
+def direct_conversation_id(a: uuid.UUID, b: uuid.UUID) -> uuid.UUID:
+    first, second = sorted((a, b))
+    return uuid.uuid5(DIRECT_NAMESPACE, f"{first}:{second}")
+
+
+async def append(
+    request: web.Request, caller: Principal, events: Sequence[Event]
+) -> list[RecordedEvent]:
+    """Write ``events`` stamped with the caller and the request id; return them acknowledged."""
+    return await request.app[STORE].producer.append(
+        events, actor=str(caller.user_id), correlation_id=request[REQUEST_ID]
+    )
+
+
+def accepted(recorded: RecordedEvent, message_id: uuid.UUID | None = None) -> web.Response:
+    return json_response(Accepted(position=recorded.position.token(), message_id=message_id), 202)
+
+
+async def active_users(request: web.Request, user_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``user_ids`` are registered, active accounts (ingest's own synchronous store)."""
+    rows = await request.app[STORE].pool.fetch(
+        "SELECT user_id FROM ingest.accounts WHERE user_id = ANY($1::uuid[]) AND state = 'active'",
+        list(user_ids),
+    )
+    return {row[0] for row in rows}
+
+
+async def _some(found: Awaitable[T], good: Callable[[T], bool]) -> T | None:
+    """``found``'s value when ``good``, else None (a refusal to be confirmed by the slow path)."""
+    value = await found
+    return value if good(value) else None
+
+
+# --- conversations ---------------------------------------------------------------------------
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="conversations:write")
+    body = await read_body(request, CreateConversationBody)
+    others = list(dict.fromkeys(u for u in body.members if u != caller.user_id))
+    if others:
+        missing = set(others) - await active_users(request, others)
+        if missing:
+            raise ProblemError(
+                "invalid-body",
+                "unknown users in members",
+                errors=[f"members: no such user {u}" for u in sorted(map(str, missing))],
+            )
+    event = ConversationCreated(
+        conversation_id=new_event_id(),
+        creator_id=caller.user_id,
+        name=body.name,
+        description=body.description,
+        members=(
+            InitialMember(caller.user_id, "owner"),
+            *(InitialMember(u, "member") for u in others),
+        ),
+    )
+    (recorded,) = await append(request, caller, [event])
+    answer = ConversationCreatedAnswer(
+        conversation_id=event.conversation_id, position=recorded.position.token()
+    )
+    return json_response(answer, 201)
+
+
+async def open_direct(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="conversations:write")
+    body = await read_body(request, DirectBody)
+    if body.user_id == caller.user_id:
+        raise ProblemError("invalid-body", "a direct conversation needs another user")
+    if body.user_id not in await active_users(request, [body.user_id]):
+        raise ProblemError("not-found", "no such user")
+    conversation_id = direct_conversation_id(caller.user_id, body.user_id)
+    read = request.app[READ]
+    if await read.conversation_kind(conversation_id) is not None:
+        return json_response(ConversationCreatedAnswer(conversation_id=conversation_id))
+    pair = sorted((caller.user_id, body.user_id))
+    event = DirectConversationOpened(
+        conversation_id=conversation_id, user_ids=(pair[0], pair[1]), opened_by=caller.user_id
+    )
+    # Two racing opens both write; the read model keeps the first (the id is the same).
+    (recorded,) = await append(request, caller, [event])
+    answer = ConversationCreatedAnswer(
+        conversation_id=conversation_id, position=recorded.position.token()
+    )
+    return json_response(answer)
+
+
+async def _group_role(request: web.Request, caller: Principal, conversation_id: uuid.UUID) -> str:
+    role = await checks.member_role(request, conversation_id, caller.user_id)
+    if await checks.conversation_kind(request, conversation_id) == "direct":
+        raise ProblemError("conflict", "a direct conversation's members cannot change")
+    return role
+
+
+async def _target_role(request: web.Request, conversation_id: uuid.UUID, target: uuid.UUID) -> str:
+    read = request.app[READ]
+    role = await checks.settled(
+        request, conversation_id, lambda: read.member_role_db(conversation_id, target)
+    )
+    if role is None:
+        raise ProblemError("not-found", "not a member")
+    return role
+
+
+async def add_member(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="conversations:write")
+    conversation_id = path_uuid(request, "conversation_id")
+    body = await read_body(request, AddMemberBody)
+    role = await _group_role(request, caller, conversation_id)
+    if role not in ("owner", "admin"):
+        raise ProblemError("forbidden", "only an owner or admin adds members")
+    if body.role == "admin" and role != "owner":
+        raise ProblemError("forbidden", "only an owner adds admins")
+    if body.user_id not in await active_users(request, [body.user_id]):
+        raise ProblemError("not-found", "no such user")
+    if await request.app[READ].member_role_db(conversation_id, body.user_id) is not None:
+        raise ProblemError("conflict", "already a member")
+    event = MemberJoined(
+        conversation_id=conversation_id,
+        user_id=body.user_id,
+        role=body.role,
+        added_by=caller.user_id,
+    )
+    (recorded,) = await append(request, caller, [event])
+    return accepted(recorded)
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="conversations:write")
+    conversation_id = path_uuid(request, "conversation_id")
+    target = path_uuid(request, "user_id")
+    role = await _group_role(request, caller, conversation_id)
+    if target == caller.user_id:
+        if role == "owner":
+            read = request.app[READ]
+            others = await checks.settled(
+                request,
+                conversation_id,
+                lambda: _some(read.owner_count(conversation_id), lambda n: n > 1),
+            )
+            if others is None:
+                raise ProblemError(
+                    "conflict", "the last owner cannot leave; make another owner first"
+                )
+    else:
+        target_role = await _target_role(request, conversation_id, target)
+        allowed = role == "owner" or (role == "admin" and target_role == "member")
+        if not allowed:
+            raise ProblemError("forbidden", "an owner removes anyone; an admin removes members")
+    event = MemberLeft(conversation_id=conversation_id, user_id=target, removed_by=caller.user_id)
+    (recorded,) = await append(request, caller, [event])
+    return accepted(recorded)
+
+
+async def change_role(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="conversations:write")
+    conversation_id = path_uuid(request, "conversation_id")
+    target = path_uuid(request, "user_id")
+    body = await read_body(request, RoleBody)
+    role = await _group_role(request, caller, conversation_id)
+    if role != "owner":
+        raise ProblemError("forbidden", "only an owner changes roles")
+    if target == caller.user_id:
+        raise ProblemError("conflict", "an owner cannot change their own role")
+    target_role = await _target_role(request, conversation_id, target)
+    if target_role == "owner":
+        raise ProblemError("forbidden", "an owner's role cannot be changed")
+    event = MemberRoleChanged(
+        conversation_id=conversation_id, user_id=target, role=body.role, changed_by=caller.user_id
+    )
+    (recorded,) = await append(request, caller, [event])
+    return accepted(recorded)
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+async def _claim_ids(
+    request: web.Request,
+    caller: Principal,
+    conversation_id: uuid.UUID,
+    client_ids: Sequence[str],
+) -> dict[str, tuple[uuid.UUID, str | None]]:
+    """Each ``client_msg_id``'s message id (new, or the one it already had) and its position.
+
+    One statement for the whole batch: insert the ids not seen yet, then read every row.
+    """
+    fresh = [new_event_id() for _ in client_ids]
+    rows = await request.app[STORE].pool.fetch(
+        """
+        WITH claimed AS (
+            INSERT INTO ingest.sent_messages (sender_id, client_msg_id, conversation_id, message_id)
+            SELECT $1, c, $2, m FROM unnest($3::text[], $4::uuid[]) AS t(c, m)
+            ON CONFLICT (sender_id, client_msg_id) DO NOTHING
+            RETURNING client_msg_id, message_id, position
+        )
+        SELECT client_msg_id, message_id, position FROM claimed
+        UNION ALL
+        SELECT client_msg_id, message_id, position FROM ingest.sent_messages
+        WHERE sender_id = $1 AND client_msg_id = ANY($3::text[])
+          AND client_msg_id NOT IN (SELECT client_msg_id FROM claimed)
+        """,
+        caller.user_id,
+        conversation_id,
+        list(client_ids),
+        fresh,
+    )
+    return {row[0]: (row[1], row[2]) for row in rows}
+
+
+async def _record_positions(
+    request: web.Request, caller: Principal, done: Sequence[tuple[str, str]]
+) -> None:
+    await request.app[STORE].pool.execute(
+        """
+        UPDATE ingest.sent_messages AS s SET position = t.p
+        FROM unnest($2::text[], $3::text[]) AS t(c, p)
+        WHERE s.sender_id = $1 AND s.client_msg_id = t.c
+        """,
+        caller.user_id,
+        [c for c, _ in done],
+        [p for _, p in done],
+    )
+
+
+async def _check_message_body(
+    request: web.Request, caller: Principal, conversation_id: uuid.UUID, body: SendMessageBody
+) -> None:
+    if body.kind == "media" and body.media_id is None:
+        raise ProblemError("invalid-body", "a media message needs media_id")
+    if body.kind == "text" and body.media_id is not None:
+        raise ProblemError("invalid-body", "media_id needs type media")
+    if body.reply_to is not None:
+        await checks.existing_message(request, conversation_id, body.reply_to)
+
+
+async def _send(
+    request: web.Request,
+    caller: Principal,
+    conversation_id: uuid.UUID,
+    bodies: Sequence[SendMessageBody],
+) -> list[Accepted]:
+    if len({b.client_msg_id for b in bodies}) != len(bodies):
+        raise ProblemError("invalid-body", "client_msg_id values repeat within the batch")
+    await checks.member_role(request, conversation_id, caller.user_id)
+    for body in bodies:
+        await _check_message_body(request, caller, conversation_id, body)
+    claimed = await _claim_ids(request, caller, conversation_id, [b.client_msg_id for b in bodies])
+    answers: dict[str, Accepted] = {}
+    events: list[MessageSent] = []
+    for body in bodies:
+        message_id, position = claimed[body.client_msg_id]
+        if position is not None:
+            answers[body.client_msg_id] = Accepted(position=position, message_id=message_id)
+            continue
+        events.append(
+            MessageSent(
+                conversation_id=conversation_id,
+                message_id=message_id,
+                sender_id=caller.user_id,
+                client_msg_id=body.client_msg_id,
+                kind=body.kind,
+                body=body.content,
+                reply_to=body.reply_to,
+                media_id=body.media_id,
+            )
+        )
+    if events:
+        recorded = await append(request, caller, events)
+        done: list[tuple[str, str]] = []
+        for event, rec in zip(events, recorded, strict=True):
+            token = rec.position.token()
+            answers[event.client_msg_id] = Accepted(position=token, message_id=event.message_id)
+            done.append((event.client_msg_id, token))
+        await _record_positions(request, caller, done)
+    return [answers[b.client_msg_id] for b in bodies]
+
+
+async def send_message(request: web.Request) -> web.Response:
+    caller = await guard(request, "message", scope="messages:write")
+    conversation_id = path_uuid(request, "conversation_id")
+    body = await read_body(request, SendMessageBody)
+    (answer,) = await _send(request, caller, conversation_id, [body])
+    return json_response(answer, 202)
+
+
+async def send_batch(request: web.Request) -> web.Response:
+    caller = await guard(request, "message", scope="messages:write")
+    conversation_id = path_uuid(request, "conversation_id")
+    body = await read_body(request, SendBatchBody)
+    answers = await _send(request, caller, conversation_id, body.messages)
+    return json_response(BatchAccepted(items=tuple(answers)), 202)
+
+
+async def edit_message(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="messages:write")
+    conversation_id = path_uuid(request, "conversation_id")
+    message_id = path_uuid(request, "message_id")
+    body = await read_body(request, EditMessageBody)
+    await checks.member_role(request, conversation_id, caller.user_id)
+    message = await checks.existing_message(request, conversation_id, message_id)
+    if message.sender_id != caller.user_id:
+        raise ProblemError("forbidden", "only the sender edits a message")
+    if message.deleted:
+        raise ProblemError("conflict", "the message is deleted")
+    event = MessageEdited(
+        conversation_id=conversation_id,
+        message_id=message_id,
+        editor_id=caller.user_id,
+        body=body.content,
+    )
+    (recorded,) = await append(request, caller, [event])
+    return accepted(recorded, message_id)
+
+
+async def delete_message(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="messages:write")
+    conversation_id = path_uuid(request, "conversation_id")
+    message_id = path_uuid(request, "message_id")
+    role = await checks.member_role(request, conversation_id, caller.user_id)
+    message = await checks.existing_message(request, conversation_id, message_id)
+    if message.sender_id != caller.user_id and role not in ("owner", "admin"):
+        raise ProblemError("forbidden", "only the sender or an owner/admin deletes a message")
+    if message.deleted:
+        raise ProblemError("conflict", "the message is already deleted")
+    event = MessageDeleted(
+        conversation_id=conversation_id, message_id=message_id, deleted_by=caller.user_id
+    )
+    (recorded,) = await append(request, caller, [event])
+    return accepted(recorded, message_id)
+
+
+async def _reaction_target(request: web.Request, caller: Principal) -> tuple[uuid.UUID, uuid.UUID]:
+    conversation_id = path_uuid(request, "conversation_id")
+    message_id = path_uuid(request, "message_id")
+    await checks.member_role(request, conversation_id, caller.user_id)
+    message = await checks.existing_message(request, conversation_id, message_id)
+    if message.deleted:
+        raise ProblemError("conflict", "the message is deleted")
+    return conversation_id, message_id
+
+
+async def add_reaction(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="messages:write")
+    body = await read_body(request, ReactionBody)
+    conversation_id, message_id = await _reaction_target(request, caller)
+    event = ReactionAdded(
+        conversation_id=conversation_id,
+        message_id=message_id,
+        user_id=caller.user_id,
+        emoji=body.emoji,
+    )
+    (recorded,) = await append(request, caller, [event])
+    return accepted(recorded, message_id)
+
+
+async def remove_reaction(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="messages:write")
+    emoji: Emoji = request.match_info["emoji"]
+    if not 1 <= len(emoji) <= 32:
+        raise ProblemError("invalid-parameter", "emoji must be 1 to 32 characters")
+    conversation_id, message_id = await _reaction_target(request, caller)
+    event = ReactionRemoved(
+        conversation_id=conversation_id, message_id=message_id, user_id=caller.user_id, emoji=emoji
+    )
+    (recorded,) = await append(request, caller, [event])
+    return accepted(recorded, message_id)
+
+
+async def move_read_marker(request: web.Request) -> web.Response:
+    caller = await guard(request, "write", scope="messages:write")
+    conversation_id = path_uuid(request, "conversation_id")
+    body = await read_body(request, ReadBody)
+    await checks.member_role(request, conversation_id, caller.user_id)
+    await checks.existing_message(request, conversation_id, body.up_to)
+    event = ReadMarkerMoved(
+        conversation_id=conversation_id, user_id=caller.user_id, up_to=body.up_to
+    )
+    (recorded,) = await append(request, caller, [event])
+    return accepted(recorded)
+
+
+BASE = "/v1/conversations"
+ONE = BASE + "/{conversation_id}"
+MESSAGE = ONE + "/messages/{message_id}"
+
+OPERATIONS = (
+    Operation(
+        method="POST",
+        path=BASE,
+        handler=create_conversation,
+        summary="Create a group; the caller is its owner",
+        status=201,
+        body=CreateConversationBody,
+        answer=ConversationCreatedAnswer,
+    ),
+    Operation(
+        method="POST",
+        path=BASE + "/direct",
+        handler=open_direct,
+        summary="Open (or find) the direct conversation with a user",
+        body=DirectBody,
+        answer=ConversationCreatedAnswer,
+        problems=(404,),
+    ),
+    Operation(
+        method="POST",
+        path=ONE + "/members",
+        handler=add_member,
+        summary="Add a member (owner or admin; admins add members only)",
+        status=202,
+        body=AddMemberBody,
+        answer=Accepted,
+        problems=(409,),
+    ),
+    Operation(
+        method="DELETE",
+        path=ONE + "/members/{user_id}",
+        handler=remove_member,
+        summary="Leave (yourself) or remove a member (owner; admin removes members)",
+        status=202,
+        answer=Accepted,
+        problems=(409,),
+    ),
+    Operation(
+        method="PATCH",
+        path=ONE + "/members/{user_id}",
+        handler=change_role,
+        summary="Change a member's role (owner only)",
+        status=202,
+        body=RoleBody,
+        answer=Accepted,
+        problems=(409,),
+    ),
+    Operation(
+        method="POST",
+        path=ONE + "/messages",
+        handler=send_message,
+        summary="Send a message; a retry with the same client_msg_id answers the same message",
+        status=202,
+        body=SendMessageBody,
+        answer=Accepted,
+    ),
+    Operation(
+        method="POST",
+        path=ONE + "/messages:batch",
+        handler=send_batch,
+        summary="Send several messages in one request (each idempotent by client_msg_id)",
+        status=202,
+        body=SendBatchBody,
+        answer=BatchAccepted,
+    ),
+    Operation(
+        method="PATCH",
+        path=MESSAGE,
+        handler=edit_message,
+        summary="Edit a message (sender only)",
+        status=202,
+        body=EditMessageBody,
+        answer=Accepted,
+        problems=(409,),
+    ),
+    Operation(
+        method="DELETE",
+        path=MESSAGE,
+        handler=delete_message,
+        summary="Delete a message (sender, owner or admin); its content is redacted",
+        status=202,
+        answer=Accepted,
+        problems=(409,),
+    ),
+    Operation(
+        method="POST",
+        path=MESSAGE + "/reactions",
+        handler=add_reaction,
+        summary="React to a message",
+        status=202,
+        body=ReactionBody,
+        answer=Accepted,
+        problems=(409,),
+    ),
+    Operation(
+        method="DELETE",
+        path=MESSAGE + "/reactions/{emoji}",
+        handler=remove_reaction,
+        summary="Take a reaction back",
+        status=202,
+        answer=Accepted,
+        problems=(409,),
+    ),
+    Operation(
+        method="POST",
+        path=ONE + "/read",
+        handler=move_read_marker,
+        summary="Move the caller's read marker up to a message",
+        status=202,
+        body=ReadBody,
+        answer=Accepted,
+    ),
+)

@@ -1,0 +1,44 @@
+"""What a request can reach: the app's long-lived clients (typed ``AppKey``s) and the caller."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+from aiohttp import web
+from redis.asyncio import Redis
+
+from eventstore import EventStore, LogEnds
+from ingest.config import IngestConfig
+from ingest.problems import ProblemError
+from projectors.read import ReadSide
+
+STORE = web.AppKey("store", EventStore)
+REDIS = web.AppKey("redis", Redis)
+READ = web.AppKey("read", ReadSide)
+ENDS = web.AppKey("ends", LogEnds)
+CONFIG = web.AppKey("config", IngestConfig)
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who is calling: a user's session (every scope) or an API key (its scopes only)."""
+
+    user_id: uuid.UUID
+    session_id: uuid.UUID | None = None
+    scopes: frozenset[str] | None = None
+    api_key_id: str | None = None
+
+    def require_scope(self, scope: str) -> None:
+        if self.scopes is not None and scope not in self.scopes:
+            raise ProblemError("insufficient-scope", f"this operation needs the {scope} scope")
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+def principal(request: web.Request) -> Principal:
+    """The authenticated caller (the auth middleware set it, or the route is public)."""
+    found: Principal | None = request.get(PRINCIPAL)
+    if found is None:
+        raise ProblemError("unauthorized", "send Authorization: Bearer <access token>")
+    return found
