@@ -21,7 +21,7 @@ from eventstore import EventStore, LogEnds, Settings
 from ingest import authroutes, commands, reads
 from ingest.auth.tokens import TokenKeys, load_jwt_keys
 from ingest.config import IngestConfig
-from ingest.context import CONFIG, ENDS, READ, REDIS, STORE
+from ingest.context import CONFIG, ENDS, READ, REDIS, SETTINGS_KEY, STORE
 from ingest.http import json_response, request_middleware
 from ingest.openapi import Operation, add_routes, build_document
 from ingest.reads import READS
@@ -31,7 +31,6 @@ from projectors.read.queries import Reads
 
 log = structlog.get_logger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
 OPENAPI = web.AppKey("openapi", bytes)
 KEYS = web.AppKey("jwt_keys", TokenKeys)
 
@@ -101,10 +100,11 @@ SERVICE = (
 )
 
 OPERATIONS: tuple[Operation, ...] = (
-    *SERVICE,
-    *authroutes.OPERATIONS,
+    # The router tries dynamic routes in this order: the hottest (sending) first.
     *commands.OPERATIONS,
     *reads.OPERATIONS,
+    *authroutes.OPERATIONS,
+    *SERVICE,
 )
 
 
@@ -122,7 +122,7 @@ def create_app(
         middlewares=[request_middleware, auth_middleware],
         client_max_size=config.max_body,
     )
-    app[SETTINGS] = settings
+    app[SETTINGS_KEY] = settings
     app[CONFIG] = config
     app[OPENAPI] = openapi_document()
     app[KEYS] = keys or load_jwt_keys()
@@ -133,7 +133,7 @@ def create_app(
 
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+    settings = app[SETTINGS_KEY]
     store = await EventStore.open(settings, migrate=False)
     redis = Redis.from_url(settings.redis_url)
     ends = LogEnds(settings)
@@ -145,6 +145,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[READ] = ReadSide(store.pool, redis, settings.topic_prefix)
         app[READS] = Reads(store.pool, store.layout, store.epoch)
         app[AUTH] = AuthService.build(store.pool, redis, settings, app[CONFIG], app[KEYS])
+        await app[AUTH].limiter.load()
         log.info("ingest.started")
         yield
     finally:

@@ -3,6 +3,14 @@
 Every command becomes exactly one event (or, on the batch path, one event per message) and is
 answered only after Kafka acknowledged it, with the position it was written at. The
 permission matrix these handlers enforce is documented in ``docs/permissions.md``.
+
+Idempotent sends: a message's id is derived from (sender, ``client_msg_id``) (UUIDv5), so the
+same pair always names the same message, across restarts of anything, without a write to any
+database before the append. Redis remembers each send's position for ``SENT_TTL``, so a retry
+is answered from it without appending again. Only if that memory is lost (or two identical
+requests race) can the log hold the same message twice; both copies carry the same
+``message_id``, and the read model and subscribers keep the first (documented in API.md's
+terms: "ids let it drop duplicates").
 """
 
 from __future__ import annotations
@@ -15,11 +23,12 @@ from aiohttp import web
 
 from eventstore import RecordedEvent
 from ingest import checks
-from ingest.context import READ, STORE, Principal
+from ingest.context import READ, REDIS, STORE, Principal
+from ingest.context import principal as principal_of
 from ingest.http import REQUEST_ID, json_response, path_uuid, read_body
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
-from ingest.security import guard
+from ingest.security import admit, guard
 from schemas import (
     ConversationCreated,
     DirectConversationOpened,
@@ -53,6 +62,21 @@ from schemas.envelope import new_event_id
 from schemas.fields import Emoji
 
 T = TypeVar("T")
+
+MESSAGE_NAMESPACE = uuid.UUID("0b7e4d8a-52c3-5f19-a6e2-93d1c7f04e65")
+"""UUIDv5 namespace of message ids, derived from (sender, client_msg_id)."""
+SENT_TTL = 7 * 24 * 3600
+"""How long Redis remembers a send's position for retries (seconds)."""
+
+
+def message_id_for(sender_id: uuid.UUID, client_msg_id: str) -> uuid.UUID:
+    """The id of the message ``sender_id`` sends as ``client_msg_id``: always the same one."""
+    return uuid.uuid5(MESSAGE_NAMESPACE, f"{sender_id}:{client_msg_id}")
+
+
+def sent_key(namespace: str, sender_id: uuid.UUID, client_msg_id: str) -> str:
+    return f"{namespace}:sent:{sender_id}:{client_msg_id}"
+
 
 DIRECT_NAMESPACE = uuid.UUID("6f3b9d2e-0c41-5a7e-9b8d-2f1e4c6a8b10")
 """UUIDv5 namespace of direct conversation ids: the same pair always gets the same id."""
@@ -236,54 +260,6 @@ async def change_role(request: web.Request) -> web.Response:
 # --- messages --------------------------------------------------------------------------------
 
 
-async def _claim_ids(
-    request: web.Request,
-    caller: Principal,
-    conversation_id: uuid.UUID,
-    client_ids: Sequence[str],
-) -> dict[str, tuple[uuid.UUID, str | None]]:
-    """Each ``client_msg_id``'s message id (new, or the one it already had) and its position.
-
-    One statement for the whole batch: insert the ids not seen yet, then read every row.
-    """
-    fresh = [new_event_id() for _ in client_ids]
-    rows = await request.app[STORE].pool.fetch(
-        """
-        WITH claimed AS (
-            INSERT INTO ingest.sent_messages (sender_id, client_msg_id, conversation_id, message_id)
-            SELECT $1, c, $2, m FROM unnest($3::text[], $4::uuid[]) AS t(c, m)
-            ON CONFLICT (sender_id, client_msg_id) DO NOTHING
-            RETURNING client_msg_id, message_id, position
-        )
-        SELECT client_msg_id, message_id, position FROM claimed
-        UNION ALL
-        SELECT client_msg_id, message_id, position FROM ingest.sent_messages
-        WHERE sender_id = $1 AND client_msg_id = ANY($3::text[])
-          AND client_msg_id NOT IN (SELECT client_msg_id FROM claimed)
-        """,
-        caller.user_id,
-        conversation_id,
-        list(client_ids),
-        fresh,
-    )
-    return {row[0]: (row[1], row[2]) for row in rows}
-
-
-async def _record_positions(
-    request: web.Request, caller: Principal, done: Sequence[tuple[str, str]]
-) -> None:
-    await request.app[STORE].pool.execute(
-        """
-        UPDATE ingest.sent_messages AS s SET position = t.p
-        FROM unnest($2::text[], $3::text[]) AS t(c, p)
-        WHERE s.sender_id = $1 AND s.client_msg_id = t.c
-        """,
-        caller.user_id,
-        [c for c, _ in done],
-        [p for _, p in done],
-    )
-
-
 async def _check_message_body(
     request: web.Request, caller: Principal, conversation_id: uuid.UUID, body: SendMessageBody
 ) -> None:
@@ -297,23 +273,41 @@ async def _check_message_body(
 
 async def _send(
     request: web.Request,
-    caller: Principal,
     conversation_id: uuid.UUID,
     bodies: Sequence[SendMessageBody],
 ) -> list[Accepted]:
+    """Append the messages not sent before; answer each with its (first) position.
+
+    The hot path is one Redis round trip (session, rate limit, cached role, earlier sends)
+    and one append; see the module doc for why message ids are derived, not stored.
+    """
     if len({b.client_msg_id for b in bodies}) != len(bodies):
         raise ProblemError("invalid-body", "client_msg_id values repeat within the batch")
-    await checks.member_role(request, conversation_id, caller.user_id)
+    namespace = request.app[STORE].settings.topic_prefix
+    principal_id = principal_of(request).user_id
+    keys = [sent_key(namespace, principal_id, b.client_msg_id) for b in bodies]
+    admission = await admit(
+        request,
+        "message",
+        scope="messages:write",
+        cost=len(bodies),
+        conversation_id=conversation_id,
+        read_keys=keys,
+    )
+    caller = admission.caller
+    if admission.role is None:  # not cached as a member: the slow path decides (or 404s)
+        await checks.member_role(request, conversation_id, caller.user_id)
     for body in bodies:
         await _check_message_body(request, caller, conversation_id, body)
-    claimed = await _claim_ids(request, caller, conversation_id, [b.client_msg_id for b in bodies])
     answers: dict[str, Accepted] = {}
     events: list[MessageSent] = []
-    for body in bodies:
-        message_id, position = claimed[body.client_msg_id]
-        if position is not None:
-            answers[body.client_msg_id] = Accepted(position=position, message_id=message_id)
+    pending: list[str] = []
+    for body, key, sent in zip(bodies, keys, admission.claims, strict=True):
+        message_id = message_id_for(caller.user_id, body.client_msg_id)
+        if sent is not None:
+            answers[body.client_msg_id] = Accepted(position=sent.decode(), message_id=message_id)
             continue
+        pending.append(key)
         events.append(
             MessageSent(
                 conversation_id=conversation_id,
@@ -328,28 +322,26 @@ async def _send(
         )
     if events:
         recorded = await append(request, caller, events)
-        done: list[tuple[str, str]] = []
-        for event, rec in zip(events, recorded, strict=True):
+        pipe = request.app[REDIS].pipeline(transaction=False)
+        for event, rec, key in zip(events, recorded, pending, strict=True):
             token = rec.position.token()
             answers[event.client_msg_id] = Accepted(position=token, message_id=event.message_id)
-            done.append((event.client_msg_id, token))
-        await _record_positions(request, caller, done)
+            pipe.set(key, token, ex=SENT_TTL)
+        await pipe.execute()
     return [answers[b.client_msg_id] for b in bodies]
 
 
 async def send_message(request: web.Request) -> web.Response:
-    caller = await guard(request, "message", scope="messages:write")
     conversation_id = path_uuid(request, "conversation_id")
     body = await read_body(request, SendMessageBody)
-    (answer,) = await _send(request, caller, conversation_id, [body])
+    (answer,) = await _send(request, conversation_id, [body])
     return json_response(answer, 202)
 
 
 async def send_batch(request: web.Request) -> web.Response:
-    caller = await guard(request, "message", scope="messages:write")
     conversation_id = path_uuid(request, "conversation_id")
     body = await read_body(request, SendBatchBody)
-    answers = await _send(request, caller, conversation_id, body.messages)
+    answers = await _send(request, conversation_id, body.messages)
     return json_response(BatchAccepted(items=tuple(answers)), 202)
 
 
@@ -448,6 +440,15 @@ MESSAGE = ONE + "/messages/{message_id}"
 OPERATIONS = (
     Operation(
         method="POST",
+        path=ONE + "/messages",
+        handler=send_message,
+        summary="Send a message; a retry with the same client_msg_id answers the same message",
+        status=202,
+        body=SendMessageBody,
+        answer=Accepted,
+    ),
+    Operation(
+        method="POST",
         path=BASE,
         handler=create_conversation,
         summary="Create a group; the caller is its owner",
@@ -492,15 +493,6 @@ OPERATIONS = (
         body=RoleBody,
         answer=Accepted,
         problems=(409,),
-    ),
-    Operation(
-        method="POST",
-        path=ONE + "/messages",
-        handler=send_message,
-        summary="Send a message; a retry with the same client_msg_id answers the same message",
-        status=202,
-        body=SendMessageBody,
-        answer=Accepted,
     ),
     Operation(
         method="POST",

@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
 
-from eventstore import EventStore, LogEnds
+from eventstore import EventStore, LogEnds, Settings
 from ingest.config import IngestConfig
 from ingest.problems import ProblemError
 from projectors.read import ReadSide
@@ -18,6 +18,7 @@ REDIS = web.AppKey("redis", Redis)
 READ = web.AppKey("read", ReadSide)
 ENDS = web.AppKey("ends", LogEnds)
 CONFIG = web.AppKey("config", IngestConfig)
+SETTINGS_KEY = web.AppKey("settings", Settings)
 
 
 class Principal(msgspec.Struct, frozen=True):

@@ -41,12 +41,13 @@ import ipaddress
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import structlog
 from prometheus_client import Counter
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from ingest.auth.accounts import fold
 
@@ -239,9 +240,10 @@ class RateLimiter:
     ) -> None:
         self.namespace = namespace
         self.limits = dict(limits)
+        self._redis = redis
         self._script = redis.register_script(_GCRA)
 
-    async def check(
+    def prepare(
         self,
         endpoint_class: str,
         *,
@@ -249,12 +251,11 @@ class RateLimiter:
         ip: str | None = None,
         cost: int = 1,
         now: float | None = None,
-    ) -> Decision:
-        """Count one request (``cost`` units) of ``endpoint_class`` from ``user_id`` at ``ip``.
+    ) -> Counting | None:
+        """The script call that counts one request, or None when no limit applies to it.
 
-        ``endpoint_class`` must be a configured class (``KeyError`` otherwise). A limit whose
-        subject is unknown (no user on a public route) is not applied. ``now`` (Unix seconds)
-        replaces Redis's clock, for tests.
+        A limit whose subject is unknown (no user on a public route) is not applied. ``now``
+        (Unix seconds) replaces Redis's clock, for tests.
         """
         limits = self.limits[endpoint_class]
         keys: list[str] = []
@@ -271,13 +272,50 @@ class RateLimiter:
             scopes.append(scope)
             args += [repr(interval), repr(interval * limit.burst)]
         if not keys:
-            return Decision(allowed=True)
-        allowed, wait_ms, refusing = await self._script(keys=keys, args=args)
+            return None
+        return Counting(endpoint_class, tuple(keys), tuple(args), tuple(scopes))
+
+    def queue(self, pipe: Pipeline, counting: Counting) -> None:
+        """Add ``counting`` to a pipeline (the script must be loaded: see :meth:`load`)."""
+        pipe.evalsha(self._script.sha, len(counting.keys), *counting.keys, *counting.args)
+
+    async def load(self) -> None:
+        """Load the script into Redis so pipelines can call it by its hash."""
+        await self._redis.script_load(_GCRA)
+
+    def decide(self, counting: Counting, reply: Sequence[Any]) -> Decision:
+        """The decision the script's ``reply`` to ``counting`` stands for."""
+        allowed, wait_ms, refusing = reply
         if allowed:
             return Decision(allowed=True)
-        scope = scopes[int(refusing) - 1]
-        RATE_LIMITED.labels(endpoint_class, scope).inc()
+        scope = counting.scopes[int(refusing) - 1]
+        RATE_LIMITED.labels(counting.endpoint_class, scope).inc()
         return Decision(allowed=False, retry_after=int(wait_ms) / 1000, limited_by=scope)
+
+    async def check(
+        self,
+        endpoint_class: str,
+        *,
+        user_id: uuid.UUID | str | None = None,
+        ip: str | None = None,
+        cost: int = 1,
+        now: float | None = None,
+    ) -> Decision:
+        """Count one request (``cost`` units) of ``endpoint_class`` from ``user_id`` at ``ip``."""
+        counting = self.prepare(endpoint_class, user_id=user_id, ip=ip, cost=cost, now=now)
+        if counting is None:
+            return Decision(allowed=True)
+        reply = await self._script(keys=list(counting.keys), args=list(counting.args))
+        return self.decide(counting, reply)
+
+
+class Counting(msgspec.Struct, frozen=True):
+    """One request's limit keys and script arguments (see :meth:`RateLimiter.prepare`)."""
+
+    endpoint_class: str
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    scopes: tuple[str, ...]
 
 
 class LoginPolicy(msgspec.Struct, frozen=True):

@@ -9,9 +9,13 @@ per-address limits of that class in Redis (429 with ``Retry-After`` when over).
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
+
 import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from eventstore import Pool, Settings
 from ingest.auth.accounts import Accounts
@@ -21,10 +25,11 @@ from ingest.auth.passwords import PasswordHasher
 from ingest.auth.sessions import SessionStore
 from ingest.auth.tokens import AccessTokens, TokenKeys
 from ingest.config import IngestConfig
-from ingest.context import CONFIG, PRINCIPAL, Principal, principal
+from ingest.context import CONFIG, PRINCIPAL, REDIS, SETTINGS_KEY, Principal, principal
 from ingest.http import Handler
 from ingest.problems import ProblemError
-from ingest.ratelimit import LoginGuard, RateLimiter, client_ip
+from ingest.ratelimit import Decision, LoginGuard, RateLimiter, client_ip
+from projectors.read import members_key
 
 
 class AuthService(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,7 +81,11 @@ def _unauthorized(detail: str, slug: str = "unauthorized") -> ProblemError:
 
 
 async def resolve(request: web.Request) -> Principal | None:
-    """The caller named by the request's credentials, None when it carries none."""
+    """The caller named by the request's credentials, None when it carries none.
+
+    An access token is verified here (signature, claims); whether its session is still live is
+    checked by :func:`admit`, in the same Redis round trip as the rate limit.
+    """
     auth = request.app[AUTH]
     header = request.headers.get("Authorization")
     if header is not None:
@@ -84,10 +93,9 @@ async def resolve(request: web.Request) -> Principal | None:
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("use Authorization: Bearer <access token>", "invalid-token")
         try:
-            claims = await auth.sessions.authenticate(token.strip())
+            claims = auth.tokens.verify(token.strip())
         except InvalidToken:
-            detail = "the access token is invalid, expired or revoked"
-            raise _unauthorized(detail, "invalid-token") from None
+            raise _unauthorized(_BAD_TOKEN, "invalid-token") from None
         return Principal(user_id=claims.user_id, session_id=claims.session_id)
     presented = request.headers.get("X-API-Key")
     if presented is not None:
@@ -99,13 +107,15 @@ async def resolve(request: web.Request) -> Principal | None:
     return None
 
 
+_BAD_TOKEN = "the access token is invalid, expired or revoked"  # noqa: S105 - a message
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     resource = request.match_info.route.resource
-    canonical = resource.canonical if resource is not None else ""
-    public = (request.method, canonical) in request.app[PUBLIC]
     if resource is None:  # no such route: 404/405 without asking for credentials
         return await handler(request)
+    public = (request.method, resource.canonical) in request.app[PUBLIC]
     found = await resolve(request)
     if found is None and not public:
         raise _unauthorized("send Authorization: Bearer <access token> or X-API-Key")
@@ -114,10 +124,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+def _limited(endpoint_class: str, decision: Decision) -> ProblemError:
+    return ProblemError(
+        "rate-limited",
+        f"over the {endpoint_class} limit per {decision.limited_by}",
+        headers={"Retry-After": decision.retry_after_header},
+    )
+
+
 async def limit(
     request: web.Request, endpoint_class: str, caller: Principal | None, cost: int = 1
 ) -> None:
-    """Count the request against its class's limits; 429 with Retry-After when over."""
+    """Count an unauthenticated request against its class's limits (429 when over)."""
     decision = await request.app[AUTH].limiter.check(
         endpoint_class,
         user_id=caller.user_id if caller is not None else None,
@@ -125,16 +143,77 @@ async def limit(
         cost=cost,
     )
     if not decision.allowed:
-        raise ProblemError(
-            "rate-limited",
-            f"over the {endpoint_class} limit per {decision.limited_by}",
-            headers={"Retry-After": decision.retry_after_header},
-        )
+        raise _limited(endpoint_class, decision)
+
+
+class Admission(msgspec.Struct, frozen=True):
+    """What :func:`admit` learnt in its round trip, besides letting the caller in."""
+
+    caller: Principal
+    role: str | None = None
+    """The caller's role in the conversation asked about, as cached (None: not cached/member)."""
+    claims: list[bytes | None] = []
+    """The values of the extra keys asked for, in order."""
+
+
+async def admit(
+    request: web.Request,
+    endpoint_class: str,
+    *,
+    scope: str,
+    cost: int = 1,
+    conversation_id: uuid.UUID | None = None,
+    read_keys: Sequence[str] = (),
+) -> Admission:
+    """Let the caller in: session live, scope held, within the class's limits.
+
+    One Redis round trip checks the session, counts the request, and reads what the command
+    needs next (the caller's cached role in ``conversation_id``, the ``read_keys``): the hot
+    path of a send costs one round trip here and one append to the log.
+    """
+    caller = principal(request)
+    caller.require_scope(scope)
+    app = request.app
+    auth = app[AUTH]
+    counting = auth.limiter.prepare(
+        endpoint_class, user_id=caller.user_id, ip=caller_ip(request), cost=cost
+    )
+    for attempt in (1, 2):
+        pipe = app[REDIS].pipeline(transaction=False)
+        if caller.session_id is not None:
+            pipe.get(auth.sessions.cache_key(caller.session_id))
+        if counting is not None:
+            auth.limiter.queue(pipe, counting)
+        if conversation_id is not None:
+            pipe.hget(
+                members_key(app[SETTINGS_KEY].topic_prefix, conversation_id), str(caller.user_id)
+            )
+        if read_keys:
+            pipe.mget(list(read_keys))
+        replies = list(await pipe.execute(raise_on_error=False))
+        if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+            await auth.limiter.load()  # Redis restarted and forgot the script: load, redo
+            continue
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        break
+    if caller.session_id is not None:
+        cached = replies.pop(0)
+        if not await auth.sessions.is_active_cached(caller.session_id, cached):
+            raise _unauthorized(_BAD_TOKEN, "invalid-token")
+    if counting is not None:
+        decision = auth.limiter.decide(counting, replies.pop(0))
+        if not decision.allowed:
+            raise _limited(endpoint_class, decision)
+    role = None
+    if conversation_id is not None:
+        raw = replies.pop(0)
+        role = raw.decode() if isinstance(raw, bytes) else raw
+    claims = list(replies.pop(0)) if read_keys else []
+    return Admission(caller=caller, role=role, claims=claims)
 
 
 async def guard(request: web.Request, endpoint_class: str, *, scope: str) -> Principal:
     """The authenticated caller, with ``scope``, within the limits of ``endpoint_class``."""
-    caller = principal(request)
-    caller.require_scope(scope)
-    await limit(request, endpoint_class, caller)
-    return caller
+    return (await admit(request, endpoint_class, scope=scope)).caller

@@ -120,6 +120,16 @@ class SessionStore:
     def revocations_channel(self) -> str:
         return f"{self.namespace}:revocations"
 
+    def cache_key(self, session_id: uuid.UUID) -> str:
+        """The Redis key caching ``session_id``'s state (for callers that pipeline the read)."""
+        return self._key(session_id)
+
+    async def is_active_cached(self, session_id: uuid.UUID, cached: bytes | str | None) -> bool:
+        """:meth:`is_session_active`, given the cache entry the caller already read."""
+        if cached is not None:
+            return cached in (_ACTIVE, _ACTIVE.encode())
+        return await self.is_session_active(session_id)
+
     def _key(self, session_id: uuid.UUID) -> str:
         return f"{self.namespace}:session:{session_id}"
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ops.bench import produce
+from ops.bench import ingest, produce
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("bench", help="run a benchmark against the local stack")
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     produce.register(benches)
+    ingest.register(benches)
