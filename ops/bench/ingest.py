@@ -92,7 +92,16 @@ request = function()
 end
 
 if pace > 0 then
-  delay = function() return pace end
+  -- Uniform in [0, 2 * pace]: the same mean rate, without every connection firing in step
+  -- (a fixed delay makes all connections send together, a burst every period).
+  local seeded = false
+  delay = function()
+    if not seeded then
+      math.randomseed(os.time() * 100 + tid)
+      seeded = true
+    end
+    return math.random(0, 2 * pace)
+  end
 end
 
 done = function(summary, latency, requests)
