@@ -145,7 +145,6 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[READ] = ReadSide(store.pool, redis, settings.topic_prefix)
         app[READS] = Reads(store.pool, store.layout, store.epoch)
         app[AUTH] = AuthService.build(store.pool, redis, settings, app[CONFIG], app[KEYS])
-        await app[AUTH].limiter.load()
         log.info("ingest.started")
         yield
     finally:

@@ -36,6 +36,7 @@ client. A direct peer that is not a trusted proxy is the client, whatever the he
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import math
@@ -47,7 +48,6 @@ import msgspec
 import structlog
 from prometheus_client import Counter
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from ingest.auth.accounts import fold
 
@@ -75,37 +75,42 @@ LOGIN_REFUSED = Counter(
 # KEYS: the limits' keys. ARGV[1]: now in ms ("" = Redis TIME); ARGV[2]: cost; then per key
 # its emission interval and its window (interval * burst), in ms.
 # Returns {allowed (1/0), retry_after ms, index of the refusing key}.
-_GCRA = """
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-else
-  now = tonumber(ARGV[1])
-end
-local cost = tonumber(ARGV[2])
-local wait, refusing = 0, 0
-local tats = {}
-for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[1 + 2 * i])
-  local window = tonumber(ARGV[2 + 2 * i])
-  local tat = tonumber(redis.call('GET', key) or now)
-  if tat < now then tat = now end
-  tats[i] = tat + interval * cost
-  local allow_at = tats[i] - window
-  if allow_at > now and allow_at - now > wait then
-    wait, refusing = allow_at - now, i
+GCRA_LUA = """
+local function gcra(keys, args)
+  local now
+  if args[1] == '' then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  else
+    now = tonumber(args[1])
   end
+  local cost = tonumber(args[2])
+  local wait, refusing = 0, 0
+  local tats = {}
+  for i, key in ipairs(keys) do
+    local interval = tonumber(args[1 + 2 * i])
+    local window = tonumber(args[2 + 2 * i])
+    local tat = tonumber(redis.call('GET', key) or now)
+    if tat < now then tat = now end
+    tats[i] = tat + interval * cost
+    local allow_at = tats[i] - window
+    if allow_at > now and allow_at - now > wait then
+      wait, refusing = allow_at - now, i
+    end
+  end
+  if refusing > 0 then
+    return {0, math.ceil(wait), refusing}
+  end
+  for i, key in ipairs(keys) do
+    local ttl = math.max(1, math.ceil(tats[i] - now))
+    redis.call('SET', key, string.format('%.3f', tats[i]), 'PX', ttl)
+  end
+  return {1, 0, 0}
 end
-if refusing > 0 then
-  return {0, math.ceil(wait), refusing}
-end
-for i, key in ipairs(KEYS) do
-  local ttl = math.max(1, math.ceil(tats[i] - now))
-  redis.call('SET', key, string.format('%.3f', tats[i]), 'PX', ttl)
-end
-return {1, 0, 0}
 """
+"""The GCRA as a Lua function, for scripts that count requests as part of more work."""
+
+_GCRA = GCRA_LUA + "return gcra(KEYS, ARGV)\n"
 
 # Shared by the two login scripts: now in ms from ARGV[1] or Redis TIME.
 _NOW = """
@@ -240,7 +245,6 @@ class RateLimiter:
     ) -> None:
         self.namespace = namespace
         self.limits = dict(limits)
-        self._redis = redis
         self._script = redis.register_script(_GCRA)
 
     def prepare(
@@ -274,14 +278,6 @@ class RateLimiter:
         if not keys:
             return None
         return Counting(endpoint_class, tuple(keys), tuple(args), tuple(scopes))
-
-    def queue(self, pipe: Pipeline, counting: Counting) -> None:
-        """Add ``counting`` to a pipeline (the script must be loaded: see :meth:`load`)."""
-        pipe.evalsha(self._script.sha, len(counting.keys), *counting.keys, *counting.args)
-
-    async def load(self) -> None:
-        """Load the script into Redis so pipelines can call it by its hash."""
-        await self._redis.script_load(_GCRA)
 
     def decide(self, counting: Counting, reply: Sequence[Any]) -> Decision:
         """The decision the script's ``reply`` to ``counting`` stands for."""
@@ -417,7 +413,9 @@ class LoginGuard:
         await self._redis.delete(self._keys(ip, login)[2])
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_address(value: str) -> Address | None:
+    # Cached: the same few peers and proxies send every request, and parsing costs µs.
     value = value.strip()
     if value.startswith("["):  # "[v6]" or "[v6]:port"
         value = value[1 : value.find("]")] if "]" in value else ""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.commands.core import AsyncScript
 
 from eventstore import Pool, Settings
 from ingest.auth.accounts import Accounts
@@ -25,10 +25,10 @@ from ingest.auth.passwords import PasswordHasher
 from ingest.auth.sessions import SessionStore
 from ingest.auth.tokens import AccessTokens, TokenKeys
 from ingest.config import IngestConfig
-from ingest.context import CONFIG, PRINCIPAL, REDIS, SETTINGS_KEY, Principal, principal
+from ingest.context import CONFIG, PRINCIPAL, SETTINGS_KEY, Principal, principal
 from ingest.http import Handler
 from ingest.problems import ProblemError
-from ingest.ratelimit import Decision, LoginGuard, RateLimiter, client_ip
+from ingest.ratelimit import GCRA_LUA, Decision, LoginGuard, RateLimiter, client_ip
 from projectors.read import members_key
 
 
@@ -42,6 +42,7 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: ApiKeys
     limiter: RateLimiter
     logins: LoginGuard
+    admission: AsyncScript
 
     @classmethod
     def build(
@@ -60,6 +61,7 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
             api_keys=ApiKeys(pool),
             limiter=RateLimiter(redis, namespace=namespace, limits=config.rate_limits),
             logins=LoginGuard(redis, namespace=namespace, policy=config.login_policy),
+            admission=redis.register_script(_ADMIT),
         )
 
 
@@ -167,9 +169,9 @@ async def admit(
 ) -> Admission:
     """Let the caller in: session live, scope held, within the class's limits.
 
-    One Redis round trip checks the session, counts the request, and reads what the command
-    needs next (the caller's cached role in ``conversation_id``, the ``read_keys``): the hot
-    path of a send costs one round trip here and one append to the log.
+    One Redis script checks the session, counts the request, and reads what the command needs
+    next (the caller's cached role in ``conversation_id``, the ``read_keys``): the hot path of a
+    send costs one round trip here and one append to the log.
     """
     caller = principal(request)
     caller.require_scope(scope)
@@ -178,40 +180,76 @@ async def admit(
     counting = auth.limiter.prepare(
         endpoint_class, user_id=caller.user_id, ip=caller_ip(request), cost=cost
     )
-    for attempt in (1, 2):
-        pipe = app[REDIS].pipeline(transaction=False)
-        if caller.session_id is not None:
-            pipe.get(auth.sessions.cache_key(caller.session_id))
-        if counting is not None:
-            auth.limiter.queue(pipe, counting)
-        if conversation_id is not None:
-            pipe.hget(
-                members_key(app[SETTINGS_KEY].topic_prefix, conversation_id), str(caller.user_id)
-            )
-        if read_keys:
-            pipe.mget(list(read_keys))
-        replies = list(await pipe.execute(raise_on_error=False))
-        if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-            await auth.limiter.load()  # Redis restarted and forgot the script: load, redo
-            continue
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        break
+    keys: list[str] = []
     if caller.session_id is not None:
-        cached = replies.pop(0)
-        if not await auth.sessions.is_active_cached(caller.session_id, cached):
-            raise _unauthorized(_BAD_TOKEN, "invalid-token")
+        keys.append(auth.sessions.cache_key(caller.session_id))
     if counting is not None:
-        decision = auth.limiter.decide(counting, replies.pop(0))
+        keys.extend(counting.keys)
+    if conversation_id is not None:
+        keys.append(members_key(app[SETTINGS_KEY].topic_prefix, conversation_id))
+    keys.extend(read_keys)
+    args = [
+        "1" if caller.session_id is not None else "0",
+        str(len(counting.keys)) if counting is not None else "0",
+        "1" if conversation_id is not None else "0",
+        str(caller.user_id),
+        *(counting.args if counting is not None else ()),
+    ]
+    reply = await auth.admission(keys=keys, args=args)
+    session, allowed, wait_ms, refusing, role, *claims = reply
+    if caller.session_id is not None and not await auth.sessions.is_active_cached(
+        caller.session_id, session
+    ):
+        raise _unauthorized(_BAD_TOKEN, "invalid-token")
+    if counting is not None:
+        decision = auth.limiter.decide(counting, (allowed, wait_ms, refusing))
         if not decision.allowed:
             raise _limited(endpoint_class, decision)
-    role = None
-    if conversation_id is not None:
-        raw = replies.pop(0)
-        role = raw.decode() if isinstance(raw, bytes) else raw
-    claims = list(replies.pop(0)) if read_keys else []
+    if isinstance(role, bytes):
+        role = role.decode()
     return Admission(caller=caller, role=role, claims=claims)
+
+
+# One script, one round trip: the session's cached state, the rate limits (GCRA), the caller's
+# cached role in a conversation, and any other keys the command reads.
+# KEYS: [session]? limit keys..., [members hash]?, read keys...
+# ARGV: has session (0/1), number of limit keys, has members hash (0/1), member field,
+#       then the GCRA arguments (now, cost, interval and window per limit key).
+# Returns {session or nil, allowed, wait ms, refusing index, role or nil, read values...}.
+_ADMIT = (
+    GCRA_LUA
+    + """
+local k = 1
+local session = false
+if ARGV[1] == '1' then
+  session = redis.call('GET', KEYS[1])
+  k = 2
+end
+local limits = {}
+for i = 1, tonumber(ARGV[2]) do
+  limits[i] = KEYS[k]
+  k = k + 1
+end
+local gargs = {}
+for i = 5, #ARGV do
+  gargs[#gargs + 1] = ARGV[i]
+end
+local verdict = {1, 0, 0}
+if #limits > 0 then
+  verdict = gcra(limits, gargs)
+end
+local role = false
+if ARGV[3] == '1' then
+  role = redis.call('HGET', KEYS[k], ARGV[4])
+  k = k + 1
+end
+local out = {session, verdict[1], verdict[2], verdict[3], role}
+for i = k, #KEYS do
+  out[#out + 1] = redis.call('GET', KEYS[i])
+end
+return out
+"""
+)
 
 
 async def guard(request: web.Request, endpoint_class: str, *, scope: str) -> Principal:

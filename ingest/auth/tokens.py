@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import os
 import re
 import time
@@ -136,6 +137,10 @@ def local_jwt_keys(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+VERIFIED_MEMO: Final = 65536
+"""How many verified tokens a process remembers (each costs a few hundred bytes)."""
+
+
 class AccessClaims(msgspec.Struct, frozen=True):
     """What a verified access token says."""
 
@@ -161,6 +166,7 @@ class AccessTokens:
         ttl: int = DEFAULT_TTL,
         leeway: int = DEFAULT_LEEWAY,
         clock: Callable[[], float] = time.time,
+        memo: bool = True,
     ) -> None:
         if ttl <= 0 or leeway < 0:
             raise ValueError("ttl must be positive and leeway not negative")
@@ -170,6 +176,8 @@ class AccessTokens:
         self.ttl = ttl
         self.leeway = leeway
         self._clock = clock
+        self._memo = memo
+        self._verified: collections.OrderedDict[str, AccessClaims] = collections.OrderedDict()
         self._decoder = jwt.PyJWT(
             options={
                 "require": list(_REQUIRED),
@@ -198,13 +206,31 @@ class AccessTokens:
         return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers={"kid": key.kid})
 
     def verify(self, token: str) -> AccessClaims:
-        """The claims of ``token``, or :class:`InvalidToken` naming the first failed check."""
+        """The claims of ``token``, or :class:`InvalidToken` naming the first failed check.
+
+        A token that verified before is not checked again, only its times: the signature and
+        claims of an identical string cannot have changed, and a client sends the same token
+        on every request until it expires. The memo is bounded (LRU) and per process.
+        """
+        known = self._verified.get(token)
+        if known is not None:
+            self._verified.move_to_end(token)
+            now = self._clock()
+            if now < known.expires_at + self.leeway and known.issued_at <= now + self.leeway:
+                return known
+            del self._verified[token]
         try:
-            return self._verify(token)
+            claims = self._verify(token)
         except InvalidToken as exc:
             AUTH_FAILURES.labels("access_token", exc.reason).inc()
             log.info("auth.access_token_refused", reason=exc.reason)
             raise
+        if not self._memo:
+            return claims
+        self._verified[token] = claims
+        if len(self._verified) > VERIFIED_MEMO:
+            self._verified.popitem(last=False)
+        return claims
 
     def _verify(self, token: str) -> AccessClaims:
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:

@@ -24,7 +24,11 @@ _ACCEPTED = b'{"position":"0.c.0.0"}'
 
 def create_bare_app() -> web.Application:
     config = load_ingest_config()
-    tokens = AccessTokens(load_jwt_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience)
+    # The full signature check on every request, as the reference measures it
+    # (ingest itself remembers tokens it verified; see AccessTokens.verify).
+    tokens = AccessTokens(
+        load_jwt_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience, memo=False
+    )
     decoder = msgspec.json.Decoder(SendMessageBody)
 
     async def handle(request: web.Request) -> web.Response:
