@@ -10,7 +10,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ops import bench, serve, testing, up
+    from ops import bench, dlq, replay, serve, status, testing, up
     from ops.stack.commands import register as register_stack
 
     parser = argparse.ArgumentParser(prog="backbone", description=__doc__)
@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_stack(sub)
     serve.register(sub)
     bench.register(sub)
+    replay.register(sub)
+    dlq.register(sub)
+    status.register(sub)
     testing.register(sub)
     return parser
 

@@ -20,6 +20,7 @@ from eventstore import (
     provision_topics,
 )
 from ops.stack import StackInfo
+from projectors.schema import ensure_live_schema
 
 MIGRATIONS: tuple[tuple[str, str], ...] = (("eventstore", "eventstore"), ("ingest", "ingest"))
 """(component, package holding ``sql/NNNN_*.sql``), applied in this order."""
@@ -40,8 +41,17 @@ async def migrate_all(dsn: str) -> list[Migration]:
 
 
 async def provision(settings: Settings) -> tuple[list[Migration], list[str]]:
-    """Apply pending migrations and create missing topics; return what was done."""
+    """Apply pending migrations, create the live read model and missing topics; what was done.
+
+    The read model is created here too (not only by the projector at start-up), so every tier
+    can start in any order: ingest's reads find the tables before a projector ever ran.
+    """
     applied = await migrate_all(settings.postgres_dsn)
+    pool = await create_pool(settings.postgres_dsn, min_size=1, max_size=1)
+    try:
+        await ensure_live_schema(pool)
+    finally:
+        await pool.close()
     created = await provision_topics(settings.kafka_bootstrap, TopicLayout.from_settings(settings))
     return applied, created
 

@@ -11,9 +11,11 @@ could not decode, and events whose projection raised. Unknown types are skipped 
 
 from __future__ import annotations
 
+import functools
+import operator
 import uuid
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -23,7 +25,7 @@ from eventstore import Connection, Decoded, RecordedEvent, Skipped, TopicLayout
 from eventstore.codec import envelope_headers
 from projectors import schema
 from projectors.metrics import EVENTS
-from projectors.projection import Drop, EraseUser, Op, Put, needs, project
+from projectors.projection import Drop, Put, needs, project
 from projectors.rows import Key, Row
 from projectors.schema import Table, checked_schema_name, in_schema
 from projectors.tables import delete_rows, load_rows, upsert_rows
@@ -75,10 +77,8 @@ class _WorkingSet:
         for row in found:
             rows[row.key()] = row
 
-    def apply(self, op: Put | Drop) -> None:
-        table = op.row.table if isinstance(op, Put) else op.table
-        key = op.row.key() if isinstance(op, Put) else op.key
-        value = op.row if isinstance(op, Put) else None
+    def apply(self, table: Table, key: Key, value: Row | None) -> None:
+        """Record ``value`` (``None``: deleted) as the row of ``table`` at ``key``."""
         self._tables[table.name] = table
         self._rows[table.name][key] = value
         self.changed[table.name][key] = value
@@ -100,11 +100,18 @@ async def _prefetch(
         work.load(table, keys, found)
 
 
-def _note_changes(applied: Applied, op: Op) -> None:
-    if isinstance(op, EraseUser):
-        return
-    table = op.row.table if isinstance(op, Put) else op.table
-    key = op.row.key() if isinstance(op, Put) else op.key
+@functools.cache
+def _key_of(table: Table) -> Callable[[Row], Key]:
+    """A fast primary-key getter for rows of ``table`` (the hot path calls it per operation)."""
+    names = table.primary_key
+    if len(names) == 1:
+        get = operator.attrgetter(names[0])
+        return lambda row: (get(row),)
+    getter: Callable[[Row], Key] = operator.attrgetter(*names)
+    return getter
+
+
+def _note_changes(applied: Applied, table: Table, key: Key) -> None:
     if table is schema.MEMBERS:
         applied.membership.add(key[0])
         applied.member_users.add(key[1])
@@ -203,12 +210,13 @@ async def apply_items(
     await _prefetch(conn, schema_name, work, [r.event for r in recorded])
     letters: list[tuple[Any, ...]] = []
     erasures: dict[uuid.UUID, None] = {}
+    counts: Counter[tuple[str, str]] = Counter()  # metrics, incremented once per batch
     for item in items:
         if isinstance(item, Skipped):
             if item.reason == "unknown_type":
-                EVENTS.labels("skipped", item.type[:64]).inc()
+                counts["skipped", item.type[:64]] += 1
             else:
-                EVENTS.labels("dead_lettered", item.type[:64]).inc()
+                counts["dead_lettered", item.type[:64]] += 1
                 letters.append(_dead_letter(layout, item, item.reason, item.error))
                 applied.failures.append(item.error)
             continue
@@ -218,19 +226,27 @@ async def apply_items(
         try:
             ops = project(item, work)
         except Exception as exc:  # noqa: BLE001 - pure code: any failure means "cannot apply"
-            EVENTS.labels("dead_lettered", item.envelope.type).inc()
+            counts["dead_lettered", item.envelope.type] += 1
             error = f"{type(exc).__name__}: {exc}"
             letters.append(_dead_letter(layout, item, "projection", error))
             applied.failures.append(error)
             log.warning("projector.dead_letter", position=item.position.token(), error=error)
             continue
         for op in ops:
-            if isinstance(op, EraseUser):
-                erasures[op.user_id] = None
+            if isinstance(op, Put):
+                table = op.row.table
+                key = _key_of(table)(op.row)
+                work.apply(table, key, op.row)
+            elif isinstance(op, Drop):
+                table, key = op.table, op.key
+                work.apply(table, key, None)
             else:
-                work.apply(op)
-            _note_changes(applied, op)
-        EVENTS.labels("applied", item.envelope.type).inc()
+                erasures[op.user_id] = None
+                continue
+            _note_changes(applied, table, key)
+        counts["applied", item.envelope.type] += 1
+    for (outcome, type_), count in counts.items():
+        EVENTS.labels(outcome, type_).inc(count)
     for name, changed in work.changed.items():
         table = work.table(name)
         await delete_rows(conn, schema_name, table, [k for k, v in changed.items() if v is None])

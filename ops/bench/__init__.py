@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ops.bench import ingest, produce
+from ops.bench import ingest, produce, project
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -12,3 +12,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     produce.register(benches)
     ingest.register(benches)
+    project.register(benches)

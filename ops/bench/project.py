@@ -1,0 +1,419 @@
+"""``backbone bench project``: replay rate into the read model, beside raw COPY, and live latency.
+
+One run, the local stack, fresh topics and fresh databases (dropped afterwards):
+
+1. generate ``--events`` events (users, groups with members, then mostly ``MessageSent``
+   across many conversations with edits, deletes, reactions, read markers and joins mixed in,
+   in proportions a chat sees) and write them fast: encoded once with the event store's codec
+   (so bodies are sealed as in production) and sent in large batches;
+2. **replay**: a :class:`~projectors.projector.Projector` over a group-less
+   :class:`~eventstore.LogReader` from offset 0 into a fresh read model, exactly what
+   ``backbone replay`` builds its shadow with (no caches), in events per second;
+3. **raw COPY**: the rows that replay produced, read back and written into the same tables of
+   another fresh schema with ``COPY`` (asyncpg ``copy_records_to_table``); the reference is
+   those events divided by the COPY time: the database's ceiling for these rows;
+4. **live latency**: the projector worker (``python -m projectors``, its own process) running
+   on other fresh topics; messages appended at ``--live-rate`` per second; latency from the
+   start of each append to the moment the read model's offsets (committed with the row) show
+   it applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+import msgspec
+from aiokafka.admin import AIOKafkaAdminClient
+
+from eventstore import (
+    EventStore,
+    OutgoingRecord,
+    Settings,
+    TopicLayout,
+    encode_event,
+    provision_topics,
+)
+from ops.bench.report import Figures, figures, table, write_json
+from ops.environment import stack_env, stack_settings
+from ops.stack import StackInfo, default_stack_dir, stack_up
+from projectors.projector import Projector
+from projectors.read.contract import LIVE_SCHEMA
+from projectors.rebuild import read_ahead
+from projectors.schema import TABLES, create_schema, ensure_live_schema, in_schema
+from schemas import (
+    ConversationCreated,
+    Event,
+    InitialMember,
+    MemberJoined,
+    MessageDeleted,
+    MessageEdited,
+    MessageSent,
+    ReactionAdded,
+    ReadMarkerMoved,
+    UserRegistered,
+)
+
+GOAL_REPLAY: Final = 50_000.0
+GOAL_VS_COPY: Final = 0.25
+GOAL_LIVE_P99_MS: Final = 50.0
+_SEND_CHUNK: Final = 20_000
+_APPLIED_SQL: Final = "SELECT topic, partition, next_offset FROM {schema}.offsets"
+_BODY_WORDS: Final = ("hey", "so", "about", "tomorrow", "sounds", "good", "see", "you", "lunch")
+_EMOJI: Final = ("👍", "❤️", "😂", "🎉", "👀")
+
+
+class Workload(msgspec.Struct):
+    events: list[Event]
+    users: list[uuid.UUID]
+    rooms: dict[uuid.UUID, list[uuid.UUID]]
+
+
+def workload(total: int, seed: int = 42) -> Workload:
+    """About ``total`` events: 0.5% registrations, 1% groups (3-8 members), then messages with
+    edits (3%), deletes (1%), reactions (6%), read markers (5%) and joins (0.5%) mixed in."""
+    rng = random.Random(seed)  # noqa: S311 - reproducible bench data, not secrets
+    users = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(max(total // 200, 8))]
+    events: list[Event] = [
+        UserRegistered(user_id=u, username=f"u{u.hex[:12]}", email=f"{u.hex[:12]}@bench.test")
+        for u in users
+    ]
+    rooms: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for _ in range(max(total // 100, 2)):
+        room = uuid.UUID(int=rng.getrandbits(128), version=4)
+        members = rng.sample(users, rng.randint(3, 8))
+        rooms[room] = members
+        events.append(
+            ConversationCreated(
+                conversation_id=room,
+                creator_id=members[0],
+                name=f"room {room.hex[:6]}",
+                members=tuple(InitialMember(m) for m in members),
+            )
+        )
+    room_ids = list(rooms)
+    sent: dict[uuid.UUID, list[uuid.UUID]] = {r: [] for r in room_ids}
+    n = 0
+    while len(events) < total:
+        room = rng.choice(room_ids)
+        members = rooms[room]
+        roll = rng.random()
+        earlier = sent[room]
+        if roll < 0.03 and earlier:
+            mid = rng.choice(earlier[-20:])
+            events.append(
+                MessageEdited(conversation_id=room, message_id=mid, editor_id=members[0], body="ed")
+            )
+        elif roll < 0.04 and earlier:
+            mid = earlier.pop()
+            events.append(
+                MessageDeleted(conversation_id=room, message_id=mid, deleted_by=members[0])
+            )
+        elif roll < 0.10 and earlier:
+            events.append(
+                ReactionAdded(
+                    conversation_id=room,
+                    message_id=rng.choice(earlier[-20:]),
+                    user_id=rng.choice(members),
+                    emoji=rng.choice(_EMOJI),
+                )
+            )
+        elif roll < 0.15 and earlier:
+            events.append(
+                ReadMarkerMoved(
+                    conversation_id=room, user_id=rng.choice(members), up_to=earlier[-1]
+                )
+            )
+        elif roll < 0.155:
+            joiner = rng.choice(users)
+            if joiner not in members:
+                members.append(joiner)
+                events.append(
+                    MemberJoined(conversation_id=room, user_id=joiner, added_by=members[0])
+                )
+        else:
+            mid = uuid.UUID(int=rng.getrandbits(128), version=4)
+            body = " ".join(rng.choices(_BODY_WORDS, k=rng.randint(3, 25)))
+            events.append(
+                MessageSent(
+                    conversation_id=room,
+                    message_id=mid,
+                    sender_id=rng.choice(members),
+                    client_msg_id=f"c{n}",
+                    body=body,
+                )
+            )
+            earlier.append(mid)
+            n += 1
+    return Workload(events, users, rooms)
+
+
+async def write_events(store: EventStore, events: Sequence[Event]) -> float:
+    """Encode ``events`` with the codec and send them in large batches; the seconds it took."""
+    started = time.perf_counter()
+    subjects = {s for e in events if e.personal_fields and (s := e.subject_id) is not None}
+    keys = await store.keyring.keys_for_write(subjects)
+    producer = store.producer
+    for start in range(0, len(events), _SEND_CHUNK):
+        records: list[OutgoingRecord] = [
+            encode_event(
+                event,
+                producer.envelope_for(event, actor=None, correlation_id=None, causation_id=None),
+                keys,
+                store.layout,
+            )
+            for event in events[start : start + _SEND_CHUNK]
+        ]
+        await producer.send_records(records)
+    return time.perf_counter() - started
+
+
+@contextlib.asynccontextmanager
+async def fresh_deployment(base: Settings, name: str) -> AsyncIterator[Settings]:
+    """``base`` with topics and a database of their own, both deleted on the way out."""
+    tag = f"{name}{uuid.uuid4().hex[:8]}"
+    head, _, _ = base.postgres_dsn.rpartition("/")
+    settings = msgspec.structs.replace(
+        base, topic_prefix=f"bench-{tag}", postgres_dsn=f"{head}/bench_{tag}"
+    )
+    layout = TopicLayout.from_settings(settings)
+    admin_conn = await asyncpg.connect(base.postgres_dsn)
+    try:
+        await admin_conn.execute(f'CREATE DATABASE "bench_{tag}"')
+        await provision_topics(settings.kafka_bootstrap, layout)
+        yield settings
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await admin_conn.execute(f'DROP DATABASE IF EXISTS "bench_{tag}" WITH (FORCE)')
+        await admin_conn.close()
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics(list(layout.topics))
+        finally:
+            await admin.close()
+
+
+async def replay(store: EventStore, schema: str, batch: int) -> tuple[int, float]:
+    """Project the whole log into a fresh ``schema``; (records, seconds)."""
+    async with store.pool.acquire() as conn:
+        await create_schema(conn, schema)
+    projector = Projector(store.pool, store.layout, schema=schema, caches=None)
+    reader = store.reader(max_records=batch)
+    started = time.perf_counter()
+    await reader.start("beginning")
+    records = 0
+    try:
+        async for chunk in read_ahead(reader.batches_until_end()):
+            await projector.handle(chunk)
+            records += sum(span.next - span.first for span in chunk.ranges.values())
+    finally:
+        await reader.stop()
+    return records, time.perf_counter() - started
+
+
+async def raw_copy(store: EventStore, source: str, target: str) -> tuple[int, float]:
+    """COPY every row of ``source`` into a fresh ``target``; (rows, seconds spent in COPY)."""
+    async with store.pool.acquire() as conn:
+        await create_schema(conn, target)
+        rows_total, seconds = 0, 0.0
+        for tbl in TABLES:
+            columns = [c.name for c in tbl.columns]
+            names = ", ".join(f'"{c}"' for c in columns)
+            rows = await conn.fetch(f"SELECT {names} FROM {source}.{tbl.name}")  # noqa: S608
+            if not rows:
+                continue
+            started = time.perf_counter()
+            await conn.copy_records_to_table(
+                tbl.name, records=rows, columns=columns, schema_name=target
+            )
+            seconds += time.perf_counter() - started
+            rows_total += len(rows)
+    return rows_total, seconds
+
+
+async def replay_and_copy(
+    base: Settings, events: int, batch: int
+) -> tuple[list[Figures], dict[str, object]]:
+    async with fresh_deployment(base, "proj") as settings, await EventStore.open(settings) as store:
+        generated = workload(events)
+        print(f"bench project: writing {len(generated.events):,} events", file=sys.stderr)
+        write_seconds = await write_events(store, generated.events)
+        print(f"bench project: written in {write_seconds:.1f} s; replaying", file=sys.stderr)
+        records, replay_seconds = await replay(store, LIVE_SCHEMA, batch)
+        print(f"bench project: replayed in {replay_seconds:.1f} s; COPY", file=sys.stderr)
+        rows, copy_seconds = await raw_copy(store, LIVE_SCHEMA, "copyref")
+    replayed = Figures(
+        name="replay: Projector over LogReader",
+        count=records,
+        seconds=round(replay_seconds, 3),
+        per_second=round(records / replay_seconds, 1),
+        note=f"batch {batch}",
+    )
+    copied = Figures(
+        name="raw COPY of the same rows",
+        count=records,
+        seconds=round(copy_seconds, 3),
+        per_second=round(records / copy_seconds, 1),
+        note=f"{rows} rows, events per COPY second",
+    )
+    write = Figures(
+        name="write: encode_event + send_records",
+        count=records,
+        seconds=round(write_seconds, 3),
+        per_second=round(records / write_seconds, 1),
+    )
+    return [write, replayed, copied], {"rows": rows}
+
+
+async def _applied(pool: asyncpg.Pool[asyncpg.Record]) -> dict[tuple[str, int], int]:
+    rows = await pool.fetch(in_schema(LIVE_SCHEMA, _APPLIED_SQL))
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+async def live_latency(info: StackInfo, base: Settings, count: int, rate: float) -> Figures:
+    """Append ``count`` messages at ``rate``/s with the worker running; append -> applied."""
+    async with fresh_deployment(base, "live") as settings, await EventStore.open(settings) as store:
+        await ensure_live_schema(store.pool)
+        seed = workload(400, seed=7)
+        await write_events(store, seed.events)
+        env = {
+            **stack_env(info),
+            "BACKBONE_TOPIC_PREFIX": settings.topic_prefix,
+            "BACKBONE_POSTGRES_DSN": settings.postgres_dsn,
+        }
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "projectors",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            return await _measure_live(store, seed, count, rate)
+        finally:
+            worker.terminate()
+            await worker.wait()
+
+
+async def _measure_live(store: EventStore, seed: Workload, count: int, rate: float) -> Figures:
+    pool = store.pool
+    async with store.reader() as reader:
+        ends = {p: e for p, e in (await reader.end_offsets()).items() if e}
+    deadline = time.monotonic() + 60
+    while await _applied(pool) != ends:  # the worker catches up with the seed first
+        if time.monotonic() > deadline:
+            raise RuntimeError("the projector worker did not catch up within 60 s")
+        await asyncio.sleep(0.05)
+    rng = random.Random(3)  # noqa: S311 - reproducible bench data, not secrets
+    rooms = list(seed.rooms.items())
+    pending: dict[tuple[str, int, int], float] = {}
+    latencies: list[float] = []
+    done = asyncio.Event()
+    topic = store.layout.topic("conversation")
+
+    async def watch() -> None:
+        while not done.is_set() or pending:
+            applied = await _applied(pool)
+            now = time.perf_counter()
+            for key in [k for k in pending if applied.get(k[:2], 0) > k[2]]:
+                latencies.append(now - pending.pop(key))
+            await asyncio.sleep(0.001)
+
+    async def one(i: int) -> None:
+        room, members = rooms[i % len(rooms)]
+        event = MessageSent(
+            conversation_id=room,
+            message_id=uuid.uuid4(),
+            sender_id=rng.choice(members),
+            client_msg_id=f"live{i}",
+            body="live message",
+        )
+        started = time.perf_counter()
+        (recorded,) = await store.producer.append([event])
+        pending[(topic, recorded.position.partition, recorded.position.offset)] = started
+
+    watcher = asyncio.create_task(watch())
+    started = time.perf_counter()
+    sends = []
+    for i in range(count):
+        target = started + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sends.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*sends)
+    done.set()
+    await asyncio.wait_for(watcher, 30)
+    seconds = time.perf_counter() - started
+    return figures("live: append -> applied (worker)", latencies, seconds, note=f"{rate:g}/s")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = stack_up(default_stack_dir())
+    base = stack_settings(info)
+
+    async def measure() -> tuple[list[Figures], dict[str, object]]:
+        rows, extra = await replay_and_copy(base, args.events, args.batch)
+        rows.append(await live_latency(info, base, args.live_events, args.live_rate))
+        return rows, extra
+
+    rows, extra = asyncio.run(measure())
+    _, replayed, copied, live = rows
+    vs_copy = replayed.per_second / copied.per_second if copied.per_second else 0.0
+    print(table(rows))
+    print(f"replay: {replayed.per_second:,.0f} events/s (goal >= {GOAL_REPLAY:,.0f})")
+    print(f"replay / raw COPY: {vs_copy:.1%} (goal >= {GOAL_VS_COPY:.0%})")
+    print(f"live p99: {live.p99_ms} ms (goal <= {GOAL_LIVE_P99_MS:g} ms)")
+    write_json(
+        Path(args.json),
+        "project",
+        {
+            "events": args.events,
+            "batch": args.batch,
+            "live_events": args.live_events,
+            "live_rate": args.live_rate,
+            "cpus": os.cpu_count(),
+        },
+        rows,
+        {
+            **extra,
+            "replay_per_second": replayed.per_second,
+            "replay_vs_copy": round(vs_copy, 4),
+            "live_p50_ms": live.p50_ms,
+            "live_p99_ms": live.p99_ms,
+            "goals": {
+                "replay_per_second": GOAL_REPLAY,
+                "replay_vs_copy": GOAL_VS_COPY,
+                "live_p99_ms": GOAL_LIVE_P99_MS,
+            },
+        },
+    )
+    print(f"wrote {args.json}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "project",
+        help="replay rate vs raw COPY, and live apply latency, of the projector",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=5000, help="records per replay batch")
+    parser.add_argument("--live-events", type=int, default=2000)
+    parser.add_argument("--live-rate", type=float, default=200.0, help="appends per second")
+    parser.add_argument("--json", default="bench-results/project.json", metavar="PATH")
+    parser.set_defaults(func=run)

@@ -1,0 +1,195 @@
+"""``backbone replay --projector chat`` and ``backbone checksum``: rebuild and verify read models.
+
+``replay`` builds a new version of the read model from offset 0 into a shadow schema while the
+live projector keeps serving, swaps it in atomically and rebuilds the Redis caches (see
+:mod:`projectors.rebuild`; rerun it after a crash and it resumes). It never touches the
+fan-out tier: nothing is written to Kafka, so nothing is pushed again. On a terminal it draws a
+progress bar on stderr; ``--json`` prints one JSON object per line on stdout instead
+(``progress`` lines, then one ``result`` line with the checksum of what was swapped in).
+
+``checksum`` prints the fingerprint of a read-model schema: equal checksums mean byte-identical
+tables, which is how a rebuild, a restore or a second database is proven equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Final, TextIO
+
+import msgspec
+from redis.asyncio import Redis
+
+from eventstore import EventStore, EventStoreError, Settings, create_pool
+from ops.deployment import command_settings
+from projectors.checksum import checksum
+from projectors.errors import ProjectorError
+from projectors.read.contract import LIVE_SCHEMA
+from projectors.rebuild import Progress, Rebuild, RebuildResult
+from projectors.schema import checked_schema_name, schema_exists
+
+PROJECTORS: Final = {"chat": LIVE_SCHEMA}
+"""Projector name -> the live schema it owns."""
+_BAR_WIDTH: Final = 30
+_DRAW_INTERVAL: Final = 0.2
+_JSON_INTERVAL: Final = 1.0
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_line(progress: Progress) -> str:
+    """One line of the progress bar: bar, records, rate, ETA."""
+    total = max(progress.total, 1)
+    done = min(progress.applied / total, 1.0)
+    filled = int(done * _BAR_WIDTH)
+    bar = "#" * filled + "." * (_BAR_WIDTH - filled)
+    return (
+        f"{progress.phase:<5} [{bar}] {done:4.0%} {progress.applied:,}/{progress.total:,} events"
+        f"  {progress.rate:,.0f}/s  ETA {_duration(progress.eta)}"
+    )
+
+
+class ProgressReporter:
+    """Draws :class:`Progress` as a bar on a terminal, as JSON lines, or not at all."""
+
+    def __init__(self, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+        self._json = as_json
+        self._out = out
+        self._err = err
+        self._bar = not as_json and err.isatty()
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        interval = _JSON_INTERVAL if self._json else _DRAW_INTERVAL
+        if now - self._last < interval:
+            return
+        self._last = now
+        if self._json:
+            document = {"event": "progress", **msgspec.to_builtins(progress)}
+            document.update(rate=round(progress.rate, 1), eta=progress.eta)
+            print(json.dumps(document), file=self._out, flush=True)
+        elif self._bar:
+            print(f"\r{progress_line(progress)}", end="", file=self._err, flush=True)
+            self._drawn = True
+
+    def finish(self) -> None:
+        """End the bar's line, so what follows starts on a line of its own."""
+        if self._drawn:
+            print(file=self._err, flush=True)
+            self._drawn = False
+
+
+async def replay(
+    settings: Settings, schema: str, *, batch: int, on_progress: ProgressReporter | None
+) -> RebuildResult:
+    """Rebuild ``schema`` of the deployment ``settings`` names; see :mod:`projectors.rebuild`."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with await EventStore.open(settings, with_producer=False) as store:
+            rebuild = Rebuild(
+                store,
+                live=schema,
+                redis=redis,
+                namespace=settings.topic_prefix,
+                batch=batch,
+                on_progress=on_progress,
+            )
+            return await rebuild.run()
+    finally:
+        await redis.aclose()
+
+
+def summary(result: RebuildResult) -> str:
+    rate = result.records / result.seconds if result.seconds > 0 else 0.0
+    how = "resumed and applied" if result.resumed else "applied"
+    replaced = " (replaced the previous model, now dropped)" if result.replaced else ""
+    return (
+        f"replay {result.schema}: {how} {result.records:,} events in {result.seconds:.1f} s "
+        f"({rate:,.0f}/s); swapped in{replaced}\nchecksum {result.checksum}"
+    )
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    reporter = ProgressReporter(as_json=args.json, out=sys.stdout, err=sys.stderr)
+    try:
+        result = asyncio.run(
+            replay(
+                command_settings(),
+                PROJECTORS[args.projector],
+                batch=args.batch,
+                on_progress=reporter,
+            )
+        )
+    except (EventStoreError, ProjectorError) as exc:
+        reporter.finish()
+        print(f"backbone replay: {exc}", file=sys.stderr)
+        return 1
+    reporter.finish()
+    if args.json:
+        print(json.dumps({"event": "result", **msgspec.to_builtins(result)}), flush=True)
+    else:
+        print(summary(result))
+    return 0
+
+
+async def schema_checksum(settings: Settings, schema: str) -> str:
+    """The checksum of ``schema``; :class:`ProjectorError` when there is no such schema."""
+    schema = checked_schema_name(schema)
+    pool = await create_pool(settings.postgres_dsn, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            if not await schema_exists(conn, schema):
+                raise ProjectorError(f"no read model in schema {schema!r}")
+            return await checksum(conn, schema)
+    finally:
+        await pool.close()
+
+
+def run_checksum(args: argparse.Namespace) -> int:
+    try:
+        digest = asyncio.run(schema_checksum(command_settings(), args.schema))
+    except (EventStoreError, ProjectorError) as exc:
+        print(f"backbone checksum: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"schema": args.schema, "checksum": digest}))
+    else:
+        print(f"{digest}  {args.schema}")
+    return 0
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw} is not a positive number")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "replay",
+        help="rebuild a read model from the log into a shadow schema and swap it in",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--projector", choices=sorted(PROJECTORS), default="chat")
+    parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    parser.add_argument(
+        "--batch", type=_positive, default=5000, help="records per batch (default 5000)"
+    )
+    parser.set_defaults(func=run_replay)
+    check = sub.add_parser("checksum", help="print the checksum of a read-model schema")
+    check.add_argument("--schema", default=LIVE_SCHEMA)
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(func=run_checksum)

@@ -1,0 +1,308 @@
+"""Rebuilding the read model: project the whole log into a shadow schema, then swap it in.
+
+``backbone replay`` builds a new version of the live schema (``chat``) from offset 0 into
+``chat_next`` with a :class:`~projectors.projector.Projector` of its own, driven by a
+group-less :class:`~eventstore.LogReader`. It is not a member of the live projector's group:
+it stores its positions in the shadow's own ``offsets`` table, in the transaction of each
+batch, so a rebuild that dies is resumed by running it again (it reads on from the shadow's
+stored offsets). Meanwhile the live projector keeps serving and writing ``chat``.
+
+Once the shadow has caught up with the log end, the swap is one transaction:
+
+1. ``LOCK chat.offsets IN ACCESS EXCLUSIVE MODE``: waits for the live batch in flight (which
+   holds the rows it claimed) and holds every later batch at its claim;
+2. a last catch-up of the shadow (the few records written since the previous pass), so the
+   new model is at least as far as the live one was and reads never go back in time;
+3. ``ALTER SCHEMA chat RENAME TO chat_old_<n>``, ``ALTER SCHEMA chat_next RENAME TO chat``;
+4. ``pg_export_snapshot()``, imported by a second read-only transaction that later computes
+   the checksum of exactly what was swapped in, whatever the live projector commits after;
+5. commit; then the Redis caches are rebuilt from the new schema and the old schema dropped.
+
+The live projector's next batch resolves ``chat.offsets`` to the new table (PostgreSQL
+re-resolves names after the lock wait, and a schema rename invalidates every cached plan,
+so asyncpg's prepared statements are re-planned against the new tables; their result types
+are unchanged, so no :class:`asyncpg.InvalidCachedStatementError` either). Its
+compare-and-set either matches the new offsets or raises
+:class:`~eventstore.consumer.PositionsMoved`, and the reader seeks to the new model's
+positions: nothing is lost or applied twice.
+
+A rebuild never touches the fan-out tier: fan-out reads Kafka from the live end, not the read
+model, and a rebuild writes nothing to Kafka, so no event is pushed again. The recent-history
+cache (fan-out resume) is left as the live projector keeps it; only the membership,
+user-conversation and summary caches are rebuilt from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+import msgspec
+import structlog
+from redis.asyncio import Redis
+
+from eventstore import Batch, Connection, EventStore, Pool
+from eventstore.consumer import Partition
+from projectors.caches import rebuild_caches
+from projectors.checksum import checksum
+from projectors.errors import ProjectorError
+from projectors.projector import Projector
+from projectors.read.contract import LIVE_SCHEMA
+from projectors.schema import (
+    READ_MODEL_VERSION,
+    checked_schema_name,
+    create_schema,
+    schema_exists,
+)
+
+log = structlog.get_logger(__name__)
+
+# One rebuild at a time per database (session-level advisory lock; value is "rebuild!").
+_REBUILD_LOCK: Final = 0x72656275696C6421
+_VERSION_COMMENT: Final = f"backbone read model v{READ_MODEL_VERSION}"
+
+
+class RebuildRunning(ProjectorError):
+    """Another rebuild of the same database holds the rebuild lock; retry when it is done."""
+
+
+class Progress(msgspec.Struct, frozen=True):
+    """How far a rebuild is: records applied by this run, out of ``total`` to reach the end."""
+
+    phase: str
+    applied: int
+    total: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Records per second so far."""
+        return self.applied / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the current rate (``None`` before the first batch)."""
+        rate = self.rate
+        return max(self.total - self.applied, 0) / rate if rate > 0 else None
+
+
+class RebuildResult(msgspec.Struct, frozen=True):
+    """What a completed rebuild swapped in."""
+
+    schema: str
+    replaced: str | None
+    """The name the previous live schema had between the swap and its drop (None: none)."""
+    resumed: bool
+    """Whether this run continued a shadow an interrupted run had left."""
+    records: int
+    """Records this run applied to the shadow."""
+    seconds: float
+    positions: dict[str, int]
+    """Next offset per ``topic/partition`` of the model as swapped in."""
+    checksum: str
+    """:func:`~projectors.checksum.checksum` of the model as swapped in."""
+
+
+class _Swapped(msgspec.Struct, frozen=True):
+    replaced: str | None
+    positions: dict[str, int]
+    checksum: str
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def shadow_schema(live: str) -> str:
+    """The schema a rebuild of ``live`` is built in."""
+    return checked_schema_name(f"{live}_next")
+
+
+async def _schema_comment(conn: Connection | Pool, schema: str) -> str | None:
+    comment: str | None = await conn.fetchval(
+        "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
+        schema,
+    )
+    return comment
+
+
+async def _old_schemas(conn: Connection | Pool, live: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1 ORDER BY nspname",
+        f"{live}\\_old\\_%",
+    )
+    return [checked_schema_name(r[0]) for r in rows]
+
+
+async def _next(batches: AsyncIterator[Batch]) -> Batch | None:
+    try:
+        return await anext(batches)
+    except StopAsyncIteration:
+        return None
+
+
+async def read_ahead(batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
+    """``batches``, with the next one fetched and decoded while the caller applies this one.
+
+    Decoding is CPU work in this process, applying mostly waits for PostgreSQL (its own
+    process): overlapping the two keeps both busy on a replay.
+    """
+    pending = asyncio.ensure_future(_next(batches))
+    try:
+        while (batch := await pending) is not None:
+            pending = asyncio.ensure_future(_next(batches))
+            yield batch
+    finally:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+
+
+class Rebuild:
+    """One rebuild of the live schema; :meth:`run` builds, swaps and reports.
+
+    ``redis``/``namespace``: the caches to rebuild after the swap (``None``: leave them).
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        live: str = LIVE_SCHEMA,
+        redis: Redis | None = None,
+        namespace: str | None = None,
+        batch: int = 5000,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self._store = store
+        self._pool = store.pool
+        self.live = checked_schema_name(live)
+        self.shadow = shadow_schema(live)
+        self._redis = redis
+        self._namespace = namespace or store.settings.topic_prefix
+        self._batch = batch
+        self._on_progress = on_progress
+        self._projector = Projector(self._pool, store.layout, schema=self.shadow, caches=None)
+        self._applied = 0
+        self._total = 0
+        self._started = 0.0
+
+    def _partitions(self) -> list[Partition]:
+        layout = self._store.layout
+        return [
+            (layout.topic(stream), p)
+            for stream in ("user", "conversation")
+            for p in range(layout.partitions(stream))
+        ]
+
+    async def run(self) -> RebuildResult:
+        """Build (or resume) the shadow, swap it in, rebuild the caches, drop the old model.
+
+        Raises :class:`RebuildRunning` if another rebuild holds the lock.
+        """
+        self._started = time.perf_counter()
+        async with self._pool.acquire() as guard:
+            if not await guard.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK):
+                raise RebuildRunning("another rebuild of this database is running")
+            try:
+                return await self._locked_run()
+            finally:
+                await guard.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK)
+
+    async def _locked_run(self) -> RebuildResult:
+        for leftover in await _old_schemas(self._pool, self.live):
+            # A rebuild that died between its swap and the drop left this behind.
+            await self._pool.execute(f"DROP SCHEMA {leftover} CASCADE")
+        resumed = await self._prepare_shadow()
+        # Passes until one finds less than a batch to do: the swap's own pass, run while the
+        # live projector waits at the lock, is then short.
+        while await self._catch_up("build") >= self._batch:
+            pass
+        swapped = await self._swap()
+        if self._redis is not None:
+            await rebuild_caches(self._pool, self._redis, self._namespace, self.live)
+        if swapped.replaced is not None:
+            await self._pool.execute(f"DROP SCHEMA {swapped.replaced} CASCADE")
+        result = RebuildResult(
+            schema=self.live,
+            replaced=swapped.replaced,
+            resumed=resumed,
+            records=self._applied,
+            seconds=round(time.perf_counter() - self._started, 3),
+            positions=swapped.positions,
+            checksum=swapped.checksum,
+        )
+        log.info("rebuild.swapped", schema=self.live, records=self._applied, resumed=resumed)
+        return result
+
+    async def _prepare_shadow(self) -> bool:
+        """Create the shadow, or keep one of this version to resume; whether it resumed."""
+        if await schema_exists(self._pool, self.shadow):
+            if await _schema_comment(self._pool, self.shadow) == _VERSION_COMMENT:
+                applied = await self._pool.fetchval(
+                    f"SELECT count(*) FROM {self.shadow}.offsets"  # noqa: S608 - checked name
+                )
+                return bool(applied)
+            # Left by a rebuild of another read-model version: useless, start over.
+            await self._pool.execute(f"DROP SCHEMA {self.shadow} CASCADE")
+        async with self._pool.acquire() as conn:
+            await create_schema(conn, self.shadow)
+        return False
+
+    async def _catch_up(self, phase: str) -> int:
+        """Apply the log to the shadow from its stored offsets to the log end as of now.
+
+        A reader per pass: one that stopped at an end has fetched (and dropped) records past
+        it, so it cannot be read on from there.
+        """
+        stored = await self._projector.positions.load(self._partitions())
+        reader = self._store.reader(max_records=self._batch)
+        await reader.start("beginning", dict(stored))
+        applied = 0
+        try:
+            ends = await reader.end_offsets()
+            remaining = sum(max(end - stored.get(p, 0), 0) for p, end in ends.items())
+            self._total = self._applied + remaining
+            async for batch in read_ahead(reader.batches_until_end()):
+                await self._projector.handle(batch)
+                count = sum(span.next - span.first for span in batch.ranges.values())
+                applied += count
+                self._applied += count
+                self._report(phase)
+        finally:
+            await reader.stop()
+        self._report(phase)
+        return applied
+
+    def _report(self, phase: str) -> None:
+        if self._on_progress is not None:
+            seconds = time.perf_counter() - self._started
+            self._on_progress(Progress(phase, self._applied, self._total, seconds))
+
+    async def _swap(self) -> _Swapped:
+        """Swap the caught-up shadow in, as the module doc describes."""
+        live, shadow = self.live, self.shadow
+        replaced: str | None = None
+        async with self._pool.acquire() as swap, self._pool.acquire() as snap:
+            # BEGIN takes no snapshot yet: the imported one must be the transaction's first.
+            reading = snap.transaction(isolation="repeatable_read", readonly=True)
+            await reading.start()
+            try:
+                async with swap.transaction():
+                    if await schema_exists(swap, live):
+                        await swap.execute(f"LOCK TABLE {live}.offsets IN ACCESS EXCLUSIVE MODE")
+                        replaced = checked_schema_name(f"{live}_old_{int(time.time() * 1000)}")
+                    await self._catch_up("swap")
+                    if replaced is not None:
+                        await swap.execute(f"ALTER SCHEMA {live} RENAME TO {replaced}")
+                    await swap.execute(f"ALTER SCHEMA {shadow} RENAME TO {live}")
+                    snapshot = await swap.fetchval("SELECT pg_export_snapshot()")
+                    await snap.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                rows = await snap.fetch(
+                    f"SELECT topic, partition, next_offset FROM {live}.offsets "  # noqa: S608
+                    "ORDER BY topic, partition"
+                )
+                digest = await checksum(snap, live)
+            finally:
+                await reading.rollback()
+        return _Swapped(replaced, {f"{r[0]}/{r[1]}": r[2] for r in rows}, digest)

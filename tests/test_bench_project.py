@@ -1,0 +1,48 @@
+"""``backbone bench project`` runs end to end with a tiny count and writes valid JSON.
+
+Only the command is tested here, never its figures: timings belong to the benchmark run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from ops.bench.project import workload
+from ops.cli import main
+from ops.stack import StackInfo
+from schemas import ConversationCreated, MessageSent, UserRegistered
+
+
+def test_workload_is_mostly_messages_after_users_and_groups() -> None:
+    events = workload(20_000, seed=1).events
+    kinds = [type(e) for e in events]
+    assert len(events) == 20_000
+    assert kinds[0] is UserRegistered
+    assert kinds.count(MessageSent) > 0.8 * len(events)
+    assert kinds.count(ConversationCreated) == 200
+    assert len({type(e) for e in events}) >= 8, "edits, deletes, reactions, markers, joins too"
+
+
+async def test_bench_project_writes_its_figures(stack: StackInfo, tmp_path: Path) -> None:
+    out = tmp_path / "project.json"
+    argv = ["bench", "project", "--events", "1500", "--live-events", "40", "--live-rate", "100"]
+    status = await asyncio.to_thread(main, [*argv, "--json", str(out)])
+    assert status == 0
+    document = json.loads(out.read_text())
+    assert document["bench"] == "project"
+    assert document["params"]["events"] == 1500
+    names = [r["name"] for r in document["results"]]
+    assert names == [
+        "write: encode_event + send_records",
+        "replay: Projector over LogReader",
+        "raw COPY of the same rows",
+        "live: append -> applied (worker)",
+    ]
+    replay = document["results"][1]
+    assert replay["count"] == 1500
+    assert replay["per_second"] > 0
+    assert document["results"][3]["count"] == 40
+    assert document["live_p99_ms"] >= document["live_p50_ms"] > 0
+    assert document["replay_vs_copy"] > 0
