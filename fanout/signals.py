@@ -1,0 +1,201 @@
+"""Ephemeral signals over Redis pub/sub: revocations in, typing and presence both ways.
+
+Nothing here touches the log. Each node subscribes once (one connection) to three channels
+of its namespace:
+
+* ``<ns>:revocations`` (published by ingest's session store): close the session's sockets;
+* ``<ns>:typing``: ``{"conversation_id", "user_id"}``, delivered to the conversation's
+  local members other than the typist;
+* ``<ns>:presence``: ``{"user_id", "status", "conversations"}``, delivered to the local
+  members of those conversations.
+
+Presence is a sorted set per user, ``<ns>:presence:<user>``, of the nodes holding one of
+their sockets, scored by expiry: a node adds itself on the user's first local socket and
+renews every third of the TTL; "online" is published when the set goes from empty to one
+node, "offline" when the last node leaves. A crashed node's entries lapse with the TTL
+(readers of the set see the user offline; no "offline" is published for them).
+
+Outgoing signals go through one queue and one sender task: the socket code never awaits
+Redis, and bursts are pipelined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgspec
+import structlog
+from redis.asyncio import Redis
+
+log = structlog.get_logger(__name__)
+
+
+class TypingSignal(msgspec.Struct, frozen=True):
+    conversation_id: uuid.UUID
+    user_id: uuid.UUID
+
+
+class PresenceSignal(msgspec.Struct, frozen=True):
+    user_id: uuid.UUID
+    status: str
+    conversations: list[uuid.UUID]
+
+
+class RevocationSignal(msgspec.Struct, frozen=True):
+    session_id: uuid.UUID
+    user_id: uuid.UUID
+    reason: str = ""
+
+
+_encode = msgspec.json.Encoder().encode
+_typing = msgspec.json.Decoder(TypingSignal).decode
+_presence = msgspec.json.Decoder(PresenceSignal).decode
+_revocation = msgspec.json.Decoder(RevocationSignal).decode
+
+Outgoing = tuple[str, Any]
+
+
+class Signals:
+    def __init__(
+        self,
+        redis: Redis,
+        namespace: str,
+        node_id: str,
+        *,
+        presence_ttl: float,
+        on_typing: Callable[[TypingSignal], None],
+        on_presence: Callable[[PresenceSignal], None],
+        on_revocation: Callable[[RevocationSignal], None],
+    ) -> None:
+        self._redis = redis
+        self._ns = namespace
+        self._node = node_id
+        self._ttl = presence_ttl
+        self._on = {
+            f"{namespace}:typing": lambda raw: on_typing(_typing(raw)),
+            f"{namespace}:presence": lambda raw: on_presence(_presence(raw)),
+            f"{namespace}:revocations": lambda raw: on_revocation(_revocation(raw)),
+        }
+        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self.subscribed = asyncio.Event()
+
+    def _presence_key(self, user_id: uuid.UUID) -> str:
+        return f"{self._ns}:presence:{user_id}"
+
+    # --- out ---------------------------------------------------------------------------
+
+    def typing(self, conversation_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        self._outbox.put_nowait(("typing", TypingSignal(conversation_id, user_id)))
+
+    def online(self, user_id: uuid.UUID, conversations: Iterable[uuid.UUID]) -> None:
+        self._outbox.put_nowait(("online", PresenceSignal(user_id, "online", list(conversations))))
+
+    def offline(self, user_id: uuid.UUID, conversations: Iterable[uuid.UUID]) -> None:
+        self._outbox.put_nowait(
+            ("offline", PresenceSignal(user_id, "offline", list(conversations)))
+        )
+
+    async def send(self) -> None:
+        """The sender task: drain the outbox, a burst per pipeline."""
+        while True:
+            _raise_if_cancelled()
+            items = [await self._outbox.get()]
+            while not self._outbox.empty() and len(items) < 500:
+                items.append(self._outbox.get_nowait())
+            try:
+                await self._send(items)
+            except Exception:  # signals are best effort; the node carries on
+                log.warning("fanout.signals_failed", exc_info=True, count=len(items))
+
+    async def _send(self, items: list[Outgoing]) -> None:
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=True)
+        for kind, signal in items:
+            if kind == "typing":
+                pipe.publish(f"{self._ns}:typing", _encode(signal))
+            else:
+                key = self._presence_key(signal.user_id)
+                pipe.zremrangebyscore(key, "-inf", now)
+                if kind == "online":
+                    pipe.zadd(key, {self._node: now + self._ttl})
+                else:
+                    pipe.zrem(key, self._node)
+                pipe.zcard(key)
+                pipe.expire(key, int(self._ttl * 2))
+        results = await pipe.execute()
+        cursor = 0
+        announce = self._redis.pipeline(transaction=False)
+        for kind, signal in items:
+            if kind == "typing":
+                cursor += 1
+                continue
+            count = results[cursor + 2]
+            cursor += 4
+            if (kind == "online" and count == 1) or (kind == "offline" and count == 0):
+                announce.publish(f"{self._ns}:presence", _encode(signal))
+        if len(announce):
+            await announce.execute()
+
+    async def heartbeat(self, users: Callable[[], Iterable[uuid.UUID]]) -> None:
+        """Renew this node's presence entries every third of the TTL."""
+        while True:
+            _raise_if_cancelled()
+            await asyncio.sleep(self._ttl / 3)
+            expiry = time.time() + self._ttl
+            pipe = self._redis.pipeline(transaction=False)
+            for user_id in list(users()):
+                key = self._presence_key(user_id)
+                pipe.zadd(key, {self._node: expiry})
+                pipe.expire(key, int(self._ttl * 2))
+            try:
+                await pipe.execute()
+            except Exception:  # the next beat tries again
+                log.warning("fanout.heartbeat_failed", exc_info=True)
+
+    # --- in ----------------------------------------------------------------------------
+
+    async def listen(self) -> None:
+        """Receive the three channels until cancelled; reconnects after Redis errors."""
+        while True:
+            _raise_if_cancelled()
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*self._on)
+                self.subscribed.set()
+                while True:
+                    _raise_if_cancelled()
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    channel = message["channel"]
+                    handler = self._on.get(
+                        channel.decode() if isinstance(channel, bytes) else channel
+                    )
+                    if handler is None:
+                        continue
+                    try:
+                        handler(message["data"])
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        log.warning("fanout.bad_signal", channel=str(channel))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis went away: resubscribe after a pause
+                self.subscribed.clear()
+                log.warning("fanout.pubsub_lost", exc_info=True)
+                await asyncio.sleep(1.0)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a client library swallowed (redis-py can, mid-command).
+
+    Without this a loop whose cancellation was eaten waits on its next ``await`` forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
