@@ -25,6 +25,7 @@ from ingest.auth.errors import (
 )
 from ingest.auth.sessions import TokenPair as IssuedPair
 from ingest.context import STORE, Principal
+from ingest.erasure import erase_user
 from ingest.http import REQUEST_ID, json_response, read_body
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
@@ -204,6 +205,18 @@ async def change_password(request: web.Request) -> web.Response:
     return json_response(Accepted(position=recorded.position.token()), 202)
 
 
+async def erase_me(request: web.Request) -> web.Response:
+    caller = await guard(request, "auth", scope="sessions")
+    recorded = await erase_user(
+        request.app[STORE],
+        request.app[AUTH],
+        caller.user_id,
+        actor=caller.user_id,
+        correlation_id=request[REQUEST_ID],
+    )
+    return json_response(Accepted(position=recorded.position.token()), 202)
+
+
 async def create_api_key(request: web.Request) -> web.Response:
     caller = await guard(request, "write", scope="sessions")
     body = await read_body(request, ApiKeyBody)
@@ -277,6 +290,14 @@ OPERATIONS = (
         summary="Change the password; every session of the user ends",
         status=202,
         body=PasswordBody,
+        answer=Accepted,
+    ),
+    Operation(
+        method="DELETE",
+        path="/v1/users/me",
+        handler=erase_me,
+        summary="Erase the caller: data key destroyed, content redacted, sessions ended",
+        status=202,
         answer=Accepted,
     ),
     Operation(

@@ -26,7 +26,7 @@ from ingest.app import OPERATIONS
 from tests.system_fixtures import System
 
 # Operations that end the fuzzing user's session would turn every later case into a 401.
-SESSION_ENDING = {"POST /v1/auth/logout", "POST /v1/users/me/password"}
+SESSION_ENDING = {"POST /v1/auth/logout", "POST /v1/users/me/password", "DELETE /v1/users/me"}
 SLOW = {"POST /v1/auth/register", "POST /v1/auth/login"}  # bcrypt at cost 12 per case
 CASES, SLOW_CASES = 20, 6
 
