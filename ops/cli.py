@@ -10,7 +10,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ops import bench, dlq, replay, serve, status, testing, up
+    from ops import bench, dlq, privacy, replay, serve, status, testing, up
     from ops.stack.commands import register as register_stack
 
     parser = argparse.ArgumentParser(prog="backbone", description=__doc__)
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.register(sub)
     dlq.register(sub)
     status.register(sub)
+    privacy.register(sub)
     testing.register(sub)
     return parser
 
