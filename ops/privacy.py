@@ -18,13 +18,13 @@ import datetime as dt
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
 
-from eventstore import EventStore, EventStoreError, RecordedEvent, Settings, stream_placement
+from eventstore import EventStore, EventStoreError, RecordedEvent, Settings
+from eventstore.audit import AuditFilter, audit_events
 from eventstore.cloudevents import structured
 from ingest.auth.tokens import load_jwt_keys, new_jwt_key, parse_jwt_keys
 from ingest.config import load_ingest_config
@@ -32,72 +32,9 @@ from ingest.erasure import erase_user
 from ingest.security import AuthService
 from ops.deployment import command_settings
 from schemas import EVENT_TYPES, parse_time
-from schemas.events import Event, InitialMember
 
 OPERATOR = uuid.UUID(int=0)
 """The actor recorded for operator actions taken from the CLI."""
-
-
-class AuditFilter(msgspec.Struct, frozen=True, kw_only=True):
-    user: uuid.UUID | None = None
-    conversation: uuid.UUID | None = None
-    types: frozenset[str] = frozenset()
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
-
-    def matches(self, recorded: RecordedEvent) -> bool:
-        envelope, event = recorded.envelope, recorded.event
-        if self.types and envelope.type not in self.types:
-            return False
-        if self.since is not None and envelope.time < self.since:
-            return False
-        if self.until is not None and envelope.time > self.until:
-            return False
-        if self.conversation is not None and event.stream_id != self.conversation:
-            return False
-        return self.user is None or self.user in _ids_named(event)
-
-
-def _ids_named(event: Event) -> set[uuid.UUID]:
-    """Every user or stream id an event names (its stream, actors, members, targets)."""
-    named: set[uuid.UUID] = set()
-    for field in event.__struct_fields__:
-        value = getattr(event, field)
-        if isinstance(value, uuid.UUID):
-            named.add(value)
-        elif isinstance(value, tuple):
-            for item in value:
-                if isinstance(item, uuid.UUID):
-                    named.add(item)
-                elif isinstance(item, InitialMember):
-                    named.add(item.user_id)
-    return named
-
-
-async def audit_events(store: EventStore, wanted: AuditFilter) -> AsyncIterator[RecordedEvent]:
-    """The matching events, in log order per partition, up to the log end as of the call."""
-    streams: Sequence[Any] = ("user", "conversation")
-    offsets = None
-    if wanted.conversation is not None:
-        streams = ("conversation",)
-    reader = store.reader(streams)
-    await reader.start()
-    try:
-        if wanted.conversation is not None:
-            # Only the conversation's partition holds its events: skip the others' records.
-            topic = store.layout.topic("conversation")
-            _, mine = stream_placement(wanted.conversation, store.settings.conversation_partitions)
-            ends = await reader.end_offsets()
-            offsets = {p: end for p, end in ends.items() if p != (topic, mine)}
-            await reader.stop()
-            reader = store.reader(streams)
-            await reader.start(offsets=offsets)
-        async for batch in reader.batches_until_end():
-            for item in batch.items:
-                if isinstance(item, RecordedEvent) and wanted.matches(item):
-                    yield item
-    finally:
-        await reader.stop()
 
 
 def _row(recorded: RecordedEvent) -> str:

@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from eventstore import RecordedEvent
-from ops.privacy import AuditFilter, audit_events, erase_async, run_audit_async
+from eventstore.audit import AuditFilter, audit_events
+from ops.privacy import erase_async, run_audit_async
 from tests.system_fixtures import System
 
 
