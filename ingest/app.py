@@ -21,7 +21,8 @@ from eventstore import EventStore, LogEnds, Settings
 from ingest import authroutes, commands, reads
 from ingest.auth.tokens import TokenKeys, load_jwt_keys
 from ingest.config import IngestConfig
-from ingest.context import CONFIG, ENDS, READ, REDIS, SETTINGS_KEY, STORE
+from ingest.context import CONFIG, ENDS, EXPORTS, READ, REDIS, SETTINGS_KEY, STORE
+from ingest.exports import Exports
 from ingest.http import json_response, request_middleware
 from ingest.openapi import Operation, add_routes, build_document
 from ingest.reads import READS
@@ -144,11 +145,14 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[ENDS] = ends
         app[READ] = ReadSide(store.pool, redis, settings.topic_prefix)
         app[READS] = Reads(store.pool, store.layout, store.epoch)
+        app[EXPORTS] = Exports(store)
         app[AUTH] = AuthService.build(store.pool, redis, settings, app[CONFIG], app[KEYS])
         log.info("ingest.started")
         yield
     finally:
         log.info("ingest.stopping")
+        if EXPORTS in app:
+            await app[EXPORTS].close()
         await ends.stop()
         await redis.aclose()
         await store.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -24,9 +25,9 @@ from ingest.auth.errors import (
     WeakPassword,
 )
 from ingest.auth.sessions import TokenPair as IssuedPair
-from ingest.context import STORE, Principal
+from ingest.context import EXPORTS, STORE, Principal
 from ingest.erasure import erase_user
-from ingest.http import REQUEST_ID, json_response, read_body
+from ingest.http import REQUEST_ID, json_response, path_uuid, read_body
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
 from ingest.security import AUTH, caller_ip, guard, limit
@@ -41,6 +42,8 @@ from schemas.api import (
     Accepted,
     ApiKeyBody,
     ApiKeyCreated,
+    ExportStarted,
+    ExportState,
     LoginBody,
     PasswordBody,
     ProfilePatch,
@@ -217,6 +220,20 @@ async def erase_me(request: web.Request) -> web.Response:
     return json_response(Accepted(position=recorded.position.token()), 202)
 
 
+async def start_export(request: web.Request) -> web.Response:
+    caller = await guard(request, "auth", scope="sessions")
+    export_id = await request.app[EXPORTS].start(caller.user_id)
+    return json_response(ExportStarted(export_id=export_id), 202)
+
+
+async def get_export(request: web.Request) -> web.Response:
+    caller = await guard(request, "read", scope="sessions")
+    found = await request.app[EXPORTS].status(caller.user_id, path_uuid(request, "export_id"))
+    if found is None:
+        raise ProblemError("not-found", "no such export")
+    return json_response(msgspec.convert(found, ExportState))
+
+
 async def create_api_key(request: web.Request) -> web.Response:
     caller = await guard(request, "write", scope="sessions")
     body = await read_body(request, ApiKeyBody)
@@ -299,6 +316,21 @@ OPERATIONS = (
         summary="Erase the caller: data key destroyed, content redacted, sessions ended",
         status=202,
         answer=Accepted,
+    ),
+    Operation(
+        method="POST",
+        path="/v1/users/me/export",
+        handler=start_export,
+        summary="Export everything held about the caller (JSON archive in S3)",
+        status=202,
+        answer=ExportStarted,
+    ),
+    Operation(
+        method="GET",
+        path="/v1/users/me/export/{export_id}",
+        handler=get_export,
+        summary="An export's state and, when done, a short-lived download URL",
+        answer=ExportState,
     ),
     Operation(
         method="POST",

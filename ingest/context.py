@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from eventstore import EventStore, LogEnds, Settings
 from ingest.config import IngestConfig
+from ingest.exports import Exports
 from ingest.problems import ProblemError
 from projectors.read import ReadSide
 
@@ -19,6 +20,7 @@ READ = web.AppKey("read", ReadSide)
 ENDS = web.AppKey("ends", LogEnds)
 CONFIG = web.AppKey("config", IngestConfig)
 SETTINGS_KEY = web.AppKey("settings", Settings)
+EXPORTS = web.AppKey("exports", Exports)
 
 
 class Principal(msgspec.Struct, frozen=True):

@@ -267,3 +267,19 @@ class MemberPage(msgspec.Struct, frozen=True, kw_only=True):
     next: str | None
     prev: str | None
     position: str | None
+
+
+# --- privacy ---------------------------------------------------------------------------------
+
+
+class ExportStarted(Answer, frozen=True, kw_only=True):
+    export_id: Id
+
+
+class ExportState(Answer, frozen=True, kw_only=True):
+    export_id: Id
+    state: Literal["running", "done", "failed"]
+    created_at: str
+    finished_at: str | None = None
+    download_url: str | None = None
+    expires_in: int | None = None

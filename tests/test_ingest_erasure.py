@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import uuid
+
+import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ingest.exports import collect
 from projectors.read import recent_key
 from tests.system_fixtures import System
 
@@ -92,3 +98,74 @@ async def test_erasing_me_redacts_everywhere_and_ends_my_sessions(system: System
 
     # Her name is free for others again.
     assert (await api.register(alice.username)) is not None
+
+
+async def _seen(system: System, token: str, path: str) -> None:
+    """A read with ``min_position``: returns once the read model reflects it."""
+    assert (await system.api.call("GET", path, token=token)).status == 200
+
+
+async def _export(system: System, token: str) -> dict[str, object]:
+    api = system.api
+    started = await api.call("POST", "/v1/users/me/export", token=token)
+    assert started.status == 202, started.body
+    path = f"/v1/users/me/export/{started.body['export_id']}"
+    async with asyncio.timeout(30):
+        while (state := await api.call("GET", path, token=token)).body["state"] == "running":
+            await asyncio.sleep(0.05)
+    assert state.body["state"] == "done", state.body
+    async with aiohttp.ClientSession() as http, http.get(state.body["download_url"]) as got:
+        assert got.status == 200
+        document: dict[str, object] = json.loads(await got.read())
+    return document
+
+
+async def test_export_holds_everything_and_nothing_readable_after_erasure(system: System) -> None:
+    api = system.api
+    alice, bob = await api.user(), await api.user()
+    room = await api.call(
+        "POST",
+        "/v1/conversations",
+        token=alice.access,
+        json={"name": "exported", "members": [str(bob.user_id)]},
+    )
+    cid = room.body["conversation_id"]
+    sent = await api.call(
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        token=alice.access,
+        json={"client_msg_id": "e1", "content": "export me please"},
+    )
+    patched = await api.call(
+        "PATCH", "/v1/users/me", token=alice.access, json={"status": "exporting"}
+    )
+    await _seen(system, alice.access, f"/v1/users/me?min_position={patched.body['position']}")
+    await _seen(
+        system, alice.access, f"/v1/conversations/{cid}?min_position={sent.body['position']}"
+    )
+
+    document = await _export(system, alice.access)
+    text = json.dumps(document)
+    assert document["user_id"] == str(alice.user_id)
+    assert "export me please" in text
+    assert alice.username in text
+    assert "exporting" in text
+    assert [m["conversation_id"] for m in document["memberships"]] == [cid]  # type: ignore[index]
+    assert document["sessions"]
+    assert "password" not in text
+    assert "bob stays" not in text
+    # Someone else's export is not yours to read.
+    foreign = await api.call("GET", "/v1/users/me/export/" + str(uuid.uuid4()), token=bob.access)
+    assert foreign.status == 404
+
+    # After erasure an operator's export of her holds nothing readable of her.
+    erased = await api.call("DELETE", "/v1/users/me", token=alice.access)
+    await _seen(
+        system, bob.access, f"/v1/users/{alice.user_id}?min_position={erased.body['position']}"
+    )
+    after = await collect(system.store, alice.user_id)
+    text = json.dumps(after, default=str)
+    assert "export me please" not in text
+    assert alice.username not in text
+    assert "exporting" not in text
+    assert '"kind": "erased"' in text
