@@ -16,7 +16,15 @@ Two ways to read:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Literal, Protocol
 
 import msgspec
@@ -49,10 +57,15 @@ class OffsetRange(msgspec.Struct, frozen=True):
 
 
 class Batch(msgspec.Struct, frozen=True):
-    """Decoded records in log order per partition, and the offset range of each partition."""
+    """Decoded records in log order per partition, and the offset range of each partition.
+
+    A reader made with ``decode=False`` (the archiver) leaves ``items`` empty and hands over
+    the records exactly as Kafka returned them in ``records`` instead.
+    """
 
     items: list[Decoded]
     ranges: dict[Partition, OffsetRange]
+    records: dict[Partition, Sequence[RecordLike]] = msgspec.field(default_factory=dict)
 
 
 class PositionsMoved(EventStoreError):
@@ -73,6 +86,7 @@ class PositionStore(Protocol):
 
 
 BatchHandler = Callable[[Batch], Awaitable[None]]
+IdleHandler = Callable[[], Awaitable[None]]
 
 
 def _consumer(
@@ -111,6 +125,16 @@ async def _decode(
     return Batch(items, ranges)
 
 
+def _raw(records: Mapping[TopicPartition, Sequence[RecordLike]]) -> Batch:
+    by_partition: dict[Partition, Sequence[RecordLike]] = {}
+    ranges: dict[Partition, OffsetRange] = {}
+    for tp, recs in records.items():
+        if recs:
+            by_partition[(tp.topic, tp.partition)] = recs
+            ranges[(tp.topic, tp.partition)] = OffsetRange(recs[0].offset, recs[-1].offset)
+    return Batch([], ranges, by_partition)
+
+
 class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, reader: GroupReader) -> None:
         self._reader = reader
@@ -141,10 +165,16 @@ class GroupReader:
         max_records: int = 5000,
         poll_timeout_ms: int = 200,
         instance_id: str | None = None,
+        decode: bool = True,
+        on_idle: IdleHandler | None = None,
     ) -> None:
         """``instance_id`` makes this a static member (KIP-345): a restarted process with the
         same id takes its partitions back at once instead of waiting for the session of its
-        dead predecessor to time out. Ids must be unique within the group."""
+        dead predecessor to time out. Ids must be unique within the group.
+
+        ``decode=False`` hands over raw records (:attr:`Batch.records`) without decoding.
+        ``on_idle`` is awaited after a poll that brought nothing, under the same lock as a
+        batch (so no partition is revoked meanwhile): a handler that buffers can flush there."""
         self._settings = settings
         self._instance_id = instance_id
         self._layout = TopicLayout.from_settings(settings)
@@ -156,6 +186,8 @@ class GroupReader:
         self._epoch = epoch
         self._max_records = max_records
         self._poll_timeout_ms = poll_timeout_ms
+        self._decode = decode
+        self._on_idle = on_idle
         self._batch_lock = asyncio.Lock()
         # Next offset to hand over per partition (set from the stored position on assignment).
         self._next: dict[Partition, int] = {}
@@ -227,12 +259,18 @@ class GroupReader:
                     timeout_ms=self._poll_timeout_ms, max_records=self._max_records
                 )
                 if not records:
+                    if self._on_idle is not None:
+                        async with self._batch_lock:
+                            await self._on_idle()
                     continue
                 async with self._batch_lock:
                     fresh = self._unseen(records, consumer.assignment())
                     if not fresh:
                         continue
-                    batch = await _decode(fresh, self._layout, self._epoch, self._keys)
+                    if self._decode:
+                        batch = await _decode(fresh, self._layout, self._epoch, self._keys)
+                    else:
+                        batch = _raw(fresh)
                     try:
                         await self._handler(batch)
                     except PositionsMoved as exc:
@@ -273,26 +311,34 @@ class LogReader:
         self,
         start_at: StartAt = "beginning",
         offsets: Mapping[Partition, int] | None = None,
+        *,
+        partitions: Collection[Partition] | None = None,
     ) -> None:
-        """Assign every partition and position it at ``start_at`` or at ``offsets``."""
+        """Assign every partition (or only ``partitions``, e.g. one worker's share of a
+        parallel replay) and position it at ``start_at`` or at ``offsets``."""
         consumer = _consumer(self._settings, None)
         try:
             await consumer.start()
-            partitions: list[TopicPartition] = []
+            assigned: list[TopicPartition] = []
             for stream in self._streams:
                 topic = self._layout.topic(stream)
                 found = consumer.partitions_for_topic(topic)
                 if not found:
                     await consumer._client.force_metadata_update()
                     found = consumer.partitions_for_topic(topic) or set()
-                partitions.extend(TopicPartition(topic, p) for p in sorted(found))
-            consumer.assign(partitions)
+                assigned.extend(
+                    TopicPartition(topic, p)
+                    for p in sorted(found)
+                    if partitions is None or (topic, p) in partitions
+                )
+            consumer.assign(assigned)
             if start_at == "end":
-                await consumer.seek_to_end(*partitions)
+                await consumer.seek_to_end(*assigned)
             else:
-                await consumer.seek_to_beginning(*partitions)
+                await consumer.seek_to_beginning(*assigned)
             for (topic, partition), offset in (offsets or {}).items():
-                consumer.seek(TopicPartition(topic, partition), offset)
+                if partitions is None or (topic, partition) in partitions:
+                    consumer.seek(TopicPartition(topic, partition), offset)
         except KafkaError as exc:
             await consumer.stop()
             raise LogUnavailable(f"Kafka unreachable: {exc}") from exc
@@ -329,22 +375,52 @@ class LogReader:
         return await _decode(records, self._layout, self._epoch, self._keys)
 
     async def batches_until_end(self, timeout_ms: int = 500) -> AsyncIterator[Batch]:
-        """Batches up to the end offsets as they stand when this is called, then stop."""
+        """Batches up to the end offsets as they stand when this is called, then stop.
+
+        The reader can be used on afterwards (another ``batches_until_end``, ``next_batch``):
+        a partition that reached its end is paused, so nothing past the end is fetched for it,
+        and any records past the end that were fetched before (and dropped here) are fetched
+        again, since the partition is sought back to its end when this stops.
+        """
         consumer = self._require()
         target = await self.end_offsets()
-        remaining = {p for p, end in target.items() if await self._position(p) < end}
-        while remaining:
-            records = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
-            trimmed = {
-                tp: [r for r in recs if r.offset < target[(tp.topic, tp.partition)]]
-                for tp, recs in records.items()
-            }
-            batch = await _decode(trimmed, self._layout, self._epoch, self._keys)
-            if batch.items:
-                yield batch
-            for p in list(remaining):
-                if await self._position(p) >= target[p]:
-                    remaining.discard(p)
+        remaining: set[Partition] = set()
+        done: list[TopicPartition] = []
+        for p, end in target.items():
+            if await self._position(p) < end:
+                remaining.add(p)
+            else:
+                done.append(TopicPartition(*p))
+        consumer.pause(*done)
+        paused = set(done)
+        trimmed: set[TopicPartition] = set()
+        try:
+            while remaining:
+                records = await consumer.getmany(
+                    timeout_ms=timeout_ms, max_records=self._max_records
+                )
+                kept: dict[TopicPartition, Sequence[RecordLike]] = {}
+                for tp, recs in records.items():
+                    end = target[(tp.topic, tp.partition)]
+                    if recs and recs[-1].offset >= end:
+                        trimmed.add(tp)
+                        recs = [r for r in recs if r.offset < end]
+                    kept[tp] = recs
+                batch = await _decode(kept, self._layout, self._epoch, self._keys)
+                if batch.items:
+                    yield batch
+                for p in list(remaining):
+                    if await self._position(p) >= target[p]:
+                        remaining.discard(p)
+                        tp = TopicPartition(*p)
+                        consumer.pause(tp)
+                        paused.add(tp)
+        finally:
+            # Unless the reader was stopped meanwhile (then the consumer is closed).
+            if self._consumer is not None:
+                for tp in trimmed:
+                    consumer.seek(tp, target[(tp.topic, tp.partition)])
+                consumer.resume(*paused)
 
     async def _position(self, partition: Partition) -> int:
         consumer = self._require()

@@ -10,7 +10,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ops import bench, dlq, privacy, replay, serve, status, testing, up
+    from ops import archive_cli, backup, bench, dlq, privacy, replay, serve, status, testing, up
     from ops.stack.commands import register as register_stack
 
     parser = argparse.ArgumentParser(prog="backbone", description=__doc__)
@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.register(sub)
     status.register(sub)
     privacy.register(sub)
+    backup.register(sub)
     testing.register(sub)
+    archive_cli.register(sub)
     return parser
 
 

@@ -36,6 +36,7 @@ def tiers(args: argparse.Namespace) -> list[Tier]:
             copies=args.fanout_workers,
             url=f"ws://127.0.0.1:{args.fanout_port}/v1/ws",
         ),
+        Tier("archiver", "ops.archiver", copies=1),
     ]
     return [t for t in declared if t.available()]
 

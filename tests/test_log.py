@@ -19,7 +19,7 @@ from eventstore import (
     SubjectErased,
 )
 from eventstore.metrics import EVENTS_SKIPPED
-from schemas import ERASED, MessageSent, UserRegistered
+from schemas import ERASED, MessageSent, UserProfileUpdated, UserRegistered
 from tests.samples import sample_events
 
 
@@ -268,3 +268,64 @@ async def test_an_unreachable_database_stops_start_up_naming_it(settings: Settin
         with pytest.raises(KeyStoreUnavailable, match=re.escape("127.0.0.1:1")) as caught:
             await EventStore.open(bad)
     assert "secret" not in str(caught.value), "the password is not printed"
+
+
+async def test_a_reader_used_again_after_reading_to_the_end_leaves_no_gap(
+    store: EventStore,
+) -> None:
+    """Records written while ``batches_until_end`` runs may be fetched past its end and are not
+    handed over; a second ``batches_until_end`` on the same reader hands them over, so the two
+    passes together read every record once, in order, with no gap and no repeat."""
+    user, room, sender = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    def profile(n: int) -> UserProfileUpdated:
+        return UserProfileUpdated(user_id=user, status=f"status {n}")
+
+    def message(n: int) -> MessageSent:
+        return MessageSent(
+            conversation_id=room,
+            message_id=uuid.uuid4(),
+            sender_id=sender,
+            client_msg_id=f"m{n}",
+            body=f"message {n} ".ljust(4000, "x"),
+        )
+
+    seen: list[tuple[str, int]] = []
+    offsets: dict[tuple[str, int], list[int]] = {}
+
+    def note(items: list[RecordedEvent | Skipped]) -> None:
+        for item in items:
+            assert isinstance(item, RecordedEvent)
+            position = item.position
+            offsets.setdefault((position.stream, position.partition), []).append(position.offset)
+            event = item.event
+            if isinstance(event, UserProfileUpdated):
+                assert isinstance(event.status, str)
+                seen.append(("user", int(event.status.split()[1])))
+            else:
+                assert isinstance(event, MessageSent)
+                seen.append(("room", int(event.client_msg_id[1:])))
+
+    # About 7 MB in the room's partition: more than one fetch (4 MB per partition), so the
+    # user's partition is fetched on past its end while the room's still has records to go.
+    await store.producer.append([profile(0)])
+    for start in range(0, 1300, 100):
+        await store.producer.append([message(n) for n in range(start, start + 100)])
+    reader = store.reader(max_records=50)
+    await reader.start("beginning")
+    try:
+        first = True
+        async for batch in reader.batches_until_end():
+            note(batch.items)
+            if first:
+                await store.producer.append([profile(n) for n in range(1, 6)])
+                first = False
+            await asyncio.sleep(0.005)
+        async for batch in reader.batches_until_end():
+            note(batch.items)
+    finally:
+        await reader.stop()
+    assert [n for kind, n in seen if kind == "user"] == list(range(6))
+    assert [n for kind, n in seen if kind == "room"] == list(range(1300))
+    for partition, found in offsets.items():
+        assert found == list(range(found[0], found[0] + len(found))), partition

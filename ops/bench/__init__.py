@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ops.bench import fanout, ingest, produce, project
+from ops.bench import fanout, ingest, produce, project, recovery
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -14,3 +14,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fanout.register(benches)
     ingest.register(benches)
     project.register(benches)
+    recovery.register(benches)

@@ -1,0 +1,464 @@
+"""The S3 archive against the real stack: Kafka, S3Proxy and PostgreSQL (for the key store).
+
+One module fixture writes a few thousand events and archives them with an in-process archiver;
+the damage tests work on copies of that archive under fresh prefixes. The crash drill runs the
+archiver as ``python -m ops.archiver`` and SIGKILLs it while writes go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from eventstore import EventStore, GroupReader, LogEnds, Settings, TopicLayout
+from eventstore.archive import (
+    MANIFEST_SUFFIX,
+    Archive,
+    ArchiveConfig,
+    ArchivedRecord,
+    check_archive,
+    decode_segment,
+    gather_facts,
+    parse_name,
+    s3_client,
+    segment_name,
+    verify_archive,
+)
+from ops.archiver.worker import Archiver, never_decrypts
+from ops.environment import stack_env
+from ops.stack import StackInfo
+from schemas import Event, MessageSent
+from tests.samples import sample_events
+from tests.store_fixtures import fresh_topics
+
+Partition = tuple[str, int]
+BUCKET = "backbone-archive"
+EVENTS = 3000
+VERIFY = (sys.executable, "-m", "ops.cli", "archive", "verify", "--json")
+
+
+def traffic(count: int, *, rooms: int = 12, users: int = 6) -> list[Event]:
+    """``count`` events over several users and conversations (every event type included)."""
+    people = [uuid.uuid4() for _ in range(users)]
+    places = [uuid.uuid4() for _ in range(rooms)]
+    events: list[Event] = []
+    for user, room in zip(people, places, strict=False):
+        events.extend(sample_events(user, room))
+    while len(events) < count:
+        n = len(events)
+        events.append(
+            MessageSent(
+                conversation_id=places[n % rooms],
+                message_id=uuid.uuid4(),
+                sender_id=people[n % users],
+                client_msg_id=f"c-{n}",
+                body=f"message {n} " + "x" * (n % 200),
+            )
+        )
+    return events[:count]
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]], timeout: float, what: str, every: float = 0.1
+) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+def partitions_of(settings: Settings) -> list[Partition]:
+    layout = TopicLayout.from_settings(settings)
+    found = [(layout.topic("user"), p) for p in range(settings.user_partitions)]
+    found += [(layout.topic("conversation"), p) for p in range(settings.conversation_partitions)]
+    return found
+
+
+async def log_ends(settings: Settings) -> dict[Partition, int]:
+    ends = LogEnds(settings)
+    await ends.start()
+    try:
+        return await ends.end_offsets(partitions_of(settings))
+    finally:
+        await ends.stop()
+
+
+async def archived_next(archive: Archive, partitions: list[Partition]) -> dict[Partition, int]:
+    """Next offset after the last manifest per partition (read only: never repairs)."""
+    result: dict[Partition, int] = {}
+    for topic, partition in partitions:
+        under = archive.partition_prefix(topic, partition)
+        lasts = [
+            parsed[1]
+            for key in await archive.list_keys(under)
+            if (parsed := parse_name(key[len(under) :])) and parsed[2] == MANIFEST_SUFFIX
+        ]
+        result[(topic, partition)] = max(lasts) + 1 if lasts else 0
+    return result
+
+
+async def raw_log(settings: Settings) -> dict[Partition, list[ArchivedRecord]]:
+    """Every record of the log, as Kafka returns it."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(t, p) for t, p in partitions_of(settings)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: dict[Partition, list[ArchivedRecord]] = {
+            (tp.topic, tp.partition): [] for tp in partitions
+        }
+        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
+            for tp, recs in (await consumer.getmany(timeout_ms=500)).items():
+                records[(tp.topic, tp.partition)].extend(ArchivedRecord.of(r) for r in recs)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def archived_records(archive: Archive) -> dict[Partition, list[ArchivedRecord]]:
+    records: dict[Partition, list[ArchivedRecord]] = {}
+    for topic, partition in await archive.partitions():
+        for manifest in await archive.segments(topic, partition):
+            records.setdefault((topic, partition), []).extend(await archive.read_segment(manifest))
+    return records
+
+
+async def copy_archive(archive: Archive, client: Any) -> Archive:
+    """A copy of ``archive`` under a fresh prefix (to damage without touching the original)."""
+    copy = Archive(client, archive.bucket, f"copy-{uuid.uuid4().hex[:10]}")
+    keys = await archive.list_keys(archive.prefix + "/")
+
+    async def one(key: str) -> None:
+        await asyncio.to_thread(
+            client.copy_object,
+            Bucket=archive.bucket,
+            Key=copy.prefix + key[len(archive.prefix) :],
+            CopySource={"Bucket": archive.bucket, "Key": key},
+        )
+
+    await asyncio.gather(*(one(k) for k in keys))
+    return copy
+
+
+class Archived(msgspec.Struct):
+    settings: Settings
+    client: Any
+    archive: Archive
+    ends: dict[Partition, int]
+
+
+@pytest.fixture(scope="module")
+async def client(stack: StackInfo, base_settings: Settings) -> AsyncIterator[Any]:
+    made = s3_client(base_settings)
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+async def archived(base_settings: Settings, client: Any) -> Archived:
+    """A few thousand events written to fresh topics and archived by an in-process archiver."""
+    settings = await fresh_topics(base_settings)
+    async with await EventStore.open(settings) as store:
+        for start in range(0, EVENTS, 500):
+            await store.producer.append(traffic(EVENTS)[start : start + 500])
+    config = ArchiveConfig(
+        bucket=BUCKET, prefix=settings.topic_prefix, segment_records=250, flush_seconds=0.3
+    )
+    archive = Archive(client, config.bucket, config.prefix)
+    archiver = Archiver(archive, config)
+    reader = GroupReader(
+        settings,
+        group_id=f"{settings.topic_prefix}.archiver",
+        streams=("user", "conversation"),
+        positions=archiver,
+        handler=archiver.handle,
+        keys=never_decrypts,
+        epoch=0,
+        decode=False,
+        on_idle=archiver.idle,
+    )
+    archiver.owned = lambda: reader.assignment
+    ends = await log_ends(settings)
+    task = asyncio.create_task(reader.run())
+    try:
+
+        async def caught_up() -> bool:
+            if task.done():
+                task.result()
+            return await archived_next(archive, list(ends)) == ends
+
+        await wait_for(caught_up, 60, "the archive to reach the log end", every=0.3)
+    finally:
+        reader.stop()
+        await task
+    return Archived(settings, client, archive, ends)
+
+
+async def test_archive_holds_every_record_byte_for_byte(archived: Archived) -> None:
+    """Every record of every partition is in exactly one segment, with Kafka's exact bytes
+    (key, value, headers, timestamp, offset), and every chain verifies."""
+    expected = await raw_log(archived.settings)
+    assert sum(len(r) for r in expected.values()) == EVENTS
+    actual = await archived_records(archived.archive)
+    assert {p: r for p, r in expected.items() if r} == actual
+    result = await verify_archive(archived.archive)
+    assert result.problems == []
+    assert result.ok
+    chains = {(c.topic, c.partition): (c.first, c.next) for c in result.chains}
+    assert {p: (0, end) for p, end in archived.ends.items() if end} == chains
+    assert len(expected) > 3, "the events spread over several partitions"
+
+
+async def test_segment_names_and_manifests_chain(archived: Archived) -> None:
+    """Segments are bounded by the record limit, named by their offsets, and each manifest
+    links to the sha256 of the segment before it (the first links to nothing)."""
+    for topic, partition in await archived.archive.partitions():
+        manifests = await archived.archive.segments(topic, partition)
+        assert manifests[0].prev_sha256 is None
+        assert manifests[0].first == 0
+        for before, after in itertools.pairwise(manifests):
+            assert after.prev_sha256 == before.sha256
+            assert after.first == before.last + 1
+        assert all(1 <= m.count <= 250 for m in manifests)
+        assert all(m.format == 1 for m in manifests)
+
+
+async def _two_adjacent(archive: Archive) -> tuple[str, str, str]:
+    """A partition prefix and two adjacent segment names in it (not the first)."""
+    for topic, partition in await archive.partitions():
+        manifests = await archive.segments(topic, partition)
+        if len(manifests) >= 3:
+            a, b = manifests[1], manifests[2]
+            return (
+                archive.partition_prefix(topic, partition),
+                segment_name(a.first, a.last),
+                segment_name(b.first, b.last),
+            )
+    raise AssertionError("no partition with three segments")
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("alter", {("altered", "a")}),
+        ("delete", {("missing", "a")}),
+        ("delete-body", {("missing", "a")}),
+        ("swap", {("reordered", "a"), ("reordered", "b")}),
+        ("extra", {("extra", "x")}),
+    ],
+)
+async def test_verify_names_each_damaged_segment(
+    archived: Archived, damage: str, expected: set[tuple[str, str]]
+) -> None:
+    """Altering one byte, deleting a segment (or only its body), swapping two bodies or adding
+    an overlapping segment: ``verify`` names exactly the damaged segment and the kind."""
+    archive = await copy_archive(archived.archive, archived.client)
+    under, a, b = await _two_adjacent(archive)
+    names = {"a": a, "b": b}
+    if damage == "alter":
+        body = bytearray(await archive.get(under + a))
+        body[len(body) // 2] ^= 0x01
+        await archive.put(under + a, bytes(body), "application/octet-stream")
+    elif damage == "delete":
+        # The whole segment goes: its successor now starts after a gap.
+        await archive.delete(under + a)
+        await archive.delete(under + a.replace(".seg", MANIFEST_SUFFIX))
+    elif damage == "delete-body":
+        await archive.delete(under + a)
+    elif damage == "swap":
+        body_a, body_b = await archive.get(under + a), await archive.get(under + b)
+        await archive.put(under + a, body_b, "application/octet-stream")
+        await archive.put(under + b, body_a, "application/octet-stream")
+    else:
+        first_a, last_a, _ = parse_name(a) or (0, 0, "")
+        extra = segment_name(first_a + 1, last_a)
+        names["x"] = extra.replace(".seg", MANIFEST_SUFFIX)
+        manifest = await archive.get(under + a.replace(".seg", MANIFEST_SUFFIX))
+        doc = json.loads(manifest)
+        doc["first"] = first_a + 1
+        await archive.put(under + extra, await archive.get(under + a), "application/octet-stream")
+        await archive.put(under + names["x"], json.dumps(doc).encode(), "application/json")
+    result = await verify_archive(archive)
+    assert not result.ok
+    found = {(p.kind, p.name) for p in result.problems}
+    named = {(kind, names[which]) for kind, which in expected}
+    assert named <= found, result.problems
+    # Nothing but the damaged segments is blamed.
+    blamed = {p.name.replace(MANIFEST_SUFFIX, ".seg") for p in result.problems}
+    assert blamed <= {n.replace(MANIFEST_SUFFIX, ".seg") for n in names.values()}
+
+
+async def test_verify_cli_exit_status_and_json(archived: Archived, stack: StackInfo) -> None:
+    """``backbone archive verify --json`` exits 0 on a sound archive and 1 naming the altered
+    segment after one byte changed."""
+    archive = await copy_archive(archived.archive, archived.client)
+    env = stack_env(stack)
+
+    def verify() -> tuple[int, dict[str, Any]]:
+        done = subprocess.run(
+            [*VERIFY, "--prefix", archive.prefix],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        return done.returncode, json.loads(done.stdout)
+
+    code, document = await asyncio.to_thread(verify)
+    assert (code, document["ok"], document["problems"]) == (0, True, [])
+    under, a, _ = await _two_adjacent(archive)
+    body = bytearray(await archive.get(under + a))
+    body[-5] ^= 0xFF
+    await archive.put(under + a, bytes(body), "application/octet-stream")
+    code, document = await asyncio.to_thread(verify)
+    assert (code, document["ok"]) == (1, False)
+    assert [("altered", a)] == [(p["kind"], p["name"]) for p in document["problems"]]
+
+
+async def test_recover_completes_a_segment_whose_manifest_was_never_written(
+    archived: Archived,
+) -> None:
+    """A crash between a segment's body and its manifest: the next run finds the body,
+    writes the same manifest it would have written, and continues after it."""
+    archive = await copy_archive(archived.archive, archived.client)
+    under, _, _ = await _two_adjacent(archive)
+    topic, number = under[len(archive.prefix) + 1 :].rstrip("/").split("/")
+    manifests = await archive.segments(topic, int(number))
+    last = manifests[-1]
+    await archive.delete(under + segment_name(last.first, last.last, MANIFEST_SUFFIX))
+    assert (await verify_archive(archive)).problems[0].kind == "pending"
+    head = await archive.recover(topic, int(number))
+    assert (last.next, last.sha256) == (head.next, head.sha256)
+    rewritten = (await archive.segments(topic, int(number)))[-1]
+    assert msgspec.structs.replace(rewritten, created=last.created) == last
+    assert (await verify_archive(archive)).ok
+
+
+def test_check_archive_is_clean_on_an_empty_archive() -> None:
+    """No partitions, no problems."""
+    result = check_archive([])
+    assert result.ok
+    assert result.chains == []
+
+
+async def test_body_survives_encoding_byte_for_byte(archived: Archived) -> None:
+    """A segment decodes to the records it was made from (None keys and empty headers too)."""
+    facts = await gather_facts(archived.archive)
+    assert all(not p.strays for p in facts)
+    part = facts[0]
+    name = sorted(part.bodies)[0]
+    body = await archived.archive.get(
+        archived.archive.partition_prefix(part.topic, part.partition) + name
+    )
+    records = decode_segment(body).records
+    assert records[0].offset == 0
+
+
+# --- the crash drill ------------------------------------------------------------------------
+
+
+def _archiver_env(stack: StackInfo, settings: Settings) -> dict[str, str]:
+    env = stack_env(stack)
+    env.update(
+        BACKBONE_TOPIC_PREFIX=settings.topic_prefix,
+        BACKBONE_USER_PARTITIONS=str(settings.user_partitions),
+        BACKBONE_CONVERSATION_PARTITIONS=str(settings.conversation_partitions),
+        BACKBONE_ARCHIVE_SEGMENT_RECORDS="100",
+        BACKBONE_ARCHIVE_FLUSH_SECONDS="0.2",
+        BACKBONE_WORKER_INDEX="0",
+        BACKBONE_LOG_LEVEL="warning",
+    )
+    return env
+
+
+async def _start(env: Mapping[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ops.archiver",
+        env=dict(env),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.fault
+async def test_archiver_killed_at_random_points_leaves_a_complete_chain(
+    base_settings: Settings, stack: StackInfo, client: Any
+) -> None:
+    """SIGKILL ``python -m ops.archiver`` five times at random points while events are
+    written; after a final run the chain covers every offset exactly once, equals the log
+    byte for byte, and verifies; SIGTERM then stops the worker cleanly."""
+    settings = await fresh_topics(base_settings)
+    env = _archiver_env(stack, settings)
+    archive = Archive(client, BUCKET, settings.topic_prefix)
+    partitions = partitions_of(settings)
+    rng = random.Random(os.environ.get("BACKBONE_TEST_SEED", "archive-kill"))
+    stop_writing = asyncio.Event()
+
+    async with await EventStore.open(settings) as store:
+
+        async def write() -> int:
+            written = 0
+            while not stop_writing.is_set():
+                await store.producer.append(traffic(50))
+                written += 50
+                await asyncio.sleep(0.02)
+            return written
+
+        writer = asyncio.create_task(write())
+        try:
+            for _ in range(5):
+                before = sum((await archived_next(archive, partitions)).values())
+                proc = await _start(env)
+                try:
+
+                    async def progressed(before: int = before) -> bool:
+                        now = sum((await archived_next(archive, partitions)).values())
+                        return now > before
+
+                    await wait_for(progressed, 30, "the archiver to write a segment")
+                    await asyncio.sleep(rng.uniform(0.0, 0.4))  # the random kill point
+                finally:
+                    proc.send_signal(signal.SIGKILL)
+                    await proc.wait()
+        finally:
+            stop_writing.set()
+            written = await writer
+    assert written > 0
+    ends = await log_ends(settings)
+    proc = await _start(env)
+    try:
+
+        async def caught_up() -> bool:
+            return await archived_next(archive, partitions) == ends
+
+        await wait_for(caught_up, 60, "the archive to reach the log end", every=0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 0
+    result = await verify_archive(archive)
+    assert result.problems == []
+    expected = await raw_log(settings)
+    assert {p: r for p, r in expected.items() if r} == await archived_records(archive)
