@@ -1,10 +1,13 @@
-"""One client socket: an asyncio protocol, from the HTTP upgrade to the close.
+"""One client socket: an asyncio protocol, from the HTTP request to the close.
 
 No task, stream or per-message object lives for an idle socket: the protocol object (with
-``__slots__``), its transport and its parser are all there is, which is what keeps a held
-connection at a few kilobytes. Incoming bytes are parsed in ``data_received``; outgoing
-frames are appended to ``pending`` by the hub during a batch and written with one
-``writelines`` per socket and batch (:meth:`flush`).
+``__slots__``), its transport and its wsproto connection are all there is, which is what keeps
+a held connection at a few kilobytes. The request head is read by h11 and the upgrade accepted
+by wsproto (:mod:`fanout.handshake`); from then on incoming bytes are fed to the wsproto
+connection in ``data_received`` and its events handled at once. Outgoing frames are appended to
+``pending`` by the hub during a batch and written with one ``writelines`` per socket and batch
+(:meth:`flush`); they are encoded once per event, not per socket (:mod:`fanout.wire`), so only
+control frames (pong, close) go through the socket's own wsproto connection.
 
 **The send queue is the transport's buffer**, bounded in bytes: before each write the
 socket's unsent bytes are checked against ``queue_limit`` and a socket that cannot keep up
@@ -19,34 +22,32 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
+import h11
 import msgspec
+from wsproto.connection import Connection as WebSocket
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Message, Ping, TextMessage
 
 from fanout import frames
-from fanout.handshake import MAX_HEAD, HttpRefusal, check_upgrade, parse_head, refusal
-from fanout.handshake import upgrade_response as _upgrade_response
-from fanout.metrics import FRAMES_REFUSED
-from fanout.wire import (
-    CLOSE_POLICY,
-    CLOSE_RATE_LIMITED,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    FrameParser,
-    ProtocolError,
-    close_frame,
-    frame,
-    parse_close,
+from fanout.handshake import (
+    HttpRefusal,
+    RequestHead,
+    accept,
+    check_upgrade,
+    http_server,
+    refusal,
+    response,
 )
+from fanout.metrics import FRAMES_REFUSED
+from fanout.wire import CLOSE_POLICY, CLOSE_RATE_LIMITED, CLOSE_TOO_BIG
 
 if TYPE_CHECKING:
     from fanout.hub import Hub
 
 HEAD: Final = 0
-"""Reading the HTTP request."""
+"""Reading the HTTP request (or answering a plain HTTP one)."""
 AUTH: Final = 1
 """Upgraded; waiting for the ``auth`` frame."""
 ADMITTING: Final = 2
@@ -56,14 +57,18 @@ CLOSED: Final = 4
 
 Buffered = list[tuple[int, bytes]]
 
+_CAN_CLOSE: Final = frozenset({ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING})
+"""wsproto states in which a close frame is still ours to send (first, or as the answer)."""
+
 
 class Connection(asyncio.Protocol):
     __slots__ = (
-        "_head",
-        "_parser",
+        "_http",
+        "_partial",
         "_stamp",
         "_tokens",
         "_violations",
+        "_ws",
         "hub",
         "last_seen",
         "pending",
@@ -80,8 +85,11 @@ class Connection(asyncio.Protocol):
         self.hub = hub
         self.transport: asyncio.Transport | None = None
         self.state = HEAD
-        self._head = b""
-        self._parser: FrameParser | None = None
+        self._http: h11.Connection | None = http_server()
+        """Reads the request head; dropped once the socket is upgraded or answered."""
+        self._ws: WebSocket | None = None
+        self._partial: list[Any] | None = None
+        """The parts of a client message wsproto delivered in pieces, until its last one."""
         self.user_id: uuid.UUID | None = None
         self.session_id: uuid.UUID | None = None
         self.since: dict[int, int] = {}
@@ -108,6 +116,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
         self.transport = None
+        self._http = None
+        self._ws = None
+        self._partial = None
         self.pending = None
         self.resuming = None
         self.hub.lost(self)
@@ -117,72 +128,123 @@ class Connection(asyncio.Protocol):
         if self.state == HEAD:
             self._read_head(data)
             return
-        if self._parser is None or self.state == CLOSED:
+        ws = self._ws
+        if ws is None or self.state == CLOSED:
             return
-        try:
-            messages = self._parser.feed(data)
-        except ProtocolError as exc:
-            FRAMES_REFUSED.labels("protocol").inc()
-            self.close(exc.code, exc.reason)
-            return
-        for opcode, payload in messages:
+        ws.receive_data(data)
+        for event in ws.events():
             if self.state == CLOSED:
                 return
-            self._message(opcode, payload)
+            self._event(ws, event)
 
     # --- the HTTP request --------------------------------------------------------------
 
     def _read_head(self, data: bytes) -> None:
-        head = self._head + data
-        end = head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(head) > MAX_HEAD:
-                self._refuse(HttpRefusal(431, "request head too large"))
-            else:
-                self._head = head
-            return
-        self._head = b""
+        http = self._http
+        if http is None or http.their_state is not h11.IDLE:
+            return  # the request is being answered; nothing else is read
         try:
-            request = parse_head(head[:end])
-            if request.path != "/v1/ws":
-                self.hub.http(self, request)
-                return
-            key = check_upgrade(request, self.hub.config.origins)
-        except HttpRefusal as exc:
-            self._refuse(exc)
+            http.receive_data(data)
+            event = http.next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refuse(HttpRefusal(exc.error_status_hint, str(exc)))
             return
-        self._parser = FrameParser(self.hub.config.max_frame)
+        if event is h11.NEED_DATA:
+            return
+        if not isinstance(event, h11.Request):
+            self.abandon()  # the peer closed before sending a request
+            return
+        head = RequestHead.from_h11(event)
+        if head.path != "/v1/ws":
+            self.hub.http(self, head)
+            return
+        try:
+            check_upgrade(head, self.hub.config.origins)
+            answer, ws = accept(event)
+            # Past the head (and a body, which a GET has not) h11 pauses for the protocol
+            # switch and keeps what followed: the client's first frames.
+            after = http.next_event()
+            while isinstance(after, h11.Data | h11.EndOfMessage):
+                after = http.next_event()
+        except HttpRefusal as exc:
+            self.refuse(exc)
+            return
+        except h11.RemoteProtocolError as exc:
+            self.refuse(HttpRefusal(exc.error_status_hint, str(exc)))
+            return
+        rest, _ = http.trailing_data
+        self._http = None
+        self._ws = ws
         self.state = AUTH
-        self.write_raw(_upgrade_response(key))
-        if rest := head[end + 4 :]:
-            self.data_received(rest)
+        self.write_raw(answer)
+        if rest:
+            self.data_received(bytes(rest))
 
-    def _refuse(self, error: HttpRefusal) -> None:
+    def refuse(self, error: HttpRefusal) -> None:
+        """Answer the HTTP request with an error status (problem in JSON), and close."""
         FRAMES_REFUSED.labels(f"http_{error.status}").inc()
-        self.answer(refusal(error))
+        http = self._http
+        self.answer(b"" if http is None else refusal(http, error))
+
+    def respond(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        """Answer the plain HTTP request this connection read, and close."""
+        http = self._http
+        try:
+            raw = b"" if http is None else response(http, status, body, content_type)
+        except h11.LocalProtocolError:  # e.g. a body for a HEAD request: just close
+            raw = b""
+        self.answer(raw)
 
     def answer(self, raw: bytes) -> None:
         """Write a complete HTTP response and close (no keep-alive)."""
         self.state = CLOSED
+        self._http = None
         if self.transport is not None:
-            self.transport.write(raw)
+            if raw:
+                self.transport.write(raw)
             self.transport.close()
+
+    def abandon(self) -> None:
+        """Close a connection that is still in its HTTP request, without an answer."""
+        self.answer(b"")
 
     # --- WebSocket messages ------------------------------------------------------------
 
-    def _message(self, opcode: int, payload: bytes) -> None:
-        if opcode == OP_PING:
-            self.write_raw(frame(OP_PONG, payload))
+    def _event(self, ws: WebSocket, event: object) -> None:
+        if isinstance(event, Message):
+            self._data(event)
+        elif isinstance(event, Ping):
+            self.write_raw(ws.send(event.response()))
+        elif isinstance(event, CloseConnection):
+            # The client's own close is echoed with its code (RFC 6455 5.5.1); otherwise
+            # wsproto found a protocol error (framing, masking, UTF-8) and names the code.
+            if ws.state is not ConnectionState.REMOTE_CLOSING:
+                FRAMES_REFUSED.labels("protocol").inc()
+            self.close(event.code, event.reason or "")
+        # Pong: nothing to do (the client's activity already counts in ``last_seen``).
+
+    def _data(self, event: Message[Any]) -> None:
+        """Collect a client message (wsproto may deliver it in parts) up to ``max_frame``."""
+        parts = self._partial
+        if parts is None:
+            if event.message_finished and _size(event.data) <= self.hub.config.max_frame:
+                self._message(event.data)
+                return
+            parts = self._partial = []
+        parts.append(event.data)
+        if sum(map(_size, parts)) > self.hub.config.max_frame:
+            FRAMES_REFUSED.labels("protocol").inc()
+            self.close(CLOSE_TOO_BIG, "message too large")
             return
-        if opcode == OP_PONG:
-            return
-        if opcode == OP_CLOSE:
-            self.close(parse_close(payload) if payload else 1000, echo=True)
-            return
+        if event.message_finished:
+            self._partial = None
+            # A message's parts are all text or all binary, as its first frame said.
+            self._message("".join(parts) if isinstance(event, TextMessage) else _join(parts))
+
+    def _message(self, payload: str | bytes | bytearray) -> None:
         if not self._allowed():
             return
-        assert opcode in (OP_TEXT, OP_BINARY)  # JSON either way
-        try:
+        try:  # JSON whether it came as text or binary
             message = frames.decode_client_frame(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.violation("malformed", str(exc)[:200])
@@ -233,18 +295,29 @@ class Connection(asyncio.Protocol):
             return
         transport.writelines(data)
 
-    def close(self, code: int, reason: str = "", *, echo: bool = False) -> None:
+    def close(self, code: int, reason: str = "") -> None:
         """Send a close frame and close; the hub aborts the socket if it never drains."""
         if self.state == CLOSED or self.transport is None:
             return
-        was_open = self.state != HEAD
+        ws = self._ws
         self.state = CLOSED
+        self._http = None
+        self._partial = None
         self.pending = None
         self.resuming = None
-        if was_open:
-            self.transport.write(close_frame(code, "" if echo else reason))
+        if ws is not None and ws.state in _CAN_CLOSE:
+            self.transport.write(ws.send(CloseConnection(code=code, reason=reason)))
         self.transport.close()
         self.hub.closing(self)
 
     def buffered(self) -> int:
         return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+
+def _size(data: str | bytes | bytearray) -> int:
+    """Bytes of a message part (text counts in UTF-8, as it came on the wire)."""
+    return len(data.encode()) if isinstance(data, str) else len(data)
+
+
+def _join(parts: list[Any]) -> bytes:
+    return b"".join(parts)

@@ -1,9 +1,12 @@
-"""The HTTP/1.1 side of the tier, sans I/O: parse one request head, answer it.
+"""The HTTP/1.1 side of a fanout socket: h11 reads the request, wsproto accepts the upgrade.
 
-The fanout port speaks just enough HTTP for its five routes: ``GET /v1/ws`` (the upgrade),
-``/healthz``, ``/readyz``, ``/metrics``. Every connection starts here and is either upgraded
-or answered and closed; there is no keep-alive, body or pipelining, so a full HTTP stack
-(and its per-connection objects, the dominant cost of an idle socket) is not needed.
+The port serves ``GET /v1/ws`` (the upgrade) and ``/healthz``, ``/readyz``, ``/metrics``.
+Every connection starts with an ``h11`` server connection that reads one request head; it is
+then either answered (through h11, with ``Connection: close``: no keep-alive, no pipelining)
+or handed to wsproto, which checks the upgrade headers and writes the ``101`` answer. Only the
+wsproto :class:`~wsproto.connection.Connection` outlives the handshake, which keeps an idle
+socket small. This module adds what is policy rather than protocol: credentials in the URL
+and a foreign ``Origin`` are refused, and permessage-deflate is never accepted.
 """
 
 from __future__ import annotations
@@ -12,25 +15,17 @@ from collections.abc import Collection
 from typing import Final
 from urllib.parse import parse_qsl, urlsplit
 
+import h11
 import msgspec
-
-from fanout.wire import accept_key
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WebSocket
+from wsproto.events import AcceptConnection, RejectConnection
+from wsproto.events import Request as UpgradeRequest
+from wsproto.utilities import RemoteProtocolError
 
 MAX_HEAD: Final = 8192
-"""Longest request head accepted (request line and headers)."""
+"""Longest request head accepted (request line and headers): past it, 431."""
 
-_REASONS: Final = {
-    101: "Switching Protocols",
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    426: "Upgrade Required",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
 _URL_CREDENTIALS: Final = frozenset({"token", "access_token", "jwt", "auth", "authorization"})
 
 
@@ -48,34 +43,30 @@ class RequestHead(msgspec.Struct, frozen=True):
     path: str
     query: str
     headers: dict[str, str]
+    """Header names lower-cased; a repeated header keeps its last value."""
+
+    @classmethod
+    def from_h11(cls, request: h11.Request) -> RequestHead:
+        split = urlsplit(request.target.decode("latin-1"))
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers
+        }
+        return cls(request.method.decode("latin-1"), split.path, split.query, headers)
 
 
-def parse_head(raw: bytes) -> RequestHead:
-    """Parse a request head (without the blank line); :class:`HttpRefusal` 400 if malformed."""
-    try:
-        text = raw.decode("latin-1")
-        request_line, *lines = text.split("\r\n")
-        method, target, version = request_line.split(" ")
-    except ValueError:
-        raise HttpRefusal(400, "malformed request line") from None
-    if not version.startswith("HTTP/1."):
-        raise HttpRefusal(400, "HTTP/1.x only")
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise HttpRefusal(400, "malformed header")
-        headers[name.lower()] = value.strip()
-    split = urlsplit(target)
-    return RequestHead(method, split.path, split.query, headers)
+def http_server() -> h11.Connection:
+    """The parser a new connection reads its request head with."""
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
 
 
-def check_upgrade(head: RequestHead, origins: Collection[str]) -> str:
-    """Validate a WebSocket upgrade; the ``Sec-WebSocket-Key`` to answer, or :class:`HttpRefusal`.
+def check_upgrade(head: RequestHead, origins: Collection[str]) -> None:
+    """Refuse (:class:`HttpRefusal`) an upgrade request that our policy does not allow.
 
     Credentials in the URL are refused outright (they end up in proxy and access logs), even
     if the rest of the request is fine. A browser always sends ``Origin``; one that is not
     configured is refused (cross-site WebSocket hijacking). Non-browser clients send none.
+    A plain request to the WebSocket path is told to upgrade (426); the upgrade headers
+    themselves are wsproto's to check (:func:`accept`).
     """
     if head.method != "GET":
         raise HttpRefusal(405, "GET only")
@@ -86,37 +77,48 @@ def check_upgrade(head: RequestHead, origins: Collection[str]) -> str:
     origin = head.headers.get("origin")
     if origin is not None and "*" not in origins and origin not in origins:
         raise HttpRefusal(403, "origin not allowed")
-    if head.headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in {
-        token.strip().lower() for token in head.headers.get("connection", "").split(",")
-    }:
+    if "upgrade" not in head.headers:
         raise HttpRefusal(426, "WebSocket upgrade required")
-    if head.headers.get("sec-websocket-version") != "13":
-        raise HttpRefusal(426, "WebSocket version 13 required")
-    key = head.headers.get("sec-websocket-key", "")
-    if len(key) != 24:
-        raise HttpRefusal(400, "bad Sec-WebSocket-Key")
-    return key
 
 
-def upgrade_response(key: str) -> bytes:
-    return (
-        "HTTP/1.1 101 Switching Protocols\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n"
-    ).encode()
+def accept(request: h11.Request) -> tuple[bytes, WebSocket]:
+    """wsproto's ``101`` answer to an upgrade request h11 has read, and the open connection.
+
+    wsproto validates the request (``Connection``, ``Upgrade``, version 13, the key) and
+    computes ``Sec-WebSocket-Accept``; a request it rejects is :class:`HttpRefusal` with the
+    status it suggests (426 for another version, 400 otherwise). No extension is accepted.
+    """
+    handshake = WSConnection(ConnectionType.SERVER)
+    try:
+        handshake.initiate_upgrade_connection(list(request.headers), request.target)
+    except RemoteProtocolError as exc:
+        hint = exc.event_hint
+        status = hint.status_code if isinstance(hint, RejectConnection) else 400
+        raise HttpRefusal(status, str(exc)) from None
+    if not any(isinstance(event, UpgradeRequest) for event in handshake.events()):
+        raise HttpRefusal(400, "not a WebSocket upgrade")  # pragma: no cover - wsproto raises
+    answer = handshake.send(AcceptConnection(extensions=[]))
+    websocket = handshake.connection
+    assert websocket is not None  # accepting is what opens it
+    return answer, websocket
 
 
-def response(status: int, body: bytes, content_type: str = "application/json") -> bytes:
-    """A complete response that closes the connection."""
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
+def response(
+    http: h11.Connection, status: int, body: bytes, content_type: str = "application/json"
+) -> bytes:
+    """A complete response to the request ``http`` has read, announcing the close."""
+    head = h11.Response(
+        status_code=status,
+        headers=[
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ],
     )
-    return head.encode() + body
+    return b"".join(
+        http.send(event) or b"" for event in (head, h11.Data(data=body), h11.EndOfMessage())
+    )
 
 
-def refusal(error: HttpRefusal) -> bytes:
-    return response(error.status, msgspec.json.encode({"error": error.detail}))
+def refusal(http: h11.Connection, error: HttpRefusal) -> bytes:
+    return response(http, error.status, msgspec.json.encode({"error": error.detail}))

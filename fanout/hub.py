@@ -37,7 +37,7 @@ from fanout import frames
 from fanout.audiences import Audiences
 from fanout.config import FanoutConfig
 from fanout.connection import ADMITTING, AUTH, CLOSED, HEAD, OPEN, Connection
-from fanout.handshake import HttpRefusal, RequestHead, refusal
+from fanout.handshake import HttpRefusal, RequestHead
 from fanout.history import History, ResumeFailed
 from fanout.membership import Change, MembershipWindow, Snapshots
 from fanout.metrics import (
@@ -168,7 +168,7 @@ class Hub:
         """Plain HTTP routes on the fanout port (set by the node: health, readiness, metrics)."""
         route = self.http_routes.get(head.path)
         if route is None or head.method != "GET":
-            conn.answer(refusal(HttpRefusal(404, "not found")))
+            conn.refuse(HttpRefusal(404, "not found"))
             return
         self._spawn(route(conn))
 
@@ -470,7 +470,7 @@ class Hub:
             state = conn.state
             if state in (HEAD, AUTH) and conn.last_seen < auth_deadline:
                 if state == HEAD:
-                    conn.answer(b"")
+                    conn.abandon()
                 else:
                     self.close(conn, CLOSE_UNAUTHORIZED, "no auth frame in time")
             elif state == OPEN and conn.last_seen < idle_deadline:
@@ -487,7 +487,7 @@ class Hub:
             self.emptied.set()
         for conn in list(self.connections):
             if conn.state == HEAD:
-                conn.answer(b"")
+                conn.abandon()
             else:
                 self.close(conn, 1001, "server restarting; resume elsewhere")
 

@@ -24,7 +24,6 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from eventstore import EventStore, Settings
 from fanout.config import FanoutConfig
 from fanout.connection import OPEN, Connection
-from fanout.handshake import response
 from fanout.history import History
 from fanout.hub import Hub
 from fanout.membership import Snapshots
@@ -167,7 +166,7 @@ class FanoutNode:
             hub.sweep()
 
     async def _healthz(self, conn: Connection) -> None:
-        conn.answer(response(200, b'{"status":"ok"}'))
+        conn.respond(200, b'{"status":"ok"}')
 
     async def _readyz(self, conn: Connection) -> None:
         """200 when the tail runs and PostgreSQL and Redis answer within a second each."""
@@ -188,10 +187,8 @@ class FanoutNode:
                 checks[name] = f"unavailable: {type(exc).__name__}"
         ready = all(v == "ok" for v in checks.values()) and not (self.hub and self.hub.draining)
         body = msgspec.json.encode({"ready": ready, "checks": checks})
-        conn.answer(response(200 if ready else 503, body))
+        conn.respond(200 if ready else 503, body)
 
 
 async def _metrics(conn: Connection) -> None:
-    conn.answer(
-        response(200, prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST)
-    )
+    conn.respond(200, prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST)

@@ -1,61 +1,208 @@
-"""Pure pieces of the fanout tier: framing, audiences, the membership window."""
+"""Pure pieces of the fanout tier: the HTTP/WebSocket front, audiences, the membership window.
+
+The socket tests drive a real :class:`Connection` (h11 and wsproto inside) with bytes, against
+an in-memory transport and a hub double that records what reaches it.
+"""
 
 from __future__ import annotations
 
-import os
 import uuid
+from typing import Any
 
+import h11
 import pytest
+from wsproto.frame_protocol import FrameProtocol
 
+from fanout import frames
 from fanout.audiences import Audiences
+from fanout.config import FanoutConfig
+from fanout.connection import AUTH, CLOSED, Connection
+from fanout.handshake import HttpRefusal, RequestHead, accept, check_upgrade
 from fanout.membership import Change, MembershipWindow
-from fanout.wire import (
-    OP_CLOSE,
-    OP_TEXT,
-    FrameParser,
-    ProtocolError,
-    accept_key,
-    close_frame,
-    text_frame,
+from fanout.wire import text_frame
+
+UPGRADE = (
+    b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
 )
 
 
-def masked(payload: bytes, opcode: int = OP_TEXT, fin: bool = True) -> bytes:
-    mask = os.urandom(4)
-    first = (0x80 if fin else 0) | opcode
-    length = len(payload)
-    head = (
-        bytes((first, 0x80 | length))
-        if length < 126
-        else bytes((first, 0xFE)) + length.to_bytes(2, "big")
+class Transport:
+    """What a connection wrote, and whether it closed."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.written += b"".join(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+class HubDouble:
+    def __init__(self, **config: Any) -> None:
+        self.config = FanoutConfig(**config)
+        self.frames: list[frames.ClientFrame] = []
+        self.requests: list[RequestHead] = []
+
+    def opened(self, conn: Connection) -> None:
+        pass
+
+    def closing(self, conn: Connection) -> None:
+        pass
+
+    def on_frame(self, conn: Connection, message: frames.ClientFrame) -> None:
+        self.frames.append(message)
+
+    def http(self, conn: Connection, head: RequestHead) -> None:
+        self.requests.append(head)
+
+
+def client_frames(*parts: tuple[str | bytes, bool]) -> bytes:
+    """Masked client frames, by wsproto's client-side encoder."""
+    encoder = FrameProtocol(client=True, extensions=[])
+    return b"".join(bytes(encoder.send_data(data, fin=fin)) for data, fin in parts)
+
+
+def socket(**config: Any) -> tuple[Connection, Transport, HubDouble]:
+    hub = HubDouble(**config)
+    conn = Connection(hub)  # type: ignore[arg-type]
+    transport = Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport, hub
+
+
+def test_upgrade_is_answered_with_the_rfc_6455_accept_key_and_no_extension() -> None:
+    http = h11.Connection(h11.SERVER)
+    http.receive_data(UPGRADE + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+    request = http.next_event()
+    assert isinstance(request, h11.Request)
+    answer, _ = accept(request)
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in answer
+    assert b"extensions" not in answer.lower()
+
+
+def test_upgrade_policy_refuses_url_credentials_foreign_origins_and_plain_requests() -> None:
+    def head(query: str = "", **headers: str) -> RequestHead:
+        return RequestHead("GET", "/v1/ws", query, {"upgrade": "websocket", **headers})
+
+    check_upgrade(head(origin="https://app.example"), ("https://app.example",))
+    check_upgrade(head(), ("https://app.example",))  # no Origin: not a browser
+    for bad, status in (
+        (head("token=abc"), 400),
+        (head(origin="https://evil.example"), 403),
+        (RequestHead("GET", "/v1/ws", "", {}), 426),
+        (RequestHead("POST", "/v1/ws", "", {"upgrade": "websocket"}), 405),
+    ):
+        with pytest.raises(HttpRefusal) as refused:
+            check_upgrade(bad, ("https://app.example",))
+        assert status == refused.value.status
+
+
+def test_connection_upgrades_reassembles_fragments_and_answers_pings() -> None:
+    """Bytes may arrive split anywhere; a fragmented message is handed on once, whole."""
+    conn, transport, hub = socket()
+    data = (
+        UPGRADE
+        + b"\r\n"
+        + client_frames(('{"type":"ping"}', True), ('{"type"', False), (':"ping"}', True))
     )
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    for i in range(0, len(data), 7):
+        conn.data_received(data[i : i + 7])
+    assert conn.state == AUTH
+    assert transport.written.startswith(b"HTTP/1.1 101 ")
+    assert [frames.Ping(), frames.Ping()] == hub.frames
+    before = len(transport.written)
+    ping = FrameProtocol(client=True, extensions=[]).ping(b"hi")
+    conn.data_received(bytes(ping))
+    assert transport.written[before:] == b"\x8a\x02hi"  # pong, echoing the payload
 
 
-def test_accept_key_matches_rfc_6455_example() -> None:
-    assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+def server_frames(written: bytes) -> list[tuple[int, Any]]:
+    """The frames a connection wrote after its 101 answer, parsed by wsproto's client side."""
+    decoder = FrameProtocol(client=True, extensions=[])
+    decoder.receive_bytes(written.split(b"\r\n\r\n", 1)[1])
+    return [(int(f.opcode), f.payload) for f in decoder.received_frames()]
 
 
-def test_parser_unmasks_splits_and_reassembles() -> None:
-    parser = FrameParser(1024)
-    data = masked(b'{"type":"ping"}') + masked(b"ab", fin=False) + masked(b"cd", opcode=0, fin=True)
-    assert parser.feed(data[:3]) == []
-    assert parser.feed(data[3:]) == [(OP_TEXT, b'{"type":"ping"}'), (OP_TEXT, b"abcd")]
+def test_connection_closes_with_1002_on_an_unmasked_frame() -> None:
+    conn, transport, hub = socket()
+    conn.data_received(UPGRADE + b"\r\n" + text_frame(b'{"type":"ping"}'))
+    assert conn.state == CLOSED
+    assert transport.closed
+    assert [payload[0] for _, payload in server_frames(transport.written)] == [1002]
+    assert hub.frames == []
 
 
-def test_parser_refuses_unmasked_and_oversized_frames() -> None:
-    with pytest.raises(ProtocolError) as unmasked:
-        FrameParser(1024).feed(text_frame(b"x"))
-    assert unmasked.value.code == 1002
-    with pytest.raises(ProtocolError) as big:
-        FrameParser(16).feed(masked(b"x" * 200))
-    assert big.value.code == 1009
+@pytest.mark.parametrize(
+    "frame",
+    [
+        client_frames(("x" * 300, True)),
+        client_frames(("x" * 200, False), ("x" * 200, True)),  # too big only once whole
+        client_frames((b"\x00" * 300, True)),  # binary counts the same
+        client_frames(("\u00e9" * 150, True)),  # 150 characters, 300 bytes of UTF-8
+    ],
+)
+def test_connection_closes_with_1009_on_a_message_above_max_frame(frame: bytes) -> None:
+    conn, transport, hub = socket(max_frame=256)
+    conn.data_received(UPGRADE + b"\r\n" + frame)
+    assert conn.state == CLOSED
+    assert transport.closed
+    assert server_frames(transport.written) == [(0x8, (1009, "message too large"))]
+    assert hub.frames == []
 
 
-def test_server_frames_are_plain_rfc_frames() -> None:
+def test_server_frames_are_plain_unmasked_rfc_frames() -> None:
+    """One text frame per event, identical for every socket: what the hub broadcasts."""
     assert text_frame(b"hi") == b"\x81\x02hi"
-    assert bytes((0x80 | OP_CLOSE, 2)) + (4008).to_bytes(2, "big") == close_frame(4008)
     assert text_frame(b"x" * 256)[:4] == b"\x81\x7e\x01\x00"
+    assert b"\x81\x7f" + (70_000).to_bytes(8, "big") == text_frame(b"x" * 70_000)[:10]
+
+
+def test_close_and_http_answers() -> None:
+    """The server's close frame carries the code; a plain request reaches the hub's routes
+    and is answered through h11 with ``Connection: close``."""
+    conn, transport, _ = socket()
+    conn.data_received(UPGRADE + b"\r\n")
+    conn.close(4008)
+    assert server_frames(transport.written) == [(0x8, (4008, ""))]
+    conn, transport, hub = socket()
+    conn.data_received(b"GET /healthz?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [RequestHead("GET", "/healthz", "x=1", {"host": "x"})] == hub.requests
+    conn.respond(200, b"{}")
+    assert transport.written.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" in transport.written.lower()
+    assert transport.written.endswith(b"\r\n\r\n{}")
+    assert transport.closed
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n\r\n", 426),
+        (UPGRADE.replace(b"Version: 13", b"Version: 8") + b"\r\n", 426),
+        (b"GET /v1/ws?token=abc HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"NOT HTTP\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 9000, 431),
+    ],
+)
+def test_bad_requests_are_refused_with_a_status(request_bytes: bytes, status: int) -> None:
+    conn, transport, _ = socket()
+    conn.data_received(request_bytes)
+    assert transport.written.startswith(f"HTTP/1.1 {status} ".encode())
+    assert transport.closed
 
 
 def test_audiences_follow_joins_and_leaves_of_local_users_only() -> None:
