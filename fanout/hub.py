@@ -48,7 +48,7 @@ from fanout.metrics import (
     RESUMES,
     SLOW_DISCONNECTS,
 )
-from fanout.signals import PresenceSignal, RevocationSignal, Signals, TypingSignal
+from fanout.signals import EpochSignal, PresenceSignal, RevocationSignal, Signals, TypingSignal
 from fanout.tail import Tail
 from fanout.wire import (
     CLOSE_EPOCH_CHANGED,
@@ -112,6 +112,7 @@ class Hub:
     ) -> None:
         self.config = config
         self.epoch = store.epoch
+        self.epoch_changed = asyncio.Event()
         self._partitions = store.layout.partitions("conversation")
         self._topic = store.layout.topic("conversation")
         self.tail = tail
@@ -423,6 +424,23 @@ class Hub:
 
     def on_revocation(self, signal: RevocationSignal) -> None:
         self.revoke_session(signal.session_id)
+
+    def on_epoch(self, signal: EpochSignal) -> None:
+        """The log was restored under a new epoch: every cursor is stale, every socket resyncs.
+
+        The node then stops (``epoch_changed``) so that its supervisor restarts it against
+        the new log: its tail positions belong to the old one.
+        """
+        if signal.epoch == self.epoch:
+            return
+        log.warning("fanout.epoch_changed", old=self.epoch, new=signal.epoch)
+        self.draining = True
+        for conn in list(self.connections):
+            if conn.state == HEAD:
+                conn.abandon()
+            else:
+                self.close(conn, CLOSE_EPOCH_CHANGED, "epoch changed; resync")
+        self.epoch_changed.set()
 
     def typing(self, conn: Connection, conversation_id: uuid.UUID) -> None:
         user_id = conn.user_id

@@ -96,6 +96,7 @@ class FanoutNode:
             on_typing=hub.on_typing,
             on_presence=hub.on_presence,
             on_revocation=hub.on_revocation,
+            on_epoch=hub.on_epoch,
         )
         hub.http_routes = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": _metrics}
         self._spawn(tail.run(hub.apply), "tail")
@@ -103,6 +104,7 @@ class FanoutNode:
         self._spawn(signals.send(), "signals.send")
         self._spawn(signals.heartbeat(hub.audiences.users), "presence")
         self._spawn(self._sweep(hub), "sweep")
+        self._spawn(_until_epoch_changes(hub), "epoch")
         async with asyncio.timeout(10):
             await signals.subscribed.wait()
         CONNECTIONS.labels("open").set_function(
@@ -126,7 +128,8 @@ class FanoutNode:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def wait(self) -> None:
-        """Return when a task the node cannot live without ends (it logs why)."""
+        """Return when a task the node cannot live without ends (it logs why), or when the
+        log's epoch changed (the node must be restarted against the new log)."""
         done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
@@ -192,3 +195,7 @@ class FanoutNode:
 
 async def _metrics(conn: Connection) -> None:
     conn.respond(200, prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST)
+
+
+async def _until_epoch_changes(hub: Hub) -> None:
+    await hub.epoch_changed.wait()

@@ -51,10 +51,17 @@ class RevocationSignal(msgspec.Struct, frozen=True):
     reason: str = ""
 
 
+class EpochSignal(msgspec.Struct, frozen=True):
+    """Published by ``backbone restore-log`` once the log was restored under a new epoch."""
+
+    epoch: int
+
+
 _encode = msgspec.json.Encoder().encode
 _typing = msgspec.json.Decoder(TypingSignal).decode
 _presence = msgspec.json.Decoder(PresenceSignal).decode
 _revocation = msgspec.json.Decoder(RevocationSignal).decode
+_epoch = msgspec.json.Decoder(EpochSignal).decode
 
 Outgoing = tuple[str, Any]
 
@@ -70,6 +77,7 @@ class Signals:
         on_typing: Callable[[TypingSignal], None],
         on_presence: Callable[[PresenceSignal], None],
         on_revocation: Callable[[RevocationSignal], None],
+        on_epoch: Callable[[EpochSignal], None],
     ) -> None:
         self._redis = redis
         self._ns = namespace
@@ -79,6 +87,7 @@ class Signals:
             f"{namespace}:typing": lambda raw: on_typing(_typing(raw)),
             f"{namespace}:presence": lambda raw: on_presence(_presence(raw)),
             f"{namespace}:revocations": lambda raw: on_revocation(_revocation(raw)),
+            f"{namespace}:epoch": lambda raw: on_epoch(_epoch(raw)),
         }
         self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.subscribed = asyncio.Event()

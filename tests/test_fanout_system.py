@@ -407,6 +407,14 @@ async def test_typing_presence_ping_and_epoch(base_settings: Settings) -> None:
         await b.send({"type": "resume", "cursors": {cid: f"{int(epoch) + 1}.{rest}"}})
         assert await b.closed() == 4009
         await b.close()
+        # A restore of the log under a new epoch closes every socket with 4009 at once, and
+        # the node stops so that its supervisor restarts it against the new log.
+        await system.redis.publish(
+            f"{system.settings.topic_prefix}:epoch", msgspec.json.encode({"epoch": int(epoch) + 1})
+        )
+        assert await e.closed() == 4009
+        async with asyncio.timeout(WITHIN):
+            await node.wait()
         await e.close()
 
 
