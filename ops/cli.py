@@ -11,6 +11,7 @@ Command = Callable[[argparse.Namespace], int]
 
 def build_parser() -> argparse.ArgumentParser:
     from ops import archive_cli, backup, bench, dlq, privacy, replay, serve, status, testing, up
+    from ops.restore_log import register as register_restore_log
     from ops.stack.commands import register as register_stack
 
     parser = argparse.ArgumentParser(prog="backbone", description=__doc__)
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.register(sub)
     testing.register(sub)
     archive_cli.register(sub)
+    register_restore_log(sub)
     return parser
 
 
