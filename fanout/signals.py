@@ -31,6 +31,8 @@ import msgspec
 import structlog
 from redis.asyncio import Redis
 
+from eventstore.epoch import epoch_channel
+
 log = structlog.get_logger(__name__)
 
 
@@ -87,7 +89,7 @@ class Signals:
             f"{namespace}:typing": lambda raw: on_typing(_typing(raw)),
             f"{namespace}:presence": lambda raw: on_presence(_presence(raw)),
             f"{namespace}:revocations": lambda raw: on_revocation(_revocation(raw)),
-            f"{namespace}:epoch": lambda raw: on_epoch(_epoch(raw)),
+            epoch_channel(namespace): lambda raw: on_epoch(_epoch(raw)),
         }
         self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.subscribed = asyncio.Event()
