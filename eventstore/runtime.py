@@ -8,15 +8,23 @@ standard loop elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
+from aiohttp import web
+
+from eventstore.consumer import GroupReader
+from eventstore.ends import LogEnds
+from eventstore.settings import Settings
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 
 def configure_logging(level: str | None = None) -> None:
@@ -47,3 +55,48 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover - uvloop is a Linux dependency of the package
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+async def serve_member(
+    reader: GroupReader,
+    settings: Settings,
+    *,
+    name: str,
+    http: web.Application | None,
+    host: str,
+    port: int,
+    track_lag: Callable[[LogEnds], Coroutine[Any, Any, None]],
+    **fields: object,
+) -> None:
+    """Run a consumer-group worker until SIGTERM/SIGINT: the shape every group member shares.
+
+    SIGTERM and SIGINT stop the reader after the batch in flight; ``http`` (its metrics and
+    health routes) is served on ``host:port`` when ``port`` is set; ``track_lag`` runs beside
+    the reader with a log-end reader of its own. Logs ``<name>.started`` and ``<name>.stopped``.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, reader.stop)
+    ends = LogEnds(settings)
+    await ends.start()
+    runner: web.AppRunner | None = None
+    try:
+        if port and http is not None:
+            runner = web.AppRunner(http)
+            await runner.setup()
+            await web.TCPSite(runner, host, port).start()
+        log.info(f"{name}.started", metrics_port=port, **fields)
+        lag = asyncio.create_task(track_lag(ends))
+        try:
+            await reader.run()
+        finally:
+            lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
+        log.info(f"{name}.stopped")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await ends.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

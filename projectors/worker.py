@@ -10,9 +10,7 @@ or a rebalance at any instant neither loses nor double-applies an event (see
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 from collections.abc import Mapping
 from typing import Final
 
@@ -32,6 +30,7 @@ from eventstore import (
     Settings,
     create_pool,
 )
+from eventstore.runtime import serve_member
 from projectors.caches import Caches
 from projectors.metrics import LAG
 from projectors.projector import Projector
@@ -143,30 +142,13 @@ async def _serve(
     reader: GroupReader,
     projector: Projector,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, reader.stop)
-    ends = LogEnds(settings)
-    await ends.start()
-    runner: web.AppRunner | None = None
-    try:
-        if port:
-            runner = web.AppRunner(_http_app(pool, redis, reader))
-            await runner.setup()
-            host = env.get(METRICS_HOST_VARIABLE, "127.0.0.1")
-            await web.TCPSite(runner, host, port).start()
-        log.info("projector.started", group=group_id(settings), metrics_port=port)
-        lag = asyncio.create_task(_track_lag(reader, projector, ends))
-        try:
-            await reader.run()
-        finally:
-            lag.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lag
-        log.info("projector.stopped")
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        await ends.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await serve_member(
+        reader,
+        settings,
+        name="projector",
+        http=_http_app(pool, redis, reader),
+        host=env.get(METRICS_HOST_VARIABLE, "127.0.0.1"),
+        port=port,
+        track_lag=lambda ends: _track_lag(reader, projector, ends),
+        group=group_id(settings),
+    )

@@ -167,24 +167,14 @@ class Archived(msgspec.Struct):
     ends: dict[Partition, int]
 
 
-@pytest.fixture(scope="module")
-async def client(stack: StackInfo, base_settings: Settings) -> AsyncIterator[Any]:
-    made = s3_client(base_settings)
-    yield made
-    made.close()
-
-
-@pytest.fixture(scope="module")
-async def archived(base_settings: Settings, client: Any) -> Archived:
-    """A few thousand events written to fresh topics and archived by an in-process archiver."""
-    settings = await fresh_topics(base_settings)
-    async with await EventStore.open(settings) as store:
-        for start in range(0, EVENTS, 500):
-            await store.producer.append(traffic(EVENTS)[start : start + 500])
+async def archive_log(settings: Settings, archive: Archive, *, segment_records: int) -> None:
+    """Run the archiver in-process until every record of ``settings``' topics is archived."""
     config = ArchiveConfig(
-        bucket=BUCKET, prefix=settings.topic_prefix, segment_records=250, flush_seconds=0.3
+        bucket=archive.bucket,
+        prefix=archive.prefix,
+        segment_records=segment_records,
+        flush_seconds=0.3,
     )
-    archive = Archive(client, config.bucket, config.prefix)
     archiver = Archiver(archive, config)
     reader = GroupReader(
         settings,
@@ -211,6 +201,25 @@ async def archived(base_settings: Settings, client: Any) -> Archived:
     finally:
         reader.stop()
         await task
+
+
+@pytest.fixture(scope="module")
+async def client(stack: StackInfo, base_settings: Settings) -> AsyncIterator[Any]:
+    made = s3_client(base_settings)
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+async def archived(base_settings: Settings, client: Any) -> Archived:
+    """A few thousand events written to fresh topics and archived by an in-process archiver."""
+    settings = await fresh_topics(base_settings)
+    async with await EventStore.open(settings) as store:
+        for start in range(0, EVENTS, 500):
+            await store.producer.append(traffic(EVENTS)[start : start + 500])
+    archive = Archive(client, BUCKET, settings.topic_prefix)
+    await archive_log(settings, archive, segment_records=250)
+    ends = await log_ends(settings)
     return Archived(settings, client, archive, ends)
 
 

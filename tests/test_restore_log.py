@@ -26,7 +26,6 @@ from redis.asyncio import Redis
 from eventstore import (
     ConfigError,
     EventStore,
-    GroupReader,
     RecordedEvent,
     Settings,
     TopicLayout,
@@ -34,7 +33,6 @@ from eventstore import (
 )
 from eventstore.archive import (
     Archive,
-    ArchiveConfig,
     ArchivedRecord,
     ChainSummary,
     Problem,
@@ -43,7 +41,6 @@ from eventstore.archive import (
     segment_name,
 )
 from eventstore.epoch import epoch_channel
-from ops.archiver.worker import Archiver, never_decrypts
 from ops.environment import stack_env
 from ops.restore_log import (
     AlreadyRestored,
@@ -63,13 +60,12 @@ from projectors.schema import create_schema
 from schemas import MessageSent, UserRegistered
 from tests.store_fixtures import fresh_database, isolated
 from tests.test_archive import (
-    archived_next,
+    archive_log,
     archived_records,
     copy_archive,
     log_ends,
     raw_log,
     traffic,
-    wait_for,
 )
 from tests.test_projector_drills import produce, workload
 from tests.test_projector_support import catch_up
@@ -77,39 +73,6 @@ from tests.test_projector_support import catch_up
 Partition = tuple[str, int]
 BUCKET = "backbone-archive"
 RESTORE = (sys.executable, "-m", "ops.cli", "restore-log", "--from", "s3", "--json")
-
-
-async def archive_log(settings: Settings, archive: Archive) -> None:
-    """Run the archiver in-process until every record of ``settings``' topics is archived."""
-    config = ArchiveConfig(
-        bucket=archive.bucket, prefix=archive.prefix, segment_records=300, flush_seconds=0.3
-    )
-    archiver = Archiver(archive, config)
-    reader = GroupReader(
-        settings,
-        group_id=f"{settings.topic_prefix}.archiver",
-        streams=("user", "conversation"),
-        positions=archiver,
-        handler=archiver.handle,
-        keys=never_decrypts,
-        epoch=0,
-        decode=False,
-        on_idle=archiver.idle,
-    )
-    archiver.owned = lambda: reader.assignment
-    ends = await log_ends(settings)
-    task = asyncio.create_task(reader.run())
-    try:
-
-        async def caught_up() -> bool:
-            if task.done():
-                task.result()
-            return await archived_next(archive, list(ends)) == ends
-
-        await wait_for(caught_up, 60, "the archive to reach the log end", every=0.3)
-    finally:
-        reader.stop()
-        await task
 
 
 async def delete_topics(settings: Settings) -> None:
@@ -170,7 +133,7 @@ async def restored(base_settings: Settings, client: Any) -> Restored:
         await produce(store, events, chunk=500)
         checksum_before = await project_checksum(store, "before_restore")
         epoch_before = await read_epoch(store.pool)
-    await archive_log(settings, archive)
+    await archive_log(settings, archive, segment_records=300)
     before = await raw_log(settings)
     await delete_topics(settings)
     redis = Redis.from_url(settings.redis_url)

@@ -18,9 +18,7 @@ owner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,6 +38,7 @@ from eventstore.archive import (
     KafkaRecord,
     s3_client,
 )
+from eventstore.runtime import serve_member
 
 log = structlog.get_logger(__name__)
 
@@ -265,36 +264,15 @@ async def _serve(
     archiver: Archiver,
     config: ArchiveConfig,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, reader.stop)
-    ends = LogEnds(settings)
-    await ends.start()
-    runner: web.AppRunner | None = None
-    try:
-        if port:
-            runner = web.AppRunner(_http_app(reader))
-            await runner.setup()
-            host = env.get(METRICS_HOST_VARIABLE, "127.0.0.1")
-            await web.TCPSite(runner, host, port).start()
-        log.info(
-            "archiver.started",
-            group=group_id(settings),
-            bucket=config.bucket,
-            prefix=config.prefix,
-            metrics_port=port,
-        )
-        lag = asyncio.create_task(_track_lag(reader, archiver, ends))
-        try:
-            await reader.run()
-        finally:
-            lag.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lag
-        log.info("archiver.stopped")
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        await ends.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await serve_member(
+        reader,
+        settings,
+        name="archiver",
+        http=_http_app(reader),
+        host=env.get(METRICS_HOST_VARIABLE, "127.0.0.1"),
+        port=port,
+        track_lag=lambda ends: _track_lag(reader, archiver, ends),
+        group=group_id(settings),
+        bucket=config.bucket,
+        prefix=config.prefix,
+    )
