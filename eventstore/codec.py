@@ -16,14 +16,14 @@ import datetime as dt
 import functools
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 from aiokafka.partitioner import murmur2
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore.errors import DecodeError, InvalidEvent
-from eventstore.keyring import KeyLookup, seal, sealed_subject, unseal
+from eventstore.keyring import KeyLookup, seal, sealed_bytes, subject_of, unseal_bytes
 from eventstore.metrics import EVENTS_SKIPPED
 from eventstore.positions import Position
 from eventstore.topics import TopicLayout
@@ -36,7 +36,7 @@ from schemas.envelope import (
     format_time,
     parse_time,
 )
-from schemas.events import EVENT_TYPES, Event
+from schemas.events import EVENT_TYPES, Event, StreamKind
 from schemas.upcasting import UPCASTERS, UpcastError, Upcasters
 
 _JSON = msgspec.json.Encoder()
@@ -44,6 +44,7 @@ _ANY = msgspec.json.Decoder()
 _DECODERS: dict[type[Event], msgspec.json.Decoder[Any]] = {
     cls: msgspec.json.Decoder(cls) for cls in EVENT_TYPES.values()
 }
+_UUID_TEXT = msgspec.json.Decoder(uuid.UUID)
 
 
 class RecordLike(Protocol):
@@ -102,6 +103,8 @@ class ParsedRecord(msgspec.Struct):
     raw: bytes
     position: Position
     headers: list[tuple[str, bytes]]
+    sealed: dict[str, bytes] = msgspec.field(default_factory=dict)
+    """Sealed values already read by :func:`needed_subjects` (their base64 decoded once)."""
 
 
 Decoded = RecordedEvent | Skipped
@@ -194,39 +197,90 @@ def encode_event(
 # --- reading -----------------------------------------------------------------------------
 
 
+_SPECVERSION = SPECVERSION.encode()
+_VERSIONS: Final = {str(v).encode(): v for v in range(1, 100)}
+_TEXTS: dict[bytes, str] = {}
+_TEXTS_MAX: Final = 4096
+
+
+def _text(raw: bytes) -> str:
+    """A header value that recurs (source, type, content type): decoded once, then shared."""
+    text = _TEXTS.get(raw)
+    if text is None:
+        text = raw.decode("utf-8", "replace")
+        if len(_TEXTS) < _TEXTS_MAX:
+            _TEXTS[raw] = text
+    return text
+
+
+def _event_id(raw: bytes) -> uuid.UUID:
+    # msgspec parses the canonical forms in C; anything else (braces, a urn: prefix, garbage)
+    # goes through uuid.UUID, which accepts or rejects it exactly as before. Only lengths of
+    # the two canonical forms take the fast path, so no JSON escape can sneak through it.
+    if len(raw) in (32, 36):
+        with contextlib.suppress(msgspec.DecodeError):
+            return _UUID_TEXT.decode(b'"' + raw + b'"')
+    return uuid.UUID(raw.decode("utf-8", "replace"))
+
+
+@functools.lru_cache(maxsize=8192)
+def _event_time(raw: bytes) -> dt.datetime:
+    # Events share their millisecond under load: each distinct time is parsed once.
+    return parse_time(raw.decode("utf-8", "replace"))
+
+
+def _schema_version(raw: bytes | None) -> int:
+    if raw is None:
+        return 1
+    version = _VERSIONS.get(raw)
+    return int(raw.decode("utf-8", "replace")) if version is None else version
+
+
+def _optional(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", "replace")
+
+
 def read_envelope(headers: Iterable[tuple[str, bytes]]) -> Envelope:
     """Rebuild the envelope from a record's headers; :class:`DecodeError` if incomplete."""
-    attrs: dict[str, str] = {}
+    attrs: dict[str, bytes] = {}
     content_type = CONTENT_TYPE
     for name, raw in headers:
         if name.startswith(HEADER_PREFIX):
-            attrs[name[len(HEADER_PREFIX) :]] = raw.decode("utf-8", "replace")
+            attrs[name] = raw
         elif name == CONTENT_TYPE_HEADER:
-            content_type = raw.decode("utf-8", "replace")
+            content_type = _text(raw)
+    get = attrs.get
     try:
-        if attrs.get("specversion") != SPECVERSION:
-            raise DecodeError(f"unsupported CloudEvents specversion {attrs.get('specversion')!r}")
+        if get("ce_specversion") != _SPECVERSION:
+            found = get("ce_specversion")
+            text = None if found is None else found.decode("utf-8", "replace")
+            raise DecodeError(f"unsupported CloudEvents specversion {text!r}")
         return Envelope(
-            id=uuid.UUID(attrs["id"]),
-            source=attrs["source"],
-            type=attrs["type"],
-            subject=attrs["subject"],
-            time=parse_time(attrs["time"]),
+            id=_event_id(attrs["ce_id"]),
+            source=_text(attrs["ce_source"]),
+            type=_text(attrs["ce_type"]),
+            subject=attrs["ce_subject"].decode("utf-8", "replace"),
+            time=_event_time(attrs["ce_time"]),
             datacontenttype=content_type,
-            schemaversion=int(attrs.get("schemaversion", "1")),
-            actor=attrs.get("actor"),
-            correlationid=attrs.get("correlationid"),
-            causationid=attrs.get("causationid"),
+            schemaversion=_schema_version(get("ce_schemaversion")),
+            actor=_optional(get("ce_actor")),
+            correlationid=_optional(get("ce_correlationid")),
+            causationid=_optional(get("ce_causationid")),
         )
     except KeyError as exc:
-        raise DecodeError(f"missing CloudEvents header ce_{exc.args[0]}") from None
+        raise DecodeError(f"missing CloudEvents header {exc.args[0]}") from None
     except ValueError as exc:
         raise DecodeError(f"bad CloudEvents header: {exc}") from None
 
 
+@functools.lru_cache(maxsize=256)
+def _stream_of(layout: TopicLayout, topic: str) -> StreamKind:
+    return layout.stream_of(topic)
+
+
 def parse_record(record: RecordLike, layout: TopicLayout, epoch: int) -> ParsedRecord | Skipped:
     """Read a record's envelope and payload, without keys. Never raises for bad records."""
-    position = Position(epoch, layout.stream_of(record.topic), record.partition, record.offset)
+    position = Position(epoch, _stream_of(layout, record.topic), record.partition, record.offset)
     headers = list(record.headers or ())
     raw = record.value or b""
     event_type = ""
@@ -256,12 +310,15 @@ def needed_subjects(parsed: Iterable[ParsedRecord | Skipped]) -> set[uuid.UUID]:
     subjects: set[uuid.UUID] = set()
     for item in parsed:
         if isinstance(item, ParsedRecord) and item.payload is not None:
+            payload, sealed = item.payload, item.sealed
             for name in item.cls.personal_fields:
-                value = item.payload.get(name)
+                value = payload.get(name)
                 if isinstance(value, str):
                     # A malformed sealed value is reported by finish() as poison.
                     with contextlib.suppress(DecodeError):
-                        subjects.add(sealed_subject(value))
+                        opened = sealed_bytes(value)
+                        sealed[value] = opened
+                        subjects.add(subject_of(opened))
     return subjects
 
 
@@ -281,10 +338,14 @@ def finish(
                 payload = upcasters.upcast(
                     envelope.type, envelope.schemaversion, cls.version, payload
                 )
+            sealed = parsed.sealed
             for name in cls.personal_fields:
                 value = payload.get(name)
                 if isinstance(value, str):
-                    opened = unseal(keys, envelope.id, value)
+                    raw = sealed.get(value)
+                    opened = unseal_bytes(
+                        keys, envelope.id, sealed_bytes(value) if raw is None else raw
+                    )
                     payload[name] = opened if isinstance(opened, str) else {"kind": "erased"}
             event = msgspec.convert(payload, cls)
     except (DecodeError, UpcastError, msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -29,7 +29,7 @@ from projectors.projection import Drop, Put, needs, project
 from projectors.rows import Key, Row
 from projectors.schema import Table, checked_schema_name, in_schema
 from projectors.tables import delete_rows, load_rows, upsert_rows
-from schemas import ConversationEvent, Event
+from schemas import ConversationEvent, Event, UserErased
 
 log = structlog.get_logger(__name__)
 
@@ -180,6 +180,13 @@ _ERASED_IN_SQL = (
 )
 
 
+# Batches of one schema that hold an erasure take this lock exclusively, every other batch
+# shares it (transaction-level advisory lock on (class, hashtext(schema))); see apply_items.
+_ERASURE_LOCK_CLASS = 0x65726173  # "eras"
+_ERASURE_EXCLUSIVE_SQL = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
+_ERASURE_SHARED_SQL = "SELECT pg_advisory_xact_lock_shared($1, hashtext($2))"
+
+
 async def _write_dead_letters(
     conn: Connection, schema_name: str, letters: list[tuple[Any, ...]]
 ) -> None:
@@ -202,8 +209,18 @@ async def apply_items(
     """Apply ``items`` (log order per partition) to ``schema_name``; return what changed.
 
     The caller owns the transaction (and stores the offsets in it).
+
+    Batches of other partitions may be applied concurrently (group members, parallel replay
+    workers): their rows are disjoint, except that an erasure redacts rows of every table. So
+    a batch holding an erasure first takes the schema's erasure lock exclusively and every other
+    batch shares it, before touching any row: an erasure then never runs beside another batch,
+    so the two can neither deadlock on rows nor write over each other.
     """
     schema_name = checked_schema_name(schema_name)
+    erases = any(isinstance(i, RecordedEvent) and isinstance(i.event, UserErased) for i in items)
+    await conn.execute(
+        _ERASURE_EXCLUSIVE_SQL if erases else _ERASURE_SHARED_SQL, _ERASURE_LOCK_CLASS, schema_name
+    )
     applied = Applied()
     work = _WorkingSet()
     recorded = [i for i in items if isinstance(i, RecordedEvent)]

@@ -6,9 +6,10 @@ One run, the local stack, fresh topics and fresh databases (dropped afterwards):
    across many conversations with edits, deletes, reactions, read markers and joins mixed in,
    in proportions a chat sees) and write them fast: encoded once with the event store's codec
    (so bodies are sealed as in production) and sent in large batches;
-2. **replay**: a :class:`~projectors.projector.Projector` over a group-less
-   :class:`~eventstore.LogReader` from offset 0 into a fresh read model, exactly what
-   ``backbone replay`` builds its shadow with (no caches), in events per second;
+2. **replay**: from offset 0 into a fresh read model, the partitions dealt out to ``--workers``
+   processes, each a :class:`~projectors.projector.Projector` over a group-less
+   :class:`~eventstore.LogReader`, exactly as ``backbone replay`` builds its shadow (no caches),
+   in events per second;
 3. **raw COPY**: the rows that replay produced, read back and written into the same tables of
    another fresh schema with ``COPY`` (asyncpg ``copy_records_to_table``); the reference is
    those events divided by the COPY time: the database's ceiling for these rows;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import sys
@@ -47,9 +49,9 @@ from eventstore import (
 from ops.bench.report import Figures, figures, table, write_json
 from ops.environment import stack_env, stack_settings
 from ops.stack import StackInfo, default_stack_dir, stack_up
+from projectors import rebuild
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA
-from projectors.rebuild import read_ahead
 from projectors.schema import TABLES, create_schema, ensure_live_schema, in_schema
 from schemas import (
     ConversationCreated,
@@ -204,21 +206,31 @@ async def fresh_deployment(base: Settings, name: str) -> AsyncIterator[Settings]
             await admin.close()
 
 
-async def replay(store: EventStore, schema: str, batch: int) -> tuple[int, float]:
-    """Project the whole log into a fresh ``schema``; (records, seconds)."""
+async def replay(store: EventStore, schema: str, batch: int, workers: int) -> tuple[int, float]:
+    """Project the whole log into a fresh ``schema``; (records, seconds).
+
+    With ``workers`` > 1 the partitions are dealt out to that many worker processes, as
+    ``backbone replay`` builds its shadow (:func:`projectors.rebuild.replay_in_workers`); the
+    time includes starting them.
+    """
     async with store.pool.acquire() as conn:
         await create_schema(conn, schema)
-    projector = Projector(store.pool, store.layout, schema=schema, caches=None)
-    reader = store.reader(max_records=batch)
-    started = time.perf_counter()
-    await reader.start("beginning")
     records = 0
-    try:
-        async for chunk in read_ahead(reader.batches_until_end()):
-            await projector.handle(chunk)
-            records += sum(span.next - span.first for span in chunk.ranges.values())
-    finally:
-        await reader.stop()
+
+    def count(applied: int) -> None:
+        nonlocal records
+        records += applied
+
+    # The generated workload stays alive in this process: keep the collector off it.
+    gc.freeze()
+    started = time.perf_counter()
+    if workers > 1:
+        ends = await rebuild.log_ends(store)
+        shares = rebuild.replay_shares({p: end for p, end in ends.items() if end}, workers)
+        await rebuild.replay_in_workers(store.settings, schema, shares, batch, count)
+    else:
+        projector = Projector(store.pool, store.layout, schema=schema, caches=None)
+        await rebuild.replay(store, projector, batch, count)
     return records, time.perf_counter() - started
 
 
@@ -243,14 +255,14 @@ async def raw_copy(store: EventStore, source: str, target: str) -> tuple[int, fl
 
 
 async def replay_and_copy(
-    base: Settings, events: int, batch: int
+    base: Settings, events: int, batch: int, workers: int
 ) -> tuple[list[Figures], dict[str, object]]:
     async with fresh_deployment(base, "proj") as settings, await EventStore.open(settings) as store:
         generated = workload(events)
         print(f"bench project: writing {len(generated.events):,} events", file=sys.stderr)
         write_seconds = await write_events(store, generated.events)
         print(f"bench project: written in {write_seconds:.1f} s; replaying", file=sys.stderr)
-        records, replay_seconds = await replay(store, LIVE_SCHEMA, batch)
+        records, replay_seconds = await replay(store, LIVE_SCHEMA, batch, workers)
         print(f"bench project: replayed in {replay_seconds:.1f} s; COPY", file=sys.stderr)
         rows, copy_seconds = await raw_copy(store, LIVE_SCHEMA, "copyref")
     replayed = Figures(
@@ -258,7 +270,7 @@ async def replay_and_copy(
         count=records,
         seconds=round(replay_seconds, 3),
         per_second=round(records / replay_seconds, 1),
-        note=f"batch {batch}",
+        note=f"batch {batch}, {workers} worker{'s' if workers > 1 else ''}",
     )
     copied = Figures(
         name="raw COPY of the same rows",
@@ -365,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     base = stack_settings(info)
 
     async def measure() -> tuple[list[Figures], dict[str, object]]:
-        rows, extra = await replay_and_copy(base, args.events, args.batch)
+        rows, extra = await replay_and_copy(base, args.events, args.batch, args.workers)
         rows.append(await live_latency(info, base, args.live_events, args.live_rate))
         return rows, extra
 
@@ -382,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
         {
             "events": args.events,
             "batch": args.batch,
+            "workers": args.workers,
             "live_events": args.live_events,
             "live_rate": args.live_rate,
             "cpus": os.cpu_count(),
@@ -413,6 +426,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=5000, help="records per replay batch")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="replay processes, partitions dealt out among them (default: one per CPU)",
+    )
     parser.add_argument("--live-events", type=int, default=2000)
     parser.add_argument("--live-rate", type=float, default=200.0, help="appends per second")
     parser.add_argument("--json", default="bench-results/project.json", metavar="PATH")
