@@ -91,7 +91,12 @@ class ProgressReporter:
 
 
 async def replay(
-    settings: Settings, schema: str, *, batch: int, on_progress: ProgressReporter | None
+    settings: Settings,
+    schema: str,
+    *,
+    batch: int,
+    on_progress: ProgressReporter | None,
+    workers: int | None = None,
 ) -> RebuildResult:
     """Rebuild ``schema`` of the deployment ``settings`` names; see :mod:`projectors.rebuild`."""
     redis = Redis.from_url(settings.redis_url)
@@ -103,6 +108,7 @@ async def replay(
                 redis=redis,
                 namespace=settings.topic_prefix,
                 batch=batch,
+                workers=workers,
                 on_progress=on_progress,
             )
             return await rebuild.run()
@@ -128,6 +134,7 @@ def run_replay(args: argparse.Namespace) -> int:
                 command_settings(),
                 PROJECTORS[args.projector],
                 batch=args.batch,
+                workers=args.workers,
                 on_progress=reporter,
             )
         )
@@ -187,6 +194,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
     parser.add_argument(
         "--batch", type=_positive, default=5000, help="records per batch (default 5000)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="processes applying the log in the build passes (default: one per CPU)",
     )
     parser.set_defaults(func=run_replay)
     check = sub.add_parser("checksum", help="print the checksum of a read-model schema")
