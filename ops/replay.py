@@ -7,6 +7,15 @@ fan-out tier: nothing is written to Kafka, so nothing is pushed again. On a term
 progress bar on stderr; ``--json`` prints one JSON object per line on stdout instead
 (``progress`` lines, then one ``result`` line with the checksum of what was swapped in).
 
+``--from s3`` reads the S3 archive (bucket ``backbone-archive``, prefix: the topic prefix unless
+``--archive-prefix``) instead of Kafka. ``--until TIME|POSITION`` (an RFC 3339 time with a zone,
+or a position token) stops every partition at that point, so the model is the state then
+(messages after it absent); it requires ``--into SCHEMA``: the point-in-time model is left in a
+schema of its own (e.g. for an audit) and never swapped in, since the live projector would
+carry a swapped-in past forward to the log end again. ``--into`` also works without ``--until``
+(a model beside the live one). Rerun with the same options to resume; drop the schema when done
+(``DROP SCHEMA <name> CASCADE``).
+
 ``checksum`` prints the fingerprint of a read-model schema: equal checksums mean byte-identical
 tables, which is how a rebuild, a restore or a second database is proven equal.
 """
@@ -23,13 +32,16 @@ from typing import Final, TextIO
 import msgspec
 from redis.asyncio import Redis
 
-from eventstore import EventStore, EventStoreError, Settings, create_pool
+from eventstore import EventStore, EventStoreError, Settings, TopicLayout, create_pool
+from eventstore.archive import Archive
+from eventstore.objects import ARCHIVE_BUCKET, s3_client
 from ops.deployment import command_settings
 from projectors.checksum import checksum
 from projectors.errors import ProjectorError
 from projectors.read.contract import LIVE_SCHEMA
 from projectors.rebuild import Progress, Rebuild, RebuildResult
 from projectors.schema import checked_schema_name, schema_exists
+from projectors.sources import ArchiveSource, RecordSource, Until
 
 PROJECTORS: Final = {"chat": LIVE_SCHEMA}
 """Projector name -> the live schema it owns."""
@@ -97,11 +109,25 @@ async def replay(
     batch: int,
     on_progress: ProgressReporter | None,
     workers: int | None = None,
+    source: str = "kafka",
+    archive_prefix: str | None = None,
+    until: Until | None = None,
+    into: str | None = None,
 ) -> RebuildResult:
-    """Rebuild ``schema`` of the deployment ``settings`` names; see :mod:`projectors.rebuild`."""
+    """Rebuild ``schema`` of the deployment ``settings`` names; see :mod:`projectors.rebuild`.
+
+    ``source``: ``kafka`` or ``s3`` (the archive under ``archive_prefix``, default the topic
+    prefix); ``until``/``into``: a point-in-time model / a schema of its own, no swap.
+    """
     redis = Redis.from_url(settings.redis_url)
+    client = s3_client(settings) if source == "s3" else None
     try:
         async with await EventStore.open(settings, with_producer=False) as store:
+            records: RecordSource | None = None
+            if client is not None:
+                prefix = (archive_prefix or settings.topic_prefix).strip("/")
+                archive = Archive(client, ARCHIVE_BUCKET, prefix)
+                records = ArchiveSource(archive, TopicLayout.from_settings(settings), batch=batch)
             rebuild = Rebuild(
                 store,
                 live=schema,
@@ -110,19 +136,25 @@ async def replay(
                 batch=batch,
                 workers=workers,
                 on_progress=on_progress,
+                source=records,
+                until=until,
+                into=into,
             )
             return await rebuild.run()
     finally:
+        if client is not None:
+            client.close()
         await redis.aclose()
 
 
-def summary(result: RebuildResult) -> str:
+def summary(result: RebuildResult, *, kept: bool = False) -> str:
     rate = result.records / result.seconds if result.seconds > 0 else 0.0
     how = "resumed and applied" if result.resumed else "applied"
     replaced = " (replaced the previous model, now dropped)" if result.replaced else ""
+    done = "kept in its own schema" if kept else f"swapped in{replaced}"
     return (
         f"replay {result.schema}: {how} {result.records:,} events in {result.seconds:.1f} s "
-        f"({rate:,.0f}/s); swapped in{replaced}\nchecksum {result.checksum}"
+        f"({rate:,.0f}/s); {done}\nchecksum {result.checksum}"
     )
 
 
@@ -136,6 +168,10 @@ def run_replay(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 workers=args.workers,
                 on_progress=reporter,
+                source=args.source,
+                archive_prefix=args.archive_prefix,
+                until=args.until,
+                into=args.into,
             )
         )
     except (EventStoreError, ProjectorError) as exc:
@@ -146,7 +182,7 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"event": "result", **msgspec.to_builtins(result)}), flush=True)
     else:
-        print(summary(result))
+        print(summary(result, kept=args.into is not None))
     return 0
 
 
@@ -176,11 +212,39 @@ def run_checksum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema(raw: str) -> str:
+    try:
+        return checked_schema_name(raw)
+    except (ValueError, ProjectorError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _positive(raw: str) -> int:
     value = int(raw)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{raw} is not a positive number")
     return value
+
+
+def _until(raw: str) -> Until:
+    try:
+        return Until.parse(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is neither an RFC 3339 time with a zone nor a position token"
+        ) from exc
+
+
+def _run_checked(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def run(args: argparse.Namespace) -> int:
+        if args.until is not None and args.into is None:
+            parser.error("--until needs --into SCHEMA: a point-in-time model is never swapped in")
+        if args.archive_prefix is not None and args.source != "s3":
+            parser.error("--archive-prefix is for --from s3")
+        return run_replay(args)
+
+    parser.set_defaults(func=run)
+    return parser
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -201,7 +265,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="processes applying the log in the build passes (default: one per CPU)",
     )
-    parser.set_defaults(func=run_replay)
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=("kafka", "s3"),
+        default="kafka",
+        help="read the log from Kafka (default) or from the S3 archive",
+    )
+    parser.add_argument(
+        "--archive-prefix", help="key prefix of the archive in the bucket (default: topic prefix)"
+    )
+    parser.add_argument(
+        "--until",
+        type=_until,
+        default=None,
+        help="stop at this RFC 3339 time or position token (requires --into)",
+    )
+    parser.add_argument(
+        "--into",
+        type=_schema,
+        default=None,
+        help="build into this schema and leave it there, without swapping",
+    )
+    _run_checked(parser)
     check = sub.add_parser("checksum", help="print the checksum of a read-model schema")
     check.add_argument("--schema", default=LIVE_SCHEMA)
     check.add_argument("--json", action="store_true", help="machine-readable output")

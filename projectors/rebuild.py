@@ -41,6 +41,20 @@ A rebuild never touches the fan-out tier: fan-out reads Kafka from the live end,
 model, and a rebuild writes nothing to Kafka, so no event is pushed again. The recent-history
 cache (fan-out resume) is left as the live projector keeps it; only the membership,
 user-conversation and summary caches are rebuilt from PostgreSQL.
+
+*Other sources, a point in time, another schema* (``source``, ``until``, ``into``; see
+:mod:`projectors.sources`). With a ``source`` (the S3 archive: ``replay --from s3``) or an
+``until`` bound, every pass reads that source in this process, partition by partition, and
+stops each partition at the bound. ``into`` builds into a schema of that name and leaves it
+there: no swap, no caches, nothing dropped; the result's checksum is of that schema. A
+point-in-time model must not be swapped in (the live projector would re-seek and carry it
+forward to the log end again), so ``backbone replay --until`` requires ``--into``: the model
+of the past stays in a schema of its own, e.g. for an audit, next to the live one. A replay
+from S3 without ``--into`` swaps as above; the swap's last pass reads the archive too, so the
+model swapped in is where the archive ended when the run listed it, and the live projector
+moves it on from there to the log end.
+Rerunning with the same options resumes an ``into`` schema from its stored offsets (rerun it
+with the *same* bound: records already applied are never taken back).
 """
 
 from __future__ import annotations
@@ -71,6 +85,7 @@ from projectors.schema import (
     create_schema,
     schema_exists,
 )
+from projectors.sources import KafkaSource, RecordSource, Until, replay_source
 
 log = structlog.get_logger(__name__)
 
@@ -334,12 +349,26 @@ class Rebuild:
         batch: int = 5000,
         workers: int | None = None,
         on_progress: ProgressCallback | None = None,
+        source: RecordSource | None = None,
+        until: Until | None = None,
+        into: str | None = None,
     ) -> None:
-        """``workers``: processes of the build passes (default: one per CPU; 1: this one)."""
+        """``workers``: processes of the build passes (default: one per CPU; 1: this one).
+
+        ``source`` (default: the log), ``until`` (default: the end), ``into`` (default: swap
+        into ``live``): see the module doc.
+        """
         self._store = store
         self._pool = store.pool
         self.live = checked_schema_name(live)
         self.shadow = shadow_schema(live)
+        self._into = into is not None
+        if into is not None:
+            self.shadow = checked_schema_name(into)
+            if self.shadow in (self.live, shadow_schema(live)):
+                raise ProjectorError(f"cannot replay into {self.shadow}: a rebuild uses it")
+        self._source = source
+        self._until = until
         self._redis = redis
         self._namespace = namespace or store.settings.topic_prefix
         self._batch = batch
@@ -373,6 +402,8 @@ class Rebuild:
         # live projector waits at the lock, is then short.
         while await self._catch_up("build") >= self._batch:
             pass
+        if self._into:
+            return await self._kept(resumed)
         swapped = await self._swap()
         if self._redis is not None:
             await rebuild_caches(self._pool, self._redis, self._namespace, self.live)
@@ -389,6 +420,25 @@ class Rebuild:
         )
         log.info("rebuild.swapped", schema=self.live, records=self._applied, resumed=resumed)
         return result
+
+    async def _kept(self, resumed: bool) -> RebuildResult:
+        """The result of a build left in its own schema (``into``)."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            rows = await conn.fetch(
+                f"SELECT topic, partition, next_offset FROM {self.shadow}.offsets "  # noqa: S608
+                "ORDER BY topic, partition"
+            )
+            digest = await checksum(conn, self.shadow)
+        log.info("rebuild.kept", schema=self.shadow, records=self._applied, resumed=resumed)
+        return RebuildResult(
+            schema=self.shadow,
+            replaced=None,
+            resumed=resumed,
+            records=self._applied,
+            seconds=round(time.perf_counter() - self._started, 3),
+            positions={f"{r[0]}/{r[1]}": r[2] for r in rows},
+            checksum=digest,
+        )
 
     async def _prepare_shadow(self) -> bool:
         """Create the shadow, or keep one of this version to resume; whether it resumed."""
@@ -408,8 +458,11 @@ class Rebuild:
         """Apply the log to the shadow from its stored offsets to the log end as of now.
 
         A build pass with many batches to do runs in worker processes; the rest (and the swap's
-        pass, which the live projector waits for) in this process.
+        pass, which the live projector waits for) in this process. With a ``source`` or an
+        ``until`` bound, the pass reads that source up to the bound, in this process.
         """
+        if self._source is not None or self._until is not None:
+            return await self._catch_up_from_source(phase)
         stored = await self._projector.positions.load(all_partitions(self._store))
         ends = await log_ends(self._store)
         remaining = {p: end - stored.get(p, 0) for p, end in ends.items() if end > stored.get(p, 0)}
@@ -432,6 +485,24 @@ class Rebuild:
             )
         else:
             await replay(self._store, self._projector, self._batch, on_batch)
+        self._report(phase)
+        return applied
+
+    async def _catch_up_from_source(self, phase: str) -> int:
+        source = self._source or KafkaSource(self._store, batch=self._batch)
+        ends = await source.ends()
+        stored = await self._projector.positions.load(sorted(ends))
+        # An upper bound with ``until`` (the records after the bound are not applied).
+        self._total = self._applied + sum(max(end - stored.get(p, 0), 0) for p, end in ends.items())
+        applied = 0
+
+        def on_batch(count: int) -> None:
+            nonlocal applied
+            applied += count
+            self._applied += count
+            self._report(phase)
+
+        await replay_source(self._store, self._projector, source, self._until, on_batch)
         self._report(phase)
         return applied
 

@@ -1,0 +1,267 @@
+"""Where a bounded or archived replay reads its records, and where it stops.
+
+A :class:`RecordSource` hands over the raw records of one partition in offset order, in chunks:
+:class:`KafkaSource` reads the log, :class:`ArchiveSource` the S3 archive (the segments'
+records exactly as Kafka stored them, re-labelled with the deployment's topic of the same
+role, so an archive written under another topic prefix replays too). :func:`replay_source`
+applies them partition by partition, cut at an :class:`Until` bound, decoding each chunk with
+:func:`~eventstore.codec.decode_records` into a :class:`~eventstore.Batch` of that partition
+and applying it with a :class:`~projectors.projector.Projector`: the offsets are stored in the
+batch's transaction as on every other path, so a run that dies resumes where it stopped.
+
+Partitions are applied one after the other: the model does not depend on the order *across*
+partitions (the multi-worker rebuild applies them in independent processes too).
+
+*The bound.* ``Until(time=T)`` keeps, in every partition, the records up to the last one
+whose event time (the record timestamp, which the producer sets from the envelope's ``time``,
+to the millisecond) is at or before ``T``: the model is the state at ``T``. ``Until(position=P)``
+(a position token) keeps the partition ``P`` names up to ``P``'s offset inclusive, and every
+other partition up to ``P``'s event time: the state right after that event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Protocol
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from eventstore import (
+    Batch,
+    EventStore,
+    InvalidPosition,
+    LogUnavailable,
+    OffsetRange,
+    Position,
+    TopicLayout,
+    decode_records,
+)
+from eventstore.archive import Archive, Manifest
+from eventstore.consumer import Partition
+from projectors.errors import ProjectorError
+from projectors.projector import Projector
+
+_EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+class ReplaySourceError(ProjectorError):
+    """A replay source or bound that cannot be used (a foreign position, no such record)."""
+
+
+class SourceRecord(msgspec.Struct, frozen=True):
+    """One raw record of a source (a :class:`~eventstore.codec.RecordLike`)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    """Milliseconds since the epoch: the event time."""
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+Chunks = AsyncGenerator[list[SourceRecord], None]
+
+
+class RecordSource(Protocol):
+    """Raw records per partition, in offset order."""
+
+    name: str
+
+    async def ends(self) -> dict[Partition, int]:
+        """The offset after the last record of every partition the source holds."""
+        ...
+
+    def chunks(self, partition: Partition, start: int) -> Chunks:
+        """The records of ``partition`` from ``start`` to the end, in chunks."""
+        ...
+
+
+def time_ms(value: dt.datetime) -> int:
+    """Whole milliseconds since the epoch (floored, exactly: no float)."""
+    return (value - _EPOCH_UTC) // dt.timedelta(milliseconds=1)
+
+
+class Until(msgspec.Struct, frozen=True):
+    """Where a point-in-time replay stops: at a time, or right after one event's position."""
+
+    time: dt.datetime | None = None
+    position: Position | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Until:
+        """An RFC 3339 time with a zone, or a position token; :class:`ValueError` otherwise."""
+        try:
+            return cls(position=Position.parse(text))
+        except InvalidPosition:
+            pass
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            raise ValueError(f"time without a zone offset: {text!r}")
+        return cls(time=parsed.astimezone(dt.UTC))
+
+    def __str__(self) -> str:
+        return self.position.token() if self.position else str(self.time and self.time.isoformat())
+
+
+class _Cut(msgspec.Struct, frozen=True):
+    """The resolved bound: a time for every partition, an offset for one."""
+
+    time_ms: int | None
+    partition: Partition | None = None
+    offset: int | None = None
+
+    def admits(self, partition: Partition, record: SourceRecord) -> bool:
+        if partition == self.partition and self.offset is not None:
+            return record.offset <= self.offset
+        return self.time_ms is None or record.timestamp <= self.time_ms
+
+
+async def _resolve(until: Until | None, source: RecordSource, store: EventStore) -> _Cut:
+    if until is None:
+        return _Cut(None)
+    if until.time is not None:
+        return _Cut(time_ms(until.time))
+    position = until.position
+    assert position is not None
+    if position.epoch != store.epoch:
+        raise ReplaySourceError(
+            f"position {position} is of epoch {position.epoch}, the log is at {store.epoch}"
+        )
+    partition = (store.layout.topic(position.stream), position.partition)
+    async with contextlib.aclosing(source.chunks(partition, position.offset)) as chunks:
+        async for chunk in chunks:
+            if chunk[0].offset == position.offset:
+                return _Cut(chunk[0].timestamp, partition, position.offset)
+            break
+    raise ReplaySourceError(f"no record at position {position} in {source.name}")
+
+
+class KafkaSource:
+    """The records of the log, read without a consumer group."""
+
+    name = "kafka"
+
+    def __init__(self, store: EventStore, *, batch: int = 5000) -> None:
+        self._store = store
+        self._batch = batch
+
+    async def ends(self) -> dict[Partition, int]:
+        reader = self._store.reader()
+        await reader.start("end")
+        try:
+            return await reader.end_offsets()
+        finally:
+            await reader.stop()
+
+    async def chunks(self, partition: Partition, start: int) -> Chunks:
+        settings = self._store.settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id="backbone-replay",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        tp = TopicPartition(*partition)
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            end = (await consumer.end_offsets([tp]))[tp]
+            while await consumer.position(tp) < end:
+                fetched = await consumer.getmany(tp, timeout_ms=500, max_records=self._batch)
+                chunk = [
+                    SourceRecord(r.topic, r.partition, r.offset, r.timestamp, r.value, r.headers)
+                    for r in fetched.get(tp, ())
+                    if r.offset < end
+                ]
+                if chunk:
+                    yield chunk
+        except KafkaError as exc:
+            raise LogUnavailable(f"Kafka unreachable: {exc}") from exc
+        finally:
+            await consumer.stop()
+
+
+class ArchiveSource:
+    """The records of the S3 archive, segment by segment (each checked against its manifest)."""
+
+    name = "s3"
+
+    def __init__(self, archive: Archive, layout: TopicLayout, *, batch: int = 5000) -> None:
+        self._archive = archive
+        self._layout = layout
+        self._batch = batch
+        self._segments: dict[Partition, list[Manifest]] = {}
+
+    def _topic(self, archived: str) -> str | None:
+        """The deployment's topic of the archived topic's role (``.users``, ``.conversations``)."""
+        for stream in ("user", "conversation"):
+            if archived.endswith(f".{stream}s"):
+                return self._layout.topic(stream)
+        return None
+
+    async def _manifests(self) -> dict[Partition, list[Manifest]]:
+        if not self._segments:
+            for archived, partition in await self._archive.partitions():
+                topic = self._topic(archived)
+                if topic is not None:
+                    found = await self._archive.segments(archived, partition)
+                    self._segments[(topic, partition)] = found
+        return self._segments
+
+    async def ends(self) -> dict[Partition, int]:
+        return {p: found[-1].next for p, found in (await self._manifests()).items() if found}
+
+    async def chunks(self, partition: Partition, start: int) -> Chunks:
+        topic, number = partition
+        for manifest in (await self._manifests()).get(partition, []):
+            if manifest.next <= start:
+                continue
+            records = await self._archive.read_segment(manifest)
+            chunk = [
+                SourceRecord(topic, number, r.offset, r.timestamp, r.value, r.headers)
+                for r in records
+                if r.offset >= start
+            ]
+            for at in range(0, len(chunk), self._batch):
+                yield chunk[at : at + self._batch]
+
+
+async def replay_source(
+    store: EventStore,
+    projector: Projector,
+    source: RecordSource,
+    until: Until | None,
+    on_batch: Callable[[int], None],
+) -> None:
+    """Apply ``source`` up to ``until`` to ``projector``'s schema, from its stored offsets;
+    ``on_batch`` gets each batch's record count."""
+    cut = await _resolve(until, source, store)
+    ends = await source.ends()
+    stored = await projector.positions.load(sorted(ends))
+    for partition in sorted(ends):
+        start = stored.get(partition, 0)
+        if start >= ends[partition]:
+            continue
+        async with contextlib.aclosing(source.chunks(partition, start)) as chunks:
+            async for chunk in chunks:
+                kept: list[SourceRecord] = []
+                for record in chunk:
+                    if not cut.admits(partition, record):
+                        break
+                    kept.append(record)
+                if kept:
+                    items = await decode_records(
+                        kept, store.layout, store.epoch, store.keyring.keys_for_read
+                    )
+                    span = OffsetRange(kept[0].offset, kept[-1].offset)
+                    await projector.handle(Batch(items, {partition: span}))
+                    on_batch(len(kept))
+                if len(kept) < len(chunk):
+                    break

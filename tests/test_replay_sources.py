@@ -1,0 +1,154 @@
+"""``backbone replay --from kafka|s3 --until T --into SCHEMA`` against the real stack.
+
+A point-in-time replay is compared with a clean pass of only the events up to that point (read
+from Kafka, filtered by their envelope time, applied by a Projector of its own); a replay from
+the S3 archive with one from Kafka and with a clean replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from eventstore import Batch, OffsetRange, RecordedEvent
+from eventstore.archive import Archive, s3_client
+from eventstore.objects import ARCHIVE_BUCKET
+from ops.replay import register
+from ops.replay import replay as cli_replay
+from ops.stack import StackInfo
+from projectors.checksum import checksum
+from projectors.projector import Projector
+from projectors.rebuild import Rebuild
+from projectors.schema import create_schema, schema_exists
+from projectors.sources import Until
+from tests.test_archive import archive_log
+from tests.test_projector_drills import produce, workload
+from tests.test_projector_support import (
+    World,
+    message,
+    world_fixture,  # noqa: F401 - provides the `world` fixture
+)
+from tests.test_rebuild import clean_checksum, rooms_and_senders
+
+
+@pytest.fixture
+async def client(stack: StackInfo, world: World) -> AsyncIterator[Any]:
+    made = s3_client(world.settings)
+    yield made
+    made.close()
+
+
+async def checksum_up_to(world: World, until: dt.datetime, name: str = "reference") -> str:
+    """The checksum of a clean pass of only the events whose time is at or before ``until``."""
+    store = world.store
+    async with store.pool.acquire() as conn:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        await create_schema(conn, name)
+    projector = Projector(store.pool, store.layout, schema=name)
+    reader = store.reader(max_records=1000)
+    await reader.start("beginning")
+    try:
+        async for batch in reader.batches_until_end():
+            kept: list[RecordedEvent] = []
+            for item in batch.items:
+                assert isinstance(item, RecordedEvent), item
+                if item.envelope.time <= until:
+                    kept.append(item)
+            ranges: dict[tuple[str, int], OffsetRange] = {}
+            for item in kept:
+                p = (store.layout.topic(item.position.stream), item.position.partition)
+                first = ranges[p].first if p in ranges else item.position.offset
+                ranges[p] = OffsetRange(first, item.position.offset)
+            await projector.handle(Batch(list(kept), ranges))
+    finally:
+        await reader.stop()
+    async with store.pool.acquire() as conn:
+        return await checksum(conn, name)
+
+
+async def bodies(world: World, schema: str, prefix: str) -> list[str]:
+    rows = await world.store.pool.fetch(
+        f"SELECT body FROM {schema}.messages WHERE body LIKE $1 ORDER BY seq",
+        prefix + "%",
+    )
+    return [r[0] for r in rows]
+
+
+async def test_point_in_time_replay_equals_the_state_at_that_time(world: World) -> None:
+    """Replayed ``until`` T into a schema of its own: equal to a clean pass of the events up to
+    T; the messages written after T are absent there (and present in the live model); the live
+    model is not touched. Until a position: its partition stops right after that event."""
+    events, _ = workload(rooms=10, users=16, messages=1200, seed=21)
+    await produce(world.store, events)
+    await asyncio.sleep(0.05)
+    until = dt.datetime.now(dt.UTC)
+    await asyncio.sleep(0.05)
+    rooms = rooms_and_senders(events)
+    later = [message(*rooms[0], f"after T {n}") for n in range(20)]
+    for event in later[:10]:  # one at a time: offsets in order within the room's partition
+        await world.write([event])
+    await world.write([message(*room, f"after T elsewhere {n}") for n, room in enumerate(rooms)])
+    await world.catch_up()
+    live_before = await clean_checksum(world, "live_copy")
+
+    result = await Rebuild(world.store, batch=300, until=Until(time=until), into="pit").run()
+    assert result.schema == "pit"
+    assert result.replaced is None
+    expected = await checksum_up_to(world, until)
+    assert result.checksum == expected
+    async with world.store.pool.acquire() as conn:
+        assert await checksum(conn, "pit") == expected
+    assert await bodies(world, "pit", "after T") == []
+    assert len(await bodies(world, "chat", "after T")) == 10 + len(rooms)
+    assert len(await bodies(world, "chat", "")) > len(await bodies(world, "pit", ""))
+    async with world.store.pool.acquire() as conn:
+        assert await checksum(conn, "chat") == live_before, "the live model is untouched"
+
+    # Until a position token: the partition it names stops right after that event (the next
+    # message, appended with it, is absent), every other partition at its time.
+    recorded = await world.store.producer.append(later[10:13])
+    token = recorded[1].position.token()
+    await world.catch_up()
+    await Rebuild(world.store, batch=300, until=Until.parse(token), into="pit_pos").run()
+    everything = await bodies(world, "chat", "after T")
+    assert "after T 12" in everything
+    assert sorted(await bodies(world, "pit_pos", "after T")) == sorted(
+        b for b in everything if b != "after T 12"
+    )
+    assert await schema_exists(world.store.pool, "chat")
+
+
+async def test_a_replay_from_the_archive_equals_one_from_kafka(world: World, client: Any) -> None:
+    """After archiving the log: a replay from S3 (swapped in) and one from Kafka (into a schema
+    of its own) have the same checksum, equal to a clean replay."""
+    events, _ = workload(rooms=12, users=20, messages=2000, seed=9)
+    await produce(world.store, events)
+    archive = Archive(client, ARCHIVE_BUCKET, world.settings.topic_prefix)
+    await archive_log(world.settings, archive, segment_records=250)
+
+    from_kafka = await Rebuild(world.store, batch=400, workers=2, into="from_kafka").run()
+    from_s3 = await cli_replay(world.settings, "chat", batch=400, on_progress=None, source="s3")
+    assert from_s3.schema == "chat"
+    assert from_s3.records == from_kafka.records == len(events)
+    assert from_s3.positions == from_kafka.positions
+    assert from_s3.checksum == from_kafka.checksum == await clean_checksum(world)
+
+
+def test_until_needs_into() -> None:
+    """The CLI refuses ``--until`` without ``--into`` (a past model is never swapped in) and an
+    ``--until`` that is neither a time with a zone nor a position."""
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["replay", "--until", "2026-01-01T00:00:00Z"])
+    with pytest.raises(SystemExit):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["replay", "--until", "2026-01-01T00:00:00", "--into", "pit"])
+    args = parser.parse_args(["replay", "--until", "1.c.3.42", "--into", "pit", "--from", "s3"])
+    assert args.until == Until.parse("1.c.3.42")
+    assert args.source == "s3"
