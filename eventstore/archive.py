@@ -48,7 +48,7 @@ from typing import Any, Final, Literal, Protocol
 import msgspec
 import structlog
 
-from eventstore.errors import ConfigError, EventStoreError
+from eventstore.errors import EventStoreError
 from eventstore.settings import PREFIX, Settings, env_float, env_int
 
 log = structlog.get_logger(__name__)
@@ -268,29 +268,6 @@ class ArchiveConfig(msgspec.Struct, frozen=True, kw_only=True):
             segment_bytes=env_int(env, "ARCHIVE_SEGMENT_BYTES", 8 * 1024 * 1024, minimum=1024),
             flush_seconds=env_float(env, "ARCHIVE_FLUSH_SECONDS", 5.0),
         )
-
-
-def s3_client(settings: Settings) -> Any:
-    """A boto3 S3 client for the deployment (path-style addressing, bounded retries)."""
-    if not settings.s3_endpoint:
-        raise ConfigError(f"{PREFIX}S3_ENDPOINT is not set")
-    import boto3  # imported here: boto3 takes a while to import and few processes need it
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint,
-        aws_access_key_id=settings.s3_access_key or None,
-        aws_secret_access_key=settings.s3_secret_key or None,
-        region_name=settings.s3_region,
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
-            max_pool_connections=16,
-        ),
-    )
 
 
 # --- the archive (S3 shell) ------------------------------------------------------------------

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import boto3
-from botocore.config import Config
-
 from eventstore.errors import ConfigError
 from eventstore.settings import Settings
 
@@ -24,16 +21,20 @@ def s3_client(settings: Settings) -> Any:
     """A boto3 S3 client for the configured endpoint (``BACKBONE_S3_*``)."""
     if not settings.s3_endpoint:
         raise ConfigError("BACKBONE_S3_ENDPOINT is not set")
+    import boto3  # imported here: boto3 takes a while to import and few processes need it
+    from botocore.config import Config
+
     return boto3.client(
         "s3",
         endpoint_url=settings.s3_endpoint,
-        aws_access_key_id=settings.s3_access_key,
-        aws_secret_access_key=settings.s3_secret_key,
+        aws_access_key_id=settings.s3_access_key or None,
+        aws_secret_access_key=settings.s3_secret_key or None,
         region_name=settings.s3_region,
         config=Config(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"max_attempts": 5, "mode": "standard"},
             connect_timeout=5,
             read_timeout=30,
+            max_pool_connections=16,
         ),
     )

@@ -19,7 +19,8 @@ import sys
 import msgspec
 
 from eventstore import EventStoreError, Settings
-from eventstore.archive import Archive, ArchiveConfig, Verification, s3_client, verify_archive
+from eventstore.archive import Archive, ArchiveConfig, Verification, verify_archive
+from eventstore.objects import s3_client
 from ops.deployment import command_settings
 
 

@@ -79,10 +79,10 @@ from eventstore.archive import (
     ArchivedRecord,
     Manifest,
     Verification,
-    s3_client,
     verify_archive,
 )
 from eventstore.epoch import epoch_channel
+from eventstore.objects import s3_client
 from ops.deployment import command_settings
 from schemas.events import StreamKind
 

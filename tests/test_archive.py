@@ -34,10 +34,10 @@ from eventstore.archive import (
     decode_segment,
     gather_facts,
     parse_name,
-    s3_client,
     segment_name,
     verify_archive,
 )
+from eventstore.objects import s3_client
 from ops.archiver.worker import Archiver, never_decrypts
 from ops.environment import stack_env
 from ops.stack import StackInfo

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from eventstore import Batch, OffsetRange, RecordedEvent
-from eventstore.archive import Archive, s3_client
-from eventstore.objects import ARCHIVE_BUCKET
+from eventstore.archive import Archive
+from eventstore.objects import ARCHIVE_BUCKET, s3_client
 from ops.replay import register
 from ops.replay import replay as cli_replay
 from ops.stack import StackInfo

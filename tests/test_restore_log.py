@@ -37,10 +37,10 @@ from eventstore.archive import (
     ChainSummary,
     Problem,
     Verification,
-    s3_client,
     segment_name,
 )
 from eventstore.epoch import epoch_channel
+from eventstore.objects import s3_client
 from ops.environment import stack_env
 from ops.restore_log import (
     AlreadyRestored,

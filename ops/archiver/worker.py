@@ -36,8 +36,8 @@ from eventstore.archive import (
     ArchivedRecord,
     ChainHead,
     KafkaRecord,
-    s3_client,
 )
+from eventstore.objects import s3_client
 from eventstore.runtime import serve_member
 
 log = structlog.get_logger(__name__)

@@ -19,7 +19,8 @@ from typing import Any
 import msgspec
 
 from eventstore import EventStore, GroupReader, LogEnds, Settings, TopicLayout, provision_topics
-from eventstore.archive import Archive, ArchiveConfig, s3_client, verify_archive
+from eventstore.archive import Archive, ArchiveConfig, verify_archive
+from eventstore.objects import s3_client
 from eventstore.runtime import configure_logging
 from ops.archiver.worker import Archiver, never_decrypts
 from ops.bench.report import Figures, write_json
