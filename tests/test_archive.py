@@ -8,6 +8,7 @@ archiver as ``python -m ops.archiver`` and SIGKILLs it while writes go on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -44,6 +46,7 @@ from ops.stack import StackInfo
 from schemas import Event, MessageSent
 from tests.samples import sample_events
 from tests.store_fixtures import fresh_topics
+from tests.test_projector_drills import free_port
 
 Partition = tuple[str, int]
 BUCKET = "backbone-archive"
@@ -456,13 +459,27 @@ async def test_archiver_killed_at_random_points_leaves_a_complete_chain(
             written = await writer
     assert written > 0
     ends = await log_ends(settings)
-    proc = await _start(env)
+    port = free_port()
+    proc = await _start({**env, "BACKBONE_ARCHIVER_METRICS_PORT": str(port)})
     try:
 
         async def caught_up() -> bool:
             return await archived_next(archive, partitions) == ends
 
         await wait_for(caught_up, 60, "the archive to reach the log end", every=0.2)
+
+        async def serving() -> bool:
+            # Its signal handlers are installed once it serves; a SIGTERM during interpreter
+            # start-up (the killed runs may have archived everything already) kills it outright.
+            with contextlib.suppress(aiohttp.ClientError):
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{port}/healthz") as response,
+                ):
+                    return response.status == 200
+            return False
+
+        await wait_for(serving, 30, "the archiver to serve /healthz", every=0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 30)

@@ -7,6 +7,7 @@ database (checksum), and every message was applied exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -132,9 +133,22 @@ class Worker:
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
 
+    async def serving(self) -> None:
+        """Wait until the worker serves its metrics: its signal handlers are installed then.
+
+        (A SIGTERM that lands while the interpreter is still starting kills it outright.)
+        """
+        async with asyncio.timeout(30):
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await self.get("/healthz"))[0] == 200:
+                        return
+                await asyncio.sleep(0.05)
+
     async def stop(self) -> int:
         assert self.proc is not None
         if self.proc.returncode is None:
+            await self.serving()
             self.proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(30):
                 await self.proc.wait()
