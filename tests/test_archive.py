@@ -26,7 +26,7 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from eventstore import EventStore, GroupReader, LogEnds, Settings, TopicLayout
+from eventstore import EventStore, LogEnds, Settings, TopicLayout
 from eventstore.archive import (
     MANIFEST_SUFFIX,
     Archive,
@@ -40,7 +40,7 @@ from eventstore.archive import (
     verify_archive,
 )
 from eventstore.objects import s3_client
-from ops.archiver.worker import Archiver, never_decrypts
+from ops.archiver.worker import archive_until
 from ops.environment import stack_env
 from ops.stack import StackInfo
 from schemas import Event, MessageSent
@@ -178,32 +178,8 @@ async def archive_log(settings: Settings, archive: Archive, *, segment_records: 
         segment_records=segment_records,
         flush_seconds=0.3,
     )
-    archiver = Archiver(archive, config)
-    reader = GroupReader(
-        settings,
-        group_id=f"{settings.topic_prefix}.archiver",
-        streams=("user", "conversation"),
-        positions=archiver,
-        handler=archiver.handle,
-        keys=never_decrypts,
-        epoch=0,
-        decode=False,
-        on_idle=archiver.idle,
-    )
-    archiver.owned = lambda: reader.assignment
-    ends = await log_ends(settings)
-    task = asyncio.create_task(reader.run())
-    try:
-
-        async def caught_up() -> bool:
-            if task.done():
-                task.result()
-            return await archived_next(archive, list(ends)) == ends
-
-        await wait_for(caught_up, 60, "the archive to reach the log end", every=0.3)
-    finally:
-        reader.stop()
-        await task
+    async with asyncio.timeout(60):
+        await archive_until(settings, archive, config, await log_ends(settings))
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from fanout.config import FanoutConfig
 from fanout.node import FanoutNode
 from ingest.auth.tokens import new_jwt_key, parse_jwt_keys
 from tests.system_fixtures import System, User, running_system
+from tests.test_projector_support import settings_env
 
 KEY = new_jwt_key("t1")
 WITHIN = 10.0
@@ -446,16 +447,9 @@ async def test_resume_falls_back_to_the_log_beyond_the_recent_cache(
 
 
 def _fanout_env(settings: Settings, port: int) -> dict[str, str]:
-    keys = ",".join(f"{k.key_id}:{base64.b64encode(k.key).decode()}" for k in settings.master_keys)
     return {
         **os.environ,
-        "BACKBONE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "BACKBONE_POSTGRES_DSN": settings.postgres_dsn,
-        "BACKBONE_REDIS_URL": settings.redis_url,
-        "BACKBONE_MASTER_KEY": keys,
-        "BACKBONE_TOPIC_PREFIX": settings.topic_prefix,
-        "BACKBONE_USER_PARTITIONS": str(settings.user_partitions),
-        "BACKBONE_CONVERSATION_PARTITIONS": str(settings.conversation_partitions),
+        **settings_env(settings),
         "BACKBONE_JWT_KEYS": KEY,
         "BACKBONE_FANOUT_PORT": str(port),
         "BACKBONE_LOG_LEVEL": "warning",

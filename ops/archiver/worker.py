@@ -276,3 +276,45 @@ async def _serve(
         bucket=config.bucket,
         prefix=config.prefix,
     )
+
+
+async def archive_until(
+    settings: Settings,
+    archive: Archive,
+    config: ArchiveConfig,
+    ends: Mapping[tuple[str, int], int],
+    *,
+    max_records: int = 5000,
+) -> None:
+    """Run an archiver in this process until every partition's chain reaches ``ends``.
+
+    For benchmarks and tests: the same :class:`Archiver` the tier runs, as a group member of
+    its own (``<prefix>.archiver``), stopped once the archive holds the log up to ``ends``.
+    """
+    archiver = Archiver(archive, config)
+    reader = GroupReader(
+        settings,
+        group_id=group_id(settings),
+        streams=("user", "conversation"),
+        positions=archiver,
+        handler=archiver.handle,
+        keys=never_decrypts,
+        epoch=0,
+        decode=False,
+        on_idle=archiver.idle,
+        max_records=max_records,
+    )
+    archiver.owned = lambda: reader.assignment
+    wanted = {p: end for p, end in ends.items() if end}
+    task = asyncio.create_task(reader.run())
+    try:
+        while True:
+            if task.done():
+                task.result()
+            heads = archiver.heads
+            if all((h := heads.get(p)) is not None and h.next == e for p, e in wanted.items()):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        reader.stop()
+        await task

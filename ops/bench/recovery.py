@@ -18,11 +18,11 @@ from typing import Any
 
 import msgspec
 
-from eventstore import EventStore, GroupReader, LogEnds, Settings, TopicLayout, provision_topics
+from eventstore import EventStore, LogEnds, Settings, TopicLayout, provision_topics
 from eventstore.archive import Archive, ArchiveConfig, verify_archive
 from eventstore.objects import s3_client
 from eventstore.runtime import configure_logging
-from ops.archiver.worker import Archiver, never_decrypts
+from ops.archiver.worker import archive_until
 from ops.bench.report import Figures, write_json
 from ops.environment import stack_settings
 from ops.stack import default_stack_dir, stack_up
@@ -58,20 +58,6 @@ async def _write(settings: Settings, events: int, chunk: int = 1000) -> float:
 
 
 async def _archive(settings: Settings, archive: Archive, config: ArchiveConfig) -> float:
-    archiver = Archiver(archive, config)
-    reader = GroupReader(
-        settings,
-        group_id=f"{settings.topic_prefix}.archiver",
-        streams=("user", "conversation"),
-        positions=archiver,
-        handler=archiver.handle,
-        keys=never_decrypts,
-        epoch=0,
-        decode=False,
-        on_idle=archiver.idle,
-        max_records=20_000,
-    )
-    archiver.owned = lambda: reader.assignment
     layout = TopicLayout.from_settings(settings)
     partitions = [(layout.topic("user"), p) for p in range(settings.user_partitions)] + [
         (layout.topic("conversation"), p) for p in range(settings.conversation_partitions)
@@ -79,22 +65,12 @@ async def _archive(settings: Settings, archive: Archive, config: ArchiveConfig) 
     ends_reader = LogEnds(settings)
     await ends_reader.start()
     try:
-        ends = {p: e for p, e in (await ends_reader.end_offsets(partitions)).items() if e}
+        ends = await ends_reader.end_offsets(partitions)
     finally:
         await ends_reader.stop()
     began = time.perf_counter()
-    task = asyncio.create_task(reader.run())
-    try:
-        while True:
-            if task.done():
-                task.result()
-            heads = archiver.heads
-            if all((h := heads.get(p)) is not None and h.next == e for p, e in ends.items()):
-                return time.perf_counter() - began
-            await asyncio.sleep(0.05)
-    finally:
-        reader.stop()
-        await task
+    await archive_until(settings, archive, config, ends, max_records=20_000)
+    return time.perf_counter() - began
 
 
 async def bench(events: int, segment_records: int) -> list[Figures]:
