@@ -198,7 +198,8 @@ class ClassLimits(msgspec.Struct, frozen=True):
 DEFAULT_LIMITS: Final[Mapping[str, ClassLimits]] = {
     # register, login, refresh: unauthenticated, so per address only.
     "auth": ClassLimits(per_ip=Limit(rate=10 / 60, burst=10)),
-    "message": ClassLimits(per_user=Limit(rate=20, burst=40), per_ip=Limit(rate=100, burst=200)),
+    # A batch counts each message, so the burst must hold the largest batch (500 messages).
+    "message": ClassLimits(per_user=Limit(rate=50, burst=500), per_ip=Limit(rate=200, burst=1000)),
     "write": ClassLimits(per_user=Limit(rate=5, burst=20), per_ip=Limit(rate=50, burst=100)),
     "read": ClassLimits(per_user=Limit(rate=50, burst=100), per_ip=Limit(rate=200, burst=400)),
 }

@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from eventstore import Settings
 from ingest.app import KEYS, create_app
 from ingest.config import IngestConfig
-from ingest.ratelimit import ClassLimits, Limit, LoginPolicy
+from ingest.ratelimit import DEFAULT_LIMITS, ClassLimits, Limit, LoginPolicy
+from schemas.api import SendBatchBody
 from tests.system_fixtures import GENEROUS, Api, ingest_config, running_system
 
 PROXY = {"trusted_proxies": (ipaddress.ip_network("127.0.0.0/8"),)}
@@ -145,3 +146,15 @@ async def test_untrusted_peers_cannot_spoof_their_address(base_settings: Setting
             headers=ip(99),
         )
         assert reply.status == 429
+
+
+def test_default_message_limits_admit_the_largest_batch() -> None:
+    """A batch costs one unit per message; a burst below the largest batch would refuse it
+    forever (GCRA can never admit a cost above its burst)."""
+    largest = msgspec.json.schema(SendBatchBody)["$defs"]["SendBatchBody"]["properties"][
+        "messages"
+    ]["maxItems"]
+    limits = DEFAULT_LIMITS["message"]
+    assert limits.per_user is not None
+    assert limits.per_ip is not None
+    assert min(limits.per_user.burst, limits.per_ip.burst) >= largest
