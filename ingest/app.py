@@ -18,7 +18,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from eventstore import EventStore, LogEnds, Settings
-from ingest import authroutes, commands, reads
+from ingest import authroutes, commands, media, reads
 from ingest.auth.tokens import TokenKeys, load_jwt_keys
 from ingest.config import IngestConfig
 from ingest.context import CONFIG, ENDS, EXPORTS, READ, REDIS, SETTINGS_KEY, STORE
@@ -105,6 +105,7 @@ OPERATIONS: tuple[Operation, ...] = (
     *commands.OPERATIONS,
     *reads.OPERATIONS,
     *authroutes.OPERATIONS,
+    *media.OPERATIONS,
     *SERVICE,
 )
 
@@ -146,6 +147,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[READ] = ReadSide(store.pool, redis, settings.topic_prefix)
         app[READS] = Reads(store.pool, store.layout, store.epoch)
         app[EXPORTS] = Exports(store)
+        media.media_client(app)
         app[AUTH] = AuthService.build(store.pool, redis, settings, app[CONFIG], app[KEYS])
         log.info("ingest.started")
         yield

@@ -26,6 +26,7 @@ from ingest import checks
 from ingest.context import READ, REDIS, STORE, Principal
 from ingest.context import principal as principal_of
 from ingest.http import REQUEST_ID, json_response, path_uuid, read_body
+from ingest.media import completed_by
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
 from ingest.security import admit, guard
@@ -267,6 +268,8 @@ async def _check_message_body(
         raise ProblemError("invalid-body", "a media message needs media_id")
     if body.kind == "text" and body.media_id is not None:
         raise ProblemError("invalid-body", "media_id needs type media")
+    if body.media_id is not None and not await completed_by(request, body.media_id, caller.user_id):
+        raise ProblemError("invalid-body", "media_id is not a completed upload of the sender")
     if body.reply_to is not None:
         await checks.existing_message(request, conversation_id, body.reply_to)
 

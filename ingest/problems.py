@@ -40,6 +40,7 @@ CATALOG: Final[dict[str, tuple[int, str]]] = {
     "conflict": (409, "The request conflicts with the current state"),
     "stale-epoch": (409, "The position is from another epoch of the log; resync"),
     "weak-password": (422, "The password does not meet the policy"),
+    "upload-mismatch": (422, "The uploaded object does not match its declared size and hash"),
     "rate-limited": (429, "Too many requests"),
     "ip-blocked": (429, "Too many failed attempts from this address"),
     "log-unavailable": (503, "The event log cannot accept writes right now"),

@@ -96,6 +96,10 @@ _VERSION_COMMENT: Final = f"backbone read model v{READ_MODEL_VERSION}"
 _PARALLEL_BATCHES: Final = 10
 
 
+_MAX_BUILD_PASSES: Final = 6
+"""Catch-up passes before the swap at most (see :meth:`Rebuild._locked_run`)."""
+
+
 class ReplayWorkerFailed(ProjectorError):
     """A replay worker process exited with an error (its log went to stderr); rerun resumes."""
 
@@ -398,10 +402,12 @@ class Rebuild:
             # A rebuild that died between its swap and the drop left this behind.
             await self._pool.execute(f"DROP SCHEMA {leftover} CASCADE")
         resumed = await self._prepare_shadow()
-        # Passes until one finds less than a batch to do: the swap's own pass, run while the
-        # live projector waits at the lock, is then short.
-        while await self._catch_up("build") >= self._batch:
-            pass
+        # Passes until one finds less than a batch to do, so that the swap's own pass (run
+        # while the live projector waits at the lock) is short. Bounded: when writes outpace
+        # this process, the swap's pass takes the remainder, so a replay always finishes.
+        for _ in range(_MAX_BUILD_PASSES):
+            if await self._catch_up("build") < self._batch:
+                break
         if self._into:
             return await self._kept(resumed)
         swapped = await self._swap()

@@ -14,6 +14,7 @@ Every query of the read API is served by an index (primary keys plus :attr:`Tabl
 * a conversation, its members: primary key ``members (conversation_id, user_id)``;
 * a page of messages before/after a position: ``messages (conversation_id, "offset")``;
 * reactions of a page: primary key ``reactions (message_id, ...)``;
+* who may download a media object: ``messages (media_id)`` (v2);
 * erasure: ``messages (sender_id)``, ``conversations (creator_id)``, ``media (uploader_id)``,
   ``sessions (user_id)``.
 
@@ -36,7 +37,7 @@ from eventstore import Connection, Pool
 from projectors.errors import SchemaNameInvalid
 from projectors.read.contract import LIVE_SCHEMA
 
-READ_MODEL_VERSION: Final = 1
+READ_MODEL_VERSION: Final = 2
 """Recorded as the schema's comment; a rebuild compares it to decide whether to rebuild."""
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -149,7 +150,7 @@ MESSAGES = Table(
         _c("deleted_by", "uuid", True),
     ),
     ("message_id",),
-    indexes=(("sender_id",),),
+    indexes=(("sender_id",), ("media_id",)),
     unique_indexes=(("conversation_id", "offset"),),
 )
 REACTIONS = Table(
