@@ -10,13 +10,11 @@ unknown login answer the same 401 after the same bcrypt work.
 from __future__ import annotations
 
 import time
-import uuid
 
 import msgspec
 import structlog
 from aiohttp import web
 
-from eventstore import RecordedEvent
 from ingest.auth.errors import (
     BadCredentials,
     InvalidRefreshToken,
@@ -25,7 +23,7 @@ from ingest.auth.errors import (
     WeakPassword,
 )
 from ingest.auth.sessions import TokenPair as IssuedPair
-from ingest.context import EXPORTS, STORE, Principal
+from ingest.context import EXPORTS, STORE, Principal, append
 from ingest.erasure import erase_user
 from ingest.http import REQUEST_ID, json_response, path_uuid, read_body
 from ingest.openapi import Operation
@@ -52,16 +50,8 @@ from schemas.api import (
     TokenPair,
     UserCreated,
 )
-from schemas.events import Event
 
 log = structlog.get_logger(__name__)
-
-
-async def _append(request: web.Request, actor: uuid.UUID, event: Event) -> RecordedEvent:
-    (recorded,) = await request.app[STORE].producer.append(
-        [event], actor=str(actor), correlation_id=request[REQUEST_ID]
-    )
-    return recorded
 
 
 async def register(request: web.Request) -> web.Response:
@@ -84,7 +74,7 @@ async def register(request: web.Request) -> web.Response:
         user_id=user_id, username=body.username, email=body.email, display_name=body.display_name
     )
     try:
-        await _append(request, user_id, event)
+        await append(request, user_id, [event])
     except BaseException:
         await auth.accounts.release(user_id)
         raise
@@ -115,16 +105,13 @@ async def login(request: web.Request) -> web.Response:
     await auth.logins.record_success(ip, body.login)
     pair = await auth.sessions.create(account.user_id)
     try:
-        await _append(
-            request,
-            account.user_id,
-            SessionStarted(
-                user_id=account.user_id,
-                session_id=pair.session_id,
-                expires_at=int(time.time()) + auth.sessions.session_ttl,
-                device=body.device,
-            ),
+        started = SessionStarted(
+            user_id=account.user_id,
+            session_id=pair.session_id,
+            expires_at=int(time.time()) + auth.sessions.session_ttl,
+            device=body.device,
         )
+        await append(request, account.user_id, [started])
     except BaseException:
         await auth.sessions.revoke(pair.session_id, "admin")
         raise
@@ -157,11 +144,8 @@ async def _end_session(request: web.Request, caller: Principal) -> None:
     if caller.session_id is None:
         raise ProblemError("forbidden", "an API key has no session to end")
     # The fact goes to the log first: if that fails nothing changed and the client retries.
-    await _append(
-        request,
-        caller.user_id,
-        SessionRevoked(user_id=caller.user_id, session_id=caller.session_id, reason="logout"),
-    )
+    revoked = SessionRevoked(user_id=caller.user_id, session_id=caller.session_id, reason="logout")
+    await append(request, caller.user_id, [revoked])
     await request.app[AUTH].sessions.revoke(caller.session_id, "logout")
 
 
@@ -176,16 +160,13 @@ async def patch_me(request: web.Request) -> web.Response:
     body = await read_body(request, ProfilePatch)
     if body.display_name is None and body.status is None and body.settings is None:
         raise ProblemError("invalid-body", "nothing to change")
-    recorded = await _append(
-        request,
-        caller.user_id,
-        UserProfileUpdated(
-            user_id=caller.user_id,
-            display_name=body.display_name,
-            status=body.status,
-            settings=body.settings,
-        ),
+    event = UserProfileUpdated(
+        user_id=caller.user_id,
+        display_name=body.display_name,
+        status=body.status,
+        settings=body.settings,
     )
+    (recorded,) = await append(request, caller.user_id, [event])
     return json_response(Accepted(position=recorded.position.token()), 202)
 
 
@@ -202,7 +183,7 @@ async def change_password(request: web.Request) -> web.Response:
         new_hash = await auth.hasher.hash(body.new_password)
     except WeakPassword as exc:
         raise ProblemError("weak-password", exc.reason) from None
-    recorded = await _append(request, caller.user_id, PasswordChanged(user_id=caller.user_id))
+    (recorded,) = await append(request, caller.user_id, [PasswordChanged(user_id=caller.user_id)])
     await auth.accounts.set_password(caller.user_id, new_hash)
     await auth.sessions.revoke_user_sessions(caller.user_id, "password_change")
     return json_response(Accepted(position=recorded.position.token()), 202)

@@ -23,9 +23,9 @@ from aiohttp import web
 
 from eventstore import RecordedEvent
 from ingest import checks
-from ingest.context import READ, REDIS, STORE, Principal
+from ingest.context import READ, REDIS, STORE, Principal, append
 from ingest.context import principal as principal_of
-from ingest.http import REQUEST_ID, json_response, path_uuid, read_body
+from ingest.http import json_response, path_uuid, read_body
 from ingest.media import completed_by
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
@@ -33,7 +33,6 @@ from ingest.security import admit, guard
 from schemas import (
     ConversationCreated,
     DirectConversationOpened,
-    Event,
     InitialMember,
     MemberJoined,
     MemberLeft,
@@ -88,15 +87,6 @@ def direct_conversation_id(a: uuid.UUID, b: uuid.UUID) -> uuid.UUID:
     return uuid.uuid5(DIRECT_NAMESPACE, f"{first}:{second}")
 
 
-async def append(
-    request: web.Request, caller: Principal, events: Sequence[Event]
-) -> list[RecordedEvent]:
-    """Write ``events`` stamped with the caller and the request id; return them acknowledged."""
-    return await request.app[STORE].producer.append(
-        events, actor=str(caller.user_id), correlation_id=request[REQUEST_ID]
-    )
-
-
 def accepted(recorded: RecordedEvent, message_id: uuid.UUID | None = None) -> web.Response:
     return json_response(Accepted(position=recorded.position.token(), message_id=message_id), 202)
 
@@ -141,7 +131,7 @@ async def create_conversation(request: web.Request) -> web.Response:
             *(InitialMember(u, "member") for u in others),
         ),
     )
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     answer = ConversationCreatedAnswer(
         conversation_id=event.conversation_id, position=recorded.position.token()
     )
@@ -164,7 +154,7 @@ async def open_direct(request: web.Request) -> web.Response:
         conversation_id=conversation_id, user_ids=(pair[0], pair[1]), opened_by=caller.user_id
     )
     # Two racing opens both write; the read model keeps the first (the id is the same).
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     answer = ConversationCreatedAnswer(
         conversation_id=conversation_id, position=recorded.position.token()
     )
@@ -207,7 +197,7 @@ async def add_member(request: web.Request) -> web.Response:
         role=body.role,
         added_by=caller.user_id,
     )
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded)
 
 
@@ -234,7 +224,7 @@ async def remove_member(request: web.Request) -> web.Response:
         if not allowed:
             raise ProblemError("forbidden", "an owner removes anyone; an admin removes members")
     event = MemberLeft(conversation_id=conversation_id, user_id=target, removed_by=caller.user_id)
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded)
 
 
@@ -254,7 +244,7 @@ async def change_role(request: web.Request) -> web.Response:
     event = MemberRoleChanged(
         conversation_id=conversation_id, user_id=target, role=body.role, changed_by=caller.user_id
     )
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded)
 
 
@@ -324,7 +314,7 @@ async def _send(
             )
         )
     if events:
-        recorded = await append(request, caller, events)
+        recorded = await append(request, caller.user_id, events)
         pipe = request.app[REDIS].pipeline(transaction=False)
         for event, rec, key in zip(events, recorded, pending, strict=True):
             token = rec.position.token()
@@ -365,7 +355,7 @@ async def edit_message(request: web.Request) -> web.Response:
         editor_id=caller.user_id,
         body=body.content,
     )
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded, message_id)
 
 
@@ -382,7 +372,7 @@ async def delete_message(request: web.Request) -> web.Response:
     event = MessageDeleted(
         conversation_id=conversation_id, message_id=message_id, deleted_by=caller.user_id
     )
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded, message_id)
 
 
@@ -406,7 +396,7 @@ async def add_reaction(request: web.Request) -> web.Response:
         user_id=caller.user_id,
         emoji=body.emoji,
     )
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded, message_id)
 
 
@@ -419,7 +409,7 @@ async def remove_reaction(request: web.Request) -> web.Response:
     event = ReactionRemoved(
         conversation_id=conversation_id, message_id=message_id, user_id=caller.user_id, emoji=emoji
     )
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded, message_id)
 
 
@@ -432,7 +422,7 @@ async def move_read_marker(request: web.Request) -> web.Response:
     event = ReadMarkerMoved(
         conversation_id=conversation_id, user_id=caller.user_id, up_to=body.up_to
     )
-    (recorded,) = await append(request, caller, [event])
+    (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded)
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
 
-from eventstore import EventStore, LogEnds, Settings
+from eventstore import EventStore, LogEnds, RecordedEvent, Settings
 from ingest.config import IngestConfig
 from ingest.exports import Exports
+from ingest.http import REQUEST_ID
 from ingest.problems import ProblemError
 from projectors.read import ReadSide
+from schemas.events import Event
 
 STORE = web.AppKey("store", EventStore)
 REDIS = web.AppKey("redis", Redis)
@@ -45,3 +48,13 @@ def principal(request: web.Request) -> Principal:
     if found is None:
         raise ProblemError("unauthorized", "send Authorization: Bearer <access token>")
     return found
+
+
+async def append(
+    request: web.Request, actor: uuid.UUID, events: Sequence[Event]
+) -> list[RecordedEvent]:
+    """Write ``events`` stamped with ``actor`` and the request id (their correlation id);
+    return them once Kafka acknowledged them."""
+    return await request.app[STORE].producer.append(
+        events, actor=str(actor), correlation_id=request[REQUEST_ID]
+    )

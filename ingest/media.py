@@ -21,8 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from eventstore.objects import MEDIA_BUCKET, s3_client
-from ingest.context import STORE, Principal
-from ingest.http import REQUEST_ID, json_response, path_uuid, read_body
+from ingest.context import STORE, Principal, append
+from ingest.http import json_response, path_uuid, read_body
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
 from ingest.security import guard
@@ -107,9 +107,7 @@ async def complete(request: web.Request) -> web.Response:
         sha256=upload["sha256"],
         filename=upload["filename"],
     )
-    (recorded,) = await request.app[STORE].producer.append(
-        [event], actor=str(caller.user_id), correlation_id=request[REQUEST_ID]
-    )
+    (recorded,) = await append(request, caller.user_id, [event])
     await request.app[STORE].pool.execute(
         "UPDATE ingest.media_uploads SET completed_at = $2 WHERE media_id = $1",
         upload["media_id"],

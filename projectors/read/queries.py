@@ -76,14 +76,6 @@ class Reads:
         )
         return None if not applied else self._position(partition, applied - 1)
 
-    async def applied(self, stream_topic: str, partition: int) -> int:
-        applied: int | None = await self._pool.fetchval(
-            "SELECT next_offset FROM chat.offsets WHERE topic = $1 AND partition = $2",
-            stream_topic,
-            partition,
-        )
-        return applied or 0
-
     # --- messages --------------------------------------------------------------------------
 
     def _message(self, row: Any, reactions: dict[str, ReactionCount]) -> MessageItem:
