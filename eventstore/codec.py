@@ -132,22 +132,30 @@ def _time_header(time: dt.datetime) -> bytes:
     return format_time(time).encode()
 
 
+@functools.lru_cache(maxsize=1024)
+def _constant_header(name: str, value: str) -> tuple[str, bytes]:
+    # Spec version, source, type, schema version and content type repeat across events.
+    return (name, value.encode())
+
+
 def envelope_headers(envelope: Envelope) -> list[tuple[str, bytes]]:
     """The Kafka headers carrying an envelope (binary content mode)."""
     headers = [
-        ("ce_specversion", envelope.specversion.encode()),
+        _constant_header("ce_specversion", envelope.specversion),
         ("ce_id", str(envelope.id).encode()),
-        ("ce_source", envelope.source.encode()),
-        ("ce_type", envelope.type.encode()),
+        _constant_header("ce_source", envelope.source),
+        _constant_header("ce_type", envelope.type),
         ("ce_subject", envelope.subject.encode()),
         ("ce_time", _time_header(envelope.time)),
-        ("ce_schemaversion", str(envelope.schemaversion).encode()),
-        (CONTENT_TYPE_HEADER, envelope.datacontenttype.encode()),
+        _constant_header("ce_schemaversion", str(envelope.schemaversion)),
+        _constant_header(CONTENT_TYPE_HEADER, envelope.datacontenttype),
     ]
-    for name in ("actor", "correlationid", "causationid"):
-        value = getattr(envelope, name)
-        if value is not None:
-            headers.append((HEADER_PREFIX + name, value.encode()))
+    if envelope.actor is not None:
+        headers.append(("ce_actor", envelope.actor.encode()))
+    if envelope.correlationid is not None:
+        headers.append(("ce_correlationid", envelope.correlationid.encode()))
+    if envelope.causationid is not None:
+        headers.append(("ce_causationid", envelope.causationid.encode()))
     return headers
 
 

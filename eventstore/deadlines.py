@@ -4,7 +4,7 @@
 second) those timers and their heap churn cost about a fifth of the producer's throughput.
 Appends all share one bound, so their deadlines expire in the order they started: a FIFO
 queue swept by one task does the same job. Semantics follow ``asyncio.timeout``: when the
-bound passes, the waiting task is cancelled and the ``async with`` raises ``TimeoutError``;
+bound passes, the waiting task is cancelled and the ``with`` block raises ``TimeoutError``;
 a cancellation that came from elsewhere still propagates as ``CancelledError``. Expiry is
 detected within ``resolution`` seconds after the deadline.
 """
@@ -12,6 +12,7 @@ detected within ``resolution`` seconds after the deadline.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from types import TracebackType
 
@@ -28,7 +29,7 @@ class _Pending:
 
 
 class SharedDeadline:
-    """Bounds each ``async with deadline.bound():`` block to ``timeout`` seconds."""
+    """Bounds each ``with deadline.bound():`` block (inside a task) to ``timeout`` seconds."""
 
     def __init__(self, timeout: float, *, resolution: float = 0.05) -> None:
         self.timeout = timeout
@@ -44,16 +45,18 @@ class SharedDeadline:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("SharedDeadline is used outside a task")
-        loop = task.get_loop()
-        entry = _Pending(loop.time() + self.timeout, task)
+        # Deadlines and the sweeper both read time.monotonic, whatever the loop's clock.
+        entry = _Pending(time.monotonic() + self.timeout, task)
         self._pending.append(entry)
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = loop.create_task(self._sweep(), name="shared-deadline-sweeper")
-        self._wake.set()
+            self._sweeper = task.get_loop().create_task(
+                self._sweep(), name="shared-deadline-sweeper"
+            )
+        if not self._wake.is_set():
+            self._wake.set()
         return entry
 
     async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
         pending = self._pending
         while True:
             while pending and pending[0].done:
@@ -62,7 +65,7 @@ class SharedDeadline:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            now = loop.time()
+            now = time.monotonic()
             while pending and (pending[0].done or pending[0].deadline <= now):
                 entry = pending.popleft()
                 if not entry.done:
@@ -90,10 +93,11 @@ class _Bound:
         self._deadline = deadline
         self._entry: _Pending | None = None
 
-    async def __aenter__(self) -> None:
+    def __enter__(self) -> None:
+        # Synchronous on purpose: entering costs no coroutine on the append hot path.
         self._entry = self._deadline._enter()
 
-    async def __aexit__(
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,

@@ -16,7 +16,6 @@ its cached copy at once; a process that loses its listening connection drops its
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import os
@@ -51,7 +50,8 @@ def seal(key: AESGCM, subject: uuid.UUID, event_id: uuid.UUID, plaintext: str) -
     """Encrypt one personal value of ``subject`` for the event ``event_id``."""
     nonce = os.urandom(_NONCE)
     ciphertext = key.encrypt(nonce, plaintext.encode("utf-8"), event_id.bytes)
-    return SEAL_PREFIX + base64.b64encode(subject.bytes + nonce + ciphertext).decode("ascii")
+    sealed = binascii.b2a_base64(subject.bytes + nonce + ciphertext, newline=False)
+    return SEAL_PREFIX + sealed.decode("ascii")
 
 
 def sealed_subject(sealed: str) -> uuid.UUID:
@@ -200,6 +200,11 @@ class KeyRing:
                 "which BACKBONE_MASTER_KEY does not list"
             )
         return AESGCM(_unwrap(master, subject, wrapped))
+
+    def cached_write_key(self, subject: uuid.UUID) -> AESGCM | None:
+        """The subject's cached key, or ``None`` when :meth:`keys_for_write` must be asked
+        (not cached, or erased: that path raises)."""
+        return self._cache.get(subject)
 
     async def keys_for_write(self, subjects: Iterable[uuid.UUID]) -> dict[uuid.UUID, AESGCM]:
         """Keys to seal new personal data with, created where missing.

@@ -11,7 +11,8 @@ EVENTS_SKIPPED = Counter(
 )
 PRODUCE_LATENCY = Histogram(
     "backbone_produce_seconds",
-    "Time from handing events to the log until Kafka acknowledged them (acks=all).",
+    "Time from queueing a record batch's first record until Kafka acknowledged the batch "
+    "(acks=all); one observation per batch.",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 PRODUCE_ERRORS = Counter(

@@ -16,7 +16,6 @@ nothing acknowledged is lost or written twice by the recovery itself.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +35,9 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownProducerId,
 )
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from eventstore.batching import PartitionBatcher
 from eventstore.codec import OutgoingRecord, RecordedEvent, encode_event
 from eventstore.deadlines import SharedDeadline
 from eventstore.errors import (
@@ -46,7 +47,7 @@ from eventstore.errors import (
     SendTimeout,
 )
 from eventstore.keyring import KeyRing
-from eventstore.metrics import PRODUCE_ERRORS, PRODUCE_LATENCY, PRODUCER_RECREATED
+from eventstore.metrics import PRODUCE_ERRORS, PRODUCER_RECREATED
 from eventstore.positions import Position
 from eventstore.settings import Settings
 from eventstore.topics import TopicLayout
@@ -100,6 +101,7 @@ class EventProducer:
         self._epoch = epoch
         self._factory = producer_factory or default_producer_factory(settings)
         self._producer: AIOKafkaProducer | None = None
+        self._batcher: PartitionBatcher | None = None
         self._generation = 0
         self._rebuild_lock = asyncio.Lock()
         # Every append shares the send bound: one sweeper instead of a timer per append.
@@ -121,7 +123,7 @@ class EventProducer:
         """Flush what is pending within the send bound, then close regardless."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            await _close(producer, self._settings.send_timeout)
+            await self._retire(producer, self._settings.send_timeout)
         await self._deadline.close()
 
     async def __aenter__(self) -> EventProducer:
@@ -145,7 +147,19 @@ class EventProducer:
                 f"Kafka at {self._settings.kafka_bootstrap} is unreachable: {reason}"
             ) from exc
         self._generation += 1
+        self._batcher = PartitionBatcher(producer, _max_request_size(producer))
         return producer
+
+    async def _retire(self, producer: AIOKafkaProducer, grace: float) -> None:
+        # Records still queued fail; their appends see the closed batcher and retry on the
+        # next producer (or fail for want of one, after ``stop``).
+        batcher = self._batcher
+        closed = KafkaConnectionError("the producer was closed")
+        if batcher is not None:
+            batcher.close(closed)
+        await _close(producer, grace)
+        if batcher is not None:
+            batcher.abandon(closed)
 
     async def _rebuild(self, broken: AIOKafkaProducer, reason: str) -> None:
         """Replace ``broken`` with a fresh producer, once, however many senders noticed."""
@@ -155,7 +169,7 @@ class EventProducer:
             PRODUCER_RECREATED.inc()
             log.warning("producer.rebuild", reason=reason, generation=self._generation)
             # Appends that still hold ``broken`` fail on it and retry on the new producer.
-            await _close(broken, grace=1.0)
+            await self._retire(broken, grace=1.0)
             self._producer = await self._build()
 
     def envelope_for(
@@ -194,13 +208,11 @@ class EventProducer:
         """
         if not events:
             return []
-        started = time.perf_counter()
         try:
-            async with self._deadline.bound():
-                subjects = {
-                    s for e in events if e.personal_fields and (s := e.subject_id) is not None
-                }
-                keys = await self._keyring.keys_for_write(subjects) if subjects else {}
+            with self._deadline.bound():
+                keys = self._cached_keys(events)
+                if keys is None:
+                    keys = await self._keys_for(events)
                 records = [
                     encode_event(
                         event,
@@ -222,62 +234,69 @@ class EventProducer:
         except Exception as exc:
             PRODUCE_ERRORS.labels(type(exc).__name__).inc()
             raise
-        PRODUCE_LATENCY.observe(time.perf_counter() - started)
         return result
+
+    def _cached_keys(self, events: Sequence[Event]) -> dict[uuid.UUID, AESGCM] | None:
+        """The events' data keys when all are cached (the hot path), else ``None``."""
+        keys: dict[uuid.UUID, AESGCM] = {}
+        for event in events:
+            if event.personal_fields and (subject := event.subject_id) is not None:
+                key = self._keyring.cached_write_key(subject)
+                if key is None:
+                    return None
+                keys[subject] = key
+        return keys
+
+    async def _keys_for(self, events: Sequence[Event]) -> dict[uuid.UUID, AESGCM]:
+        """Data keys of the events' subjects, created or fetched where not cached."""
+        subjects = {s for e in events if e.personal_fields and (s := e.subject_id) is not None}
+        return await self._keyring.keys_for_write(subjects)
 
     async def send_records(self, records: Sequence[OutgoingRecord]) -> list[RecordedEvent]:
         """Send encoded records until all are acknowledged, rebuilding a wedged producer.
 
         The caller bounds the time (``append`` does). Only unacknowledged records are re-sent.
         """
-        acked: dict[int, RecordedEvent] = {}
+        acked: list[RecordedEvent | None] = [None] * len(records)
         pending = list(range(len(records)))
+        epoch = self._epoch
         while pending:
-            producer = self._producer
-            if producer is None:
+            producer, batcher = self._producer, self._batcher
+            if producer is None or batcher is None:
                 raise LogUnavailable("the producer is not running")
             if _sender_dead(producer):
                 # Records handed to a dead sender would wait forever: rebuild first.
                 await self._rebuild(producer, "sender task died")
                 continue
-            futures = []
-            for index in pending:
-                record = records[index]
+            futures = [batcher.submit(records[index]) for index in pending]
+            if len(futures) == 1:
                 try:
-                    futures.append(
-                        await producer.send(
-                            record.topic,
-                            value=record.value,
-                            key=record.key,
-                            partition=record.partition,
-                            headers=record.headers,
-                            timestamp_ms=record.timestamp_ms,
-                        )
-                    )
-                except KafkaError as exc:
-                    futures.append(_failed(exc))
-            outcomes = await _outcomes(futures)
+                    outcomes: list[Any] = [await futures[0]]
+                except Exception as exc:  # noqa: BLE001 - judged below, as gather would
+                    outcomes = [exc]
+            else:
+                outcomes = await asyncio.gather(*futures, return_exceptions=True)
             still: list[int] = []
             wedged: BaseException | None = None
             for index, outcome in zip(pending, outcomes, strict=True):
                 record = records[index]
                 if isinstance(outcome, BaseException):
-                    replaced = self._producer is not producer
+                    replaced = self._producer is not producer or batcher.closed
                     if isinstance(outcome, _WEDGED) or replaced or _sender_dead(producer):
                         wedged = outcome
                         still.append(index)
                         continue
                     raise _translate(outcome) from outcome
-                stream = self._layout.stream_of(record.topic)
+                partition, offset = outcome
                 acked[index] = RecordedEvent(
                     record.envelope,
                     record.event,
-                    Position(self._epoch, stream, outcome.partition, outcome.offset),
+                    Position(epoch, record.event.stream, partition, offset),
                 )
             if wedged is not None:
                 await self._rebuild(producer, type(wedged).__name__)
             pending = still
-        return [acked[i] for i in range(len(records))]
+        return acked  # type: ignore[return-value] # every index was filled above
 
 
 async def _close(producer: AIOKafkaProducer, grace: float) -> None:
@@ -308,20 +327,9 @@ def _sender_dead(producer: AIOKafkaProducer) -> bool:
     return task is not None and task.done()
 
 
-async def _outcomes(futures: list[asyncio.Future[Any]]) -> list[Any]:
-    """Each future's result or exception; one record (the common case) skips ``gather``."""
-    if len(futures) == 1:
-        try:
-            return [await futures[0]]
-        except Exception as exc:  # noqa: BLE001 - same as gather(return_exceptions=True)
-            return [exc]
-    return await asyncio.gather(*futures, return_exceptions=True)
-
-
-def _failed(exc: BaseException) -> asyncio.Future[Any]:
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    future.set_exception(exc)
-    return future
+def _max_request_size(producer: AIOKafkaProducer) -> int:
+    size = getattr(producer, "_max_request_size", None)
+    return size if isinstance(size, int) else 1024 * 1024
 
 
 def _translate(exc: BaseException) -> Exception:

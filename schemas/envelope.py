@@ -8,6 +8,7 @@ header names and their order are fixed here; :mod:`eventstore.codec` builds and 
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 
 import msgspec
@@ -48,10 +49,23 @@ def new_event_id() -> uuid.UUID:
     return uuid_compat.uuid7()
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_last_now: tuple[int, dt.datetime] = (0, _EPOCH)
+
+
 def utc_now() -> dt.datetime:
-    """The current time, UTC, millisecond precision (what the envelope records)."""
-    now = dt.datetime.now(dt.UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    """The current time, UTC, millisecond precision (what the envelope records).
+
+    Events of one millisecond share one (immutable) datetime object: under load many do, and
+    building it is most of the cost.
+    """
+    global _last_now
+    millis = time.time_ns() // 1_000_000
+    last_millis, value = _last_now
+    if millis != last_millis:
+        value = _EPOCH + dt.timedelta(milliseconds=millis)
+        _last_now = (millis, value)
+    return value
 
 
 def format_time(value: dt.datetime) -> str:

@@ -13,7 +13,7 @@ async def test_operations_within_the_bound_are_untouched() -> None:
     deadline = SharedDeadline(1.0, resolution=0.01)
 
     async def quick(n: int) -> int:
-        async with deadline.bound():
+        with deadline.bound():
             await asyncio.sleep(0.001 * (n % 5))
             return n
 
@@ -26,11 +26,11 @@ async def test_an_operation_past_the_bound_raises_timeout_error_promptly() -> No
     loop = asyncio.get_running_loop()
 
     async def slow() -> None:
-        async with deadline.bound():
+        with deadline.bound():
             await asyncio.sleep(10)
 
     async def quick() -> str:
-        async with deadline.bound():
+        with deadline.bound():
             await asyncio.sleep(0.05)
         return "done"
 
@@ -48,7 +48,7 @@ async def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
     deadline = SharedDeadline(5.0, resolution=0.01)
 
     async def waits() -> None:
-        async with deadline.bound():
+        with deadline.bound():
             await asyncio.sleep(10)
 
     task = asyncio.create_task(waits())
@@ -64,13 +64,12 @@ async def test_the_task_can_go_on_after_a_timeout() -> None:
     deadline = SharedDeadline(0.05, resolution=0.01)
 
     async def twice() -> str:
-        with pytest.raises(TimeoutError):
-            async with deadline.bound():
-                await asyncio.sleep(10)
+        with pytest.raises(TimeoutError), deadline.bound():
+            await asyncio.sleep(10)
         task = asyncio.current_task()
         assert task is not None
         assert task.cancelling() == 0
-        async with deadline.bound():
+        with deadline.bound():
             await asyncio.sleep(0.001)
         return "went on"
 

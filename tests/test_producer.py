@@ -17,20 +17,20 @@ from tests.test_log import read_all
 
 
 class WedgedAfter(AIOKafkaProducer):  # type: ignore[misc]
-    """A real producer that, from its ``n``-th send on, fails every send the way a producer
+    """A real producer that, from its ``n``-th batch on, fails every batch the way a producer
     stuck in aiokafka issue 1017 does: with OutOfOrderSequenceNumber, sending nothing."""
 
     def __init__(self, n: int, **options: Any) -> None:
         super().__init__(**options)
         self._left = n
 
-    async def send(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    async def send_batch(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         self._left -= 1
         if self._left < 0:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             future.set_exception(OutOfOrderSequenceNumber())
             return future
-        return await super().send(*args, **kwargs)
+        return await super().send_batch(*args, **kwargs)
 
 
 async def test_a_wedged_producer_is_rebuilt_and_every_append_lands_once(
@@ -42,7 +42,7 @@ async def test_a_wedged_producer_is_rebuilt_and_every_append_lands_once(
     def factory() -> AIOKafkaProducer:
         if not made:
             producer: AIOKafkaProducer = WedgedAfter(
-                60, bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all"
+                8, bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all"
             )
         else:
             producer = healthy()

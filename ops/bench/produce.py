@@ -251,25 +251,33 @@ async def _fresh_topics(settings: Settings, name: str) -> Settings:
     return fresh
 
 
+def _median(rounds: list[Figures]) -> Figures:
+    ordered = sorted(rounds, key=lambda f: f.per_second)
+    middle = ordered[len(ordered) // 2]
+    return msgspec.structs.replace(middle, note=f"{middle.note} median of {len(rounds)}".strip())
+
+
 def run(args: argparse.Namespace) -> int:
     info = stack_up(default_stack_dir())
     base = stack_settings(info)
     conversations = [uuid.uuid4() for _ in range(args.conversations)]
 
-    async def python_side() -> tuple[Figures, Figures, Figures, Settings]:
-        es = await bench_eventstore(
-            await _fresh_topics(base, "es"), args.events, args.concurrency, conversations
-        )
-        raw_events = await bench_raw_events(
-            await _fresh_topics(base, "rawev"), args.events, args.concurrency, conversations
-        )
-        raw = await bench_raw(
-            await _fresh_topics(base, "raw"), args.events, args.concurrency, conversations
-        )
-        java_settings = await _fresh_topics(base, "java")
-        return es, raw_events, raw, java_settings
+    async def python_side() -> tuple[list[Figures], Settings]:
+        # The subjects take turns, round after round, each on fresh topics: this machine's
+        # speed drifts by tens of percent over a minute, and interleaving spreads the drift
+        # over all three. Each subject's median round is reported.
+        subjects = (("es", bench_eventstore), ("rawev", bench_raw_events), ("raw", bench_raw))
+        rounds: dict[str, list[Figures]] = {name: [] for name, _ in subjects}
+        for _ in range(args.rounds):
+            for name, bench in subjects:
+                settings = await _fresh_topics(base, name)
+                rounds[name].append(
+                    await bench(settings, args.events, args.concurrency, conversations)
+                )
+        medians = [_median(rounds[name]) for name, _ in subjects]
+        return medians, await _fresh_topics(base, "java")
 
-    es, raw_events, raw, java_settings = asyncio.run(python_side())
+    (es, raw_events, raw), java_settings = asyncio.run(python_side())
     java = bench_java(
         java_settings,
         TopicLayout.from_settings(java_settings).topic("conversation"),
@@ -287,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         "produce",
         {
             "events": args.events,
+            "rounds": args.rounds,
             "java_events": args.java_events,
             "concurrency": args.concurrency,
             "conversations": args.conversations,
@@ -309,6 +318,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "produce", help="event store producer vs raw aiokafka vs Java", description=__doc__
     )
     parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per subject")
     parser.add_argument("--java-events", type=int, default=200_000)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--conversations", type=int, default=1000)
