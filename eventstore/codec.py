@@ -30,7 +30,6 @@ from eventstore.topics import TopicLayout
 from schemas.envelope import (
     CONTENT_TYPE,
     CONTENT_TYPE_HEADER,
-    HEADER_PREFIX,
     SPECVERSION,
     Envelope,
     format_time,
@@ -250,14 +249,10 @@ def _optional(raw: bytes | None) -> str | None:
 
 def read_envelope(headers: Iterable[tuple[str, bytes]]) -> Envelope:
     """Rebuild the envelope from a record's headers; :class:`DecodeError` if incomplete."""
-    attrs: dict[str, bytes] = {}
-    content_type = CONTENT_TYPE
-    for name, raw in headers:
-        if name.startswith(HEADER_PREFIX):
-            attrs[name] = raw
-        elif name == CONTENT_TYPE_HEADER:
-            content_type = _text(raw)
+    attrs = dict(headers)  # a repeated header: the last one counts
     get = attrs.get
+    found_type = get(CONTENT_TYPE_HEADER)
+    content_type = CONTENT_TYPE if found_type is None else _text(found_type)
     try:
         if get("ce_specversion") != _SPECVERSION:
             found = get("ce_specversion")

@@ -27,7 +27,14 @@ log = structlog.get_logger(__name__)
 
 
 class Projector:
-    """Applies batches to ``schema`` (and to ``caches`` unless ``None``, e.g. a shadow build)."""
+    """Applies batches to ``schema`` (and to ``caches`` unless ``None``, e.g. a shadow build).
+
+    ``durable_commits=False`` (shadow builds) commits without waiting for the WAL flush. That
+    is safe where nothing outside the schema depends on a commit: rows and offsets commit
+    together, so a crash can only lose a suffix of batches as a whole, which the next run
+    applies again from the stored offsets. The swap that publishes the schema commits durably
+    (and so flushes everything before it).
+    """
 
     def __init__(
         self,
@@ -36,8 +43,10 @@ class Projector:
         *,
         schema: str = LIVE_SCHEMA,
         caches: Caches | None = None,
+        durable_commits: bool = True,
     ) -> None:
         self._pool = pool
+        self._durable = durable_commits
         self._layout = layout
         self.schema = checked_schema_name(schema)
         self._caches = caches
@@ -51,6 +60,8 @@ class Projector:
             return
         started = time.perf_counter()
         async with self._pool.acquire() as conn, conn.transaction():
+            if not self._durable:
+                await conn.execute("SET LOCAL synchronous_commit TO off")
             try:
                 await claim(conn, self.schema, batch.ranges)
             except PositionsMoved:

@@ -322,7 +322,9 @@ def replay_worker_main() -> None:
 async def _replay_share(share: ReplayShare) -> None:
     store = await EventStore.open(share.settings, with_producer=False, migrate=False)
     async with store:
-        projector = Projector(store.pool, store.layout, schema=share.schema, caches=None)
+        projector = Projector(
+            store.pool, store.layout, schema=share.schema, caches=None, durable_commits=False
+        )
         # Everything alive now lives for the whole run; a batch makes tens of thousands of
         # short-lived objects, so collect the young generation far less often than per 700
         # allocations and never traverse the long-lived ones again (measured: decoding ran at
@@ -378,7 +380,9 @@ class Rebuild:
         self._batch = batch
         self._on_progress = on_progress
         self._workers = max(workers or os.cpu_count() or 1, 1)
-        self._projector = Projector(self._pool, store.layout, schema=self.shadow, caches=None)
+        self._projector = Projector(
+            self._pool, store.layout, schema=self.shadow, caches=None, durable_commits=False
+        )
         self._applied = 0
         self._total = 0
         self._started = 0.0

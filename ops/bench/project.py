@@ -229,7 +229,9 @@ async def replay(store: EventStore, schema: str, batch: int, workers: int) -> tu
         shares = rebuild.replay_shares({p: end for p, end in ends.items() if end}, workers)
         await rebuild.replay_in_workers(store.settings, schema, shares, batch, count)
     else:
-        projector = Projector(store.pool, store.layout, schema=schema, caches=None)
+        projector = Projector(
+            store.pool, store.layout, schema=schema, caches=None, durable_commits=False
+        )
         await rebuild.replay(store, projector, batch, count)
     return records, time.perf_counter() - started
 

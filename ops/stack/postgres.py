@@ -304,7 +304,12 @@ class Postgres:
             f"port = {port}\n"
             "unix_socket_directories = ''\n"
             "max_connections = 200\n"
-            "shared_buffers = '128MB'\n"
+            # A rebuild writes the whole read model; with the default 128 MB of buffers and
+            # 1 GB of WAL between checkpoints, a million-event replay spent its time evicting
+            # dirty pages and checkpointing. Still small beside this machine's memory.
+            "shared_buffers = '1GB'\n"
+            "max_wal_size = '8GB'\n"
+            "checkpoint_timeout = '15min'\n"
             # Durability is under test here: keep PostgreSQL's crash guarantees on.
             "fsync = on\n"
             "synchronous_commit = on\n"
