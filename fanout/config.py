@@ -9,6 +9,7 @@ import msgspec
 
 from eventstore import ConfigError
 from eventstore.settings import PREFIX, env_float, env_int
+from ingest.auth.tokens import DEFAULT_LEEWAY
 
 
 class FanoutConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +46,9 @@ class FanoutConfig(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace: float = 5.0
     jwt_issuer: str = "urn:backbone:ingest"
     jwt_audience: str = "urn:backbone:api"
+    token_leeway: int = DEFAULT_LEEWAY
+    """Seconds of clock skew allowed when checking a token's times (as ingest allows): a
+    socket is closed with 4001 once its token's ``exp`` plus this has passed."""
 
 
 def _origins(raw: str) -> tuple[str, ...]:
@@ -72,4 +76,5 @@ def load_fanout_config(env: Mapping[str, str] | None = None) -> FanoutConfig:
         shutdown_grace=env_float(env, "FANOUT_SHUTDOWN_GRACE", 5.0),
         jwt_issuer=env.get(PREFIX + "JWT_ISSUER", "") or "urn:backbone:ingest",
         jwt_audience=env.get(PREFIX + "JWT_AUDIENCE", "") or "urn:backbone:api",
+        token_leeway=env_int(env, "FANOUT_TOKEN_LEEWAY", DEFAULT_LEEWAY, minimum=0),
     )

@@ -1,8 +1,14 @@
 """The JSON frames of the WebSocket contract (API.md), decoded and encoded with msgspec.
 
-Client frames are a tagged union on ``type``; anything else is malformed. ``auth`` may carry
-``cursors`` (an extension of the contract): resuming in the frame that subscribes makes the
-replay atomic with the subscription, so the missed events arrive strictly before live ones.
+Client frames are a tagged union on ``type``; anything else is malformed. Two extensions of
+the contract (docs/ARCHITECTURE.md, "Fan-out"):
+
+* ``auth`` may carry ``cursors``: resuming in the frame that subscribes makes the replay
+  atomic with the subscription, so the missed events arrive strictly before live ones;
+* ``auth`` may be sent again on an open socket with a fresh token of the same user, before
+  the current one expires: the socket's deadline moves to the new token's ``exp`` and
+  delivery goes on. Without it the socket gets ``token_expired`` and 4001 at expiry; a
+  token of another user, invalid, expired or of an ended session gets an error and 4001.
 """
 
 from __future__ import annotations

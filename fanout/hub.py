@@ -18,6 +18,13 @@ code between two batches of the tail, which is what makes resumes gap- and dupli
 Authorization changes follow log order: a ``MemberLeft`` is delivered to the leaver and the
 leaver's sockets leave the room in the same step; sessions revoked (Redis feed or log) and
 erased users have their sockets closed with 4001.
+
+Credentials run out too: a socket is closed with ``token_expired`` and 4001 once its access
+token's ``exp`` (plus the verification leeway) has passed, unless the client sent a later
+``auth`` frame with a fresh token of the same user and a live session, which moves the
+deadline. The first and later ``auth`` frames are verified by the same code as ingest's
+requests (:meth:`SessionStore.authenticate`); deadlines are kept in one timing wheel
+(:mod:`fanout.expiry`) that the node's sweep drains, not in a timer per socket.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from fanout import frames
 from fanout.audiences import Audiences
 from fanout.config import FanoutConfig
 from fanout.connection import ADMITTING, AUTH, CLOSED, HEAD, OPEN, Connection
+from fanout.expiry import Expiries
 from fanout.handshake import HttpRefusal, RequestHead
 from fanout.history import History, ResumeFailed
 from fanout.membership import Change, MembershipWindow, Snapshots
@@ -45,8 +53,10 @@ from fanout.metrics import (
     DELIVERIES,
     DELIVERY_LATENCY,
     EVENTS,
+    REAUTHS,
     RESUMES,
     SLOW_DISCONNECTS,
+    TOKEN_EXPIRIES,
 )
 from fanout.signals import EpochSignal, PresenceSignal, RevocationSignal, Signals, TypingSignal
 from fanout.tail import Tail
@@ -58,7 +68,7 @@ from fanout.wire import (
     CLOSE_UNAUTHORIZED,
     text_frame,
 )
-from ingest.auth import AccessTokens, InvalidToken, SessionStore
+from ingest.auth import AccessClaims, AccessTokens, InvalidToken, SessionStore
 from projectors.read import ReadSide
 from schemas.events import (
     ConversationCreated,
@@ -125,6 +135,7 @@ class Hub:
         self.window = MembershipWindow(config.membership_window, tail.start_offsets)
         self.connections: set[Connection] = set()
         self._by_session: dict[uuid.UUID, set[Connection]] = {}
+        self.expiries: Expiries[Connection] = Expiries()
         self._revoked: dict[uuid.UUID, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.signals: Signals | None = None
@@ -139,16 +150,13 @@ class Hub:
 
     def lost(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.expiries.discard(conn)
         if self.draining and not self.connections:
             self.emptied.set()
         user_id = conn.user_id
         if user_id is None:
             return
-        session = self._by_session.get(conn.session_id)  # type: ignore[arg-type]
-        if session is not None:
-            session.discard(conn)
-            if not session:
-                del self._by_session[conn.session_id]  # type: ignore[arg-type]
+        self._unbind_session(conn)
         conversations = list(self.audiences.conversations(user_id))
         if self.audiences.remove(conn, user_id) and self.signals is not None:
             self.signals.offline(user_id, conversations)
@@ -195,21 +203,30 @@ class Hub:
             self.resume(conn, message.cursors)
         elif isinstance(message, frames.Typing):
             self.typing(conn, message.conversation_id)
-        else:
-            conn.violation("already_authenticated", "auth is the first frame only")
+        else:  # a later auth frame: a fresh token for this socket
+            self._spawn(self._reauth(conn, message))
+
+    async def _authenticate(self, token: str) -> AccessClaims:
+        """Verify ``token`` and check its session is live, exactly as ingest does.
+
+        :class:`InvalidToken` when refused (``reason`` names why, ``revoked`` included);
+        anything else means Redis or PostgreSQL could not answer.
+        """
+        return await self._sessions.authenticate(token)
+
+    def _deadline(self, claims: AccessClaims) -> int:
+        """When a socket authenticated by ``claims`` must be closed (what ``verify`` allows)."""
+        return claims.expires_at + self._tokens.leeway
 
     async def _admit(self, conn: Connection, auth: frames.Auth) -> None:
         try:
-            claims = self._tokens.verify(auth.token)
-            active = await self._sessions.is_session_active(claims.session_id)
+            claims = await self._authenticate(auth.token)
         except InvalidToken:
-            active = False
+            self.close(conn, CLOSE_UNAUTHORIZED, "unauthorized")
+            return
         except Exception:  # Redis/PostgreSQL down: the client tries again
             log.warning("fanout.auth_unavailable", exc_info=True)
             self.close(conn, CLOSE_TRY_AGAIN, "try again")
-            return
-        if not active:
-            self.close(conn, CLOSE_UNAUTHORIZED, "unauthorized")
             return
         user_id, session_id = claims.user_id, claims.session_id
         try:
@@ -232,11 +249,67 @@ class Hub:
         conn.since = self.tail.offsets
         conn.state = OPEN
         self._by_session.setdefault(session_id, set()).add(conn)
+        self.expiries.set(conn, self._deadline(claims))
         conn.write_raw(frames.ready(self.epoch, user_id))
         if first and self.signals is not None:
             self.signals.online(user_id, self.audiences.conversations(user_id))
         if auth.cursors:
             self.resume(conn, auth.cursors)
+
+    async def _reauth(self, conn: Connection, auth: frames.Auth) -> None:
+        """A fresh token on an open socket: move its deadline, or refuse and close with 4001.
+
+        Delivery goes on meanwhile. The token must be the socket's user's, and its session
+        live; it may name another session of that user (a new login), which the socket then
+        belongs to (its revocation closes it). Cursors in the frame are resumed as usual.
+        """
+        try:
+            claims = await self._authenticate(auth.token)
+        except InvalidToken as exc:
+            if exc.reason == "expired":
+                self._refuse(conn, "token_expired", "the new token has already expired")
+            elif exc.reason == "revoked":
+                self._refuse(conn, "unauthorized", "the session has ended")
+            else:
+                self._refuse(conn, "unauthorized", "invalid token")
+            return
+        except Exception:  # Redis/PostgreSQL down: keep the old deadline; the client retries
+            log.warning("fanout.reauth_unavailable", exc_info=True)
+            REAUTHS.labels("unavailable").inc()
+            if conn.state == OPEN:
+                conn.write_raw(frames.error("try_again", "could not check the token; resend it"))
+            return
+        if conn.state != OPEN:
+            return
+        if claims.user_id != conn.user_id:
+            self._refuse(conn, "unauthorized", "token of another user")
+            return
+        session_id = claims.session_id
+        if session_id in self._revoked:
+            self._refuse(conn, "unauthorized", "the session has ended")
+            return
+        if session_id != conn.session_id:
+            self._unbind_session(conn)
+            conn.session_id = session_id
+            self._by_session.setdefault(session_id, set()).add(conn)
+        self.expiries.set(conn, self._deadline(claims))
+        REAUTHS.labels("ok").inc()
+        if auth.cursors:
+            self.resume(conn, auth.cursors)
+
+    def _refuse(self, conn: Connection, code: str, detail: str) -> None:
+        """Refuse a re-authentication: an error frame, then 4001."""
+        REAUTHS.labels("refused").inc()
+        if conn.state == OPEN:
+            conn.write_raw(frames.error(code, detail))
+            self.close(conn, CLOSE_UNAUTHORIZED, code)
+
+    def _unbind_session(self, conn: Connection) -> None:
+        session = self._by_session.get(conn.session_id)  # type: ignore[arg-type]
+        if session is not None:
+            session.discard(conn)
+            if not session:
+                del self._by_session[conn.session_id]  # type: ignore[arg-type]
 
     async def _membership(self, user_id: uuid.UUID) -> set[uuid.UUID] | None:
         """The user's conversations as of the tail's position (None: already tracked here).
@@ -480,7 +553,8 @@ class Hub:
     # --- housekeeping ------------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Close sockets past their deadline (auth, idle); forget old revocations."""
+        """Close sockets past their deadline (auth, idle, token); forget old revocations."""
+        self.expire(time.time())
         now = time.monotonic()
         auth_deadline = now - self.config.auth_timeout
         idle_deadline = now - self.config.idle_timeout
@@ -497,6 +571,18 @@ class Hub:
         for session_id in [s for s, at in self._revoked.items() if at < forget]:
             del self._revoked[session_id]
         self.window.evict(time.time())
+
+    def expire(self, now: float) -> None:
+        """Close the sockets whose token expired by ``now`` (Unix seconds): error, then 4001."""
+        for conn in self.expiries.due(now):
+            if conn.state == OPEN:
+                TOKEN_EXPIRIES.inc()
+                conn.write_raw(
+                    frames.error(
+                        "token_expired", "the access token expired; reconnect with a fresh one"
+                    )
+                )
+                self.close(conn, CLOSE_UNAUTHORIZED, "token expired")
 
     def shutdown(self) -> None:
         """Tell every socket to reconnect elsewhere (1001 going away)."""

@@ -29,3 +29,11 @@ DELIVERY_LATENCY = Histogram(
     "Event time (CloudEvents time) to the write on the sockets",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+TOKEN_EXPIRIES = Counter(
+    "fanout_token_expiries_total", "Sockets closed with 4001 because their access token expired"
+)
+REAUTHS = Counter(
+    "fanout_reauths_total",
+    "In-band re-authentications (a later auth frame), by outcome",
+    ["outcome"],
+)

@@ -68,7 +68,12 @@ class FanoutNode:
                 settings.redis_url, max_connections=64, timeout=10
             )
         )
-        tokens = AccessTokens(self._keys, issuer=config.jwt_issuer, audience=config.jwt_audience)
+        tokens = AccessTokens(
+            self._keys,
+            issuer=config.jwt_issuer,
+            audience=config.jwt_audience,
+            leeway=config.token_leeway,
+        )
         read_side = ReadSide(store.pool, redis, namespace)
         tail = self._tail = Tail(store)
         await tail.start()

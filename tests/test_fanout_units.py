@@ -17,6 +17,7 @@ from fanout import frames
 from fanout.audiences import Audiences
 from fanout.config import FanoutConfig
 from fanout.connection import AUTH, CLOSED, Connection
+from fanout.expiry import Expiries
 from fanout.handshake import HttpRefusal, RequestHead, accept, check_upgrade
 from fanout.membership import Change, MembershipWindow
 from fanout.wire import text_frame
@@ -235,3 +236,25 @@ def test_window_brings_a_snapshot_up_to_the_tail() -> None:
     window.evict(161.0)
     assert window.horizon == {0: 13, 1: 8}
     assert not window.covers({0: 12, 1: 8})
+
+
+def test_expiries_hand_out_due_sockets_once_and_follow_moves_and_closes() -> None:
+    expiries: Expiries[str] = Expiries()
+    expiries.set("a", 100)
+    expiries.set("b", 100)
+    expiries.set("c", 105)
+    expiries.set("moved", 100)
+    expiries.set("moved", 110)  # a re-authentication: the old second forgets it
+    expiries.set("gone", 101)
+    expiries.discard("gone")  # closed: its emptied second is skipped lazily
+    expiries.set("gone", 101)  # the same second again is not queued twice ...
+    expiries.discard("gone")
+    assert len(expiries._seconds) == 4  # ... 100, 101, 105, 110
+    assert expiries.due(99.9) == []
+    assert sorted(expiries.due(100.0)) == ["a", "b"]
+    assert expiries.due(104.0) == []
+    assert expiries.deadline("a") is None
+    assert expiries.deadline("moved") == 110
+    assert expiries.due(1000.0) == ["c", "moved"]
+    assert len(expiries) == 0
+    assert expiries._seconds == []
