@@ -44,8 +44,8 @@ user-conversation and summary caches are rebuilt from PostgreSQL.
 
 *Other sources, a point in time, another schema* (``source``, ``until``, ``into``; see
 :mod:`projectors.sources`). With a ``source`` (the S3 archive: ``replay --from s3``) or an
-``until`` bound, every pass reads that source in this process, partition by partition, and
-stops each partition at the bound. ``into`` builds into a schema of that name and leaves it
+``until`` bound, every pass reads that source (a long build pass in worker processes, as
+above, the rest in this process) and stops each partition at the bound, resolved once here. ``into`` builds into a schema of that name and leaves it
 there: no swap, no caches, nothing dropped; the result's checksum is of that schema. A
 point-in-time model must not be swapped in (the live projector would re-seek and carry it
 forward to the log end again), so ``backbone replay --until`` requires ``--into``: the model
@@ -65,14 +65,14 @@ import gc
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Final
 
 import msgspec
 import structlog
 from redis.asyncio import Redis
 
-from eventstore import Batch, Connection, EventStore, Pool, Settings
+from eventstore import Connection, EventStore, Pool, Settings
 from eventstore.consumer import Partition
 from projectors.caches import rebuild_caches
 from projectors.checksum import checksum
@@ -85,7 +85,17 @@ from projectors.schema import (
     create_schema,
     schema_exists,
 )
-from projectors.sources import KafkaSource, RecordSource, Until, replay_source
+from projectors.sources import (
+    Cut,
+    KafkaSource,
+    RecordSource,
+    SourceSpec,
+    Until,
+    open_source,
+    read_ahead,
+    replay_source,
+    resolve_cut,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -175,29 +185,6 @@ async def _old_schemas(conn: Connection | Pool, live: str) -> list[str]:
     return [checked_schema_name(r[0]) for r in rows]
 
 
-async def _next(batches: AsyncIterator[Batch]) -> Batch | None:
-    try:
-        return await anext(batches)
-    except StopAsyncIteration:
-        return None
-
-
-async def read_ahead(batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
-    """``batches``, with the next one fetched and decoded while the caller applies this one.
-
-    Decoding is CPU work in this process, applying mostly waits for PostgreSQL (its own
-    process): overlapping the two keeps both busy on a replay.
-    """
-    pending = asyncio.ensure_future(_next(batches))
-    try:
-        while (batch := await pending) is not None:
-            pending = asyncio.ensure_future(_next(batches))
-            yield batch
-    finally:
-        pending.cancel()
-        await asyncio.gather(pending, return_exceptions=True)
-
-
 class ReplayShare(msgspec.Struct, frozen=True):
     """What one replay worker process applies: its partitions, up to their end as of its start."""
 
@@ -205,6 +192,9 @@ class ReplayShare(msgspec.Struct, frozen=True):
     schema: str
     partitions: list[tuple[str, int]]
     batch: int
+    source: SourceSpec | None = None
+    """``None``: the log, to its end as of the worker's start; else that source up to ``cut``."""
+    cut: Cut | None = None
 
 
 _SHARE = msgspec.msgpack.Decoder(ReplayShare)
@@ -269,9 +259,13 @@ async def replay_in_workers(
     shares: Sequence[Sequence[Partition]],
     batch: int,
     on_batch: Callable[[int], None],
+    *,
+    source: SourceSpec | None = None,
+    cut: Cut | None = None,
 ) -> None:
     """Apply each share in a worker process of its own (see the module doc), from the stored
-    offsets of ``schema`` to the end as of each worker's start; ``on_batch`` as for one process.
+    offsets of ``schema`` to the end as of each worker's start (or, with ``source``, that
+    source up to ``cut``); ``on_batch`` as for one process.
 
     If any worker fails or this is cancelled, every worker is stopped; what they committed stays
     (a rerun resumes from it).
@@ -290,7 +284,7 @@ async def replay_in_workers(
     async def follow(worker: asyncio.subprocess.Process, share: Sequence[Partition]) -> None:
         assert worker.stdin is not None
         assert worker.stdout is not None
-        job = ReplayShare(settings, schema, [(t, p) for t, p in share], batch)
+        job = ReplayShare(settings, schema, [(t, p) for t, p in share], batch, source, cut)
         # The job travels on stdin, not argv: the settings hold the master keys.
         worker.stdin.write(msgspec.msgpack.encode(job))
         await worker.stdin.drain()
@@ -336,7 +330,18 @@ async def _replay_share(share: ReplayShare) -> None:
             sys.stdout.write(f"{count}\n")
             sys.stdout.flush()
 
-        await replay(store, projector, share.batch, report, partitions=share.partitions)
+        if share.source is None:
+            await replay(store, projector, share.batch, report, partitions=share.partitions)
+            return
+        async with open_source(share.source, store, share.batch) as source:
+            await replay_source(
+                store,
+                projector,
+                source,
+                share.cut or Cut(None),
+                report,
+                partitions=share.partitions,
+            )
 
 
 class Rebuild:
@@ -500,10 +505,12 @@ class Rebuild:
 
     async def _catch_up_from_source(self, phase: str) -> int:
         source = self._source or KafkaSource(self._store, batch=self._batch)
+        cut = await resolve_cut(self._until, source, self._store)
         ends = await source.ends()
         stored = await self._projector.positions.load(sorted(ends))
         # An upper bound with ``until`` (the records after the bound are not applied).
-        self._total = self._applied + sum(max(end - stored.get(p, 0), 0) for p, end in ends.items())
+        remaining = {p: end - stored.get(p, 0) for p, end in ends.items() if end > stored.get(p, 0)}
+        self._total = self._applied + sum(remaining.values())
         applied = 0
 
         def on_batch(count: int) -> None:
@@ -512,7 +519,20 @@ class Rebuild:
             self._applied += count
             self._report(phase)
 
-        await replay_source(self._store, self._projector, source, self._until, on_batch)
+        parallel = sum(remaining.values()) >= _PARALLEL_BATCHES * self._batch
+        if phase == "build" and self._workers > 1 and parallel:
+            shares = replay_shares(remaining, self._workers)
+            await replay_in_workers(
+                self._store.settings,
+                self.shadow,
+                shares,
+                self._batch,
+                on_batch,
+                source=source.spec,
+                cut=cut,
+            )
+        else:
+            await replay_source(self._store, self._projector, source, cut, on_batch)
         self._report(phase)
         return applied
 

@@ -9,8 +9,10 @@ applies them partition by partition, cut at an :class:`Until` bound, decoding ea
 and applying it with a :class:`~projectors.projector.Projector`: the offsets are stored in the
 batch's transaction as on every other path, so a run that dies resumes where it stopped.
 
-Partitions are applied one after the other: the model does not depend on the order *across*
-partitions (the multi-worker rebuild applies them in independent processes too).
+In one process, partitions are applied one after the other, the next chunk read and decoded
+while the current one is applied; a long build pass deals the partitions out to worker
+processes (each opens the same source from its :class:`SourceSpec` and gets the resolved
+:class:`Cut`). The model does not depend on the order *across* partitions.
 
 *The bound.* ``Until(time=T)`` keeps, in every partition, the records up to the last one
 whose event time (the record timestamp, which the producer sets from the envelope's ``time``,
@@ -21,10 +23,11 @@ other partition up to ``P``'s event time: the state right after that event.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from typing import Literal, Protocol
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -42,6 +45,7 @@ from eventstore import (
 )
 from eventstore.archive import Archive, Manifest
 from eventstore.consumer import Partition
+from eventstore.objects import s3_client
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
 
@@ -71,6 +75,7 @@ class RecordSource(Protocol):
     """Raw records per partition, in offset order."""
 
     name: str
+    spec: SourceSpec
 
     async def ends(self) -> dict[Partition, int]:
         """The offset after the last record of every partition the source holds."""
@@ -108,7 +113,7 @@ class Until(msgspec.Struct, frozen=True):
         return self.position.token() if self.position else str(self.time and self.time.isoformat())
 
 
-class _Cut(msgspec.Struct, frozen=True):
+class Cut(msgspec.Struct, frozen=True):
     """The resolved bound: a time for every partition, an offset for one."""
 
     time_ms: int | None
@@ -121,11 +126,12 @@ class _Cut(msgspec.Struct, frozen=True):
         return self.time_ms is None or record.timestamp <= self.time_ms
 
 
-async def _resolve(until: Until | None, source: RecordSource, store: EventStore) -> _Cut:
+async def resolve_cut(until: Until | None, source: RecordSource, store: EventStore) -> Cut:
+    """The bound ``until`` resolved against ``source`` (a position becomes its event time)."""
     if until is None:
-        return _Cut(None)
+        return Cut(None)
     if until.time is not None:
-        return _Cut(time_ms(until.time))
+        return Cut(time_ms(until.time))
     position = until.position
     assert position is not None
     if position.epoch != store.epoch:
@@ -136,15 +142,40 @@ async def _resolve(until: Until | None, source: RecordSource, store: EventStore)
     async with contextlib.aclosing(source.chunks(partition, position.offset)) as chunks:
         async for chunk in chunks:
             if chunk[0].offset == position.offset:
-                return _Cut(chunk[0].timestamp, partition, position.offset)
+                return Cut(chunk[0].timestamp, partition, position.offset)
             break
     raise ReplaySourceError(f"no record at position {position} in {source.name}")
+
+
+class SourceSpec(msgspec.Struct, frozen=True):
+    """How another process opens the same source (a replay worker): the log, or the archive
+    in ``bucket`` under ``prefix``."""
+
+    kind: Literal["kafka", "s3"]
+    bucket: str = ""
+    prefix: str = ""
+
+
+@contextlib.asynccontextmanager
+async def open_source(
+    spec: SourceSpec, store: EventStore, batch: int
+) -> AsyncIterator[RecordSource]:
+    """The source ``spec`` names, for ``store``'s deployment; its S3 client closed after."""
+    if spec.kind == "kafka":
+        yield KafkaSource(store, batch=batch)
+        return
+    client = s3_client(store.settings)
+    try:
+        yield ArchiveSource(Archive(client, spec.bucket, spec.prefix), store.layout, batch=batch)
+    finally:
+        client.close()
 
 
 class KafkaSource:
     """The records of the log, read without a consumer group."""
 
     name = "kafka"
+    spec = SourceSpec("kafka")
 
     def __init__(self, store: EventStore, *, batch: int = 5000) -> None:
         self._store = store
@@ -198,6 +229,7 @@ class ArchiveSource:
         self._layout = layout
         self._batch = batch
         self._segments: dict[Partition, list[Manifest]] = {}
+        self.spec = SourceSpec("s3", archive.bucket, archive.prefix)
 
     def _topic(self, archived: str) -> str | None:
         """The deployment's topic of the archived topic's role (``.users``, ``.conversations``)."""
@@ -237,31 +269,63 @@ async def replay_source(
     store: EventStore,
     projector: Projector,
     source: RecordSource,
-    until: Until | None,
+    cut: Cut,
     on_batch: Callable[[int], None],
+    *,
+    partitions: Collection[Partition] | None = None,
 ) -> None:
-    """Apply ``source`` up to ``until`` to ``projector``'s schema, from its stored offsets;
-    ``on_batch`` gets each batch's record count."""
-    cut = await _resolve(until, source, store)
+    """Apply ``source`` (or ``partitions`` of it) up to ``cut`` to ``projector``'s schema, from
+    its stored offsets; ``on_batch`` gets each batch's record count. The next chunk is read and
+    decoded while the current one is applied."""
     ends = await source.ends()
-    stored = await projector.positions.load(sorted(ends))
-    for partition in sorted(ends):
-        start = stored.get(partition, 0)
-        if start >= ends[partition]:
-            continue
-        async with contextlib.aclosing(source.chunks(partition, start)) as chunks:
-            async for chunk in chunks:
-                kept: list[SourceRecord] = []
-                for record in chunk:
-                    if not cut.admits(partition, record):
+    wanted = sorted(ends if partitions is None else set(partitions) & set(ends))
+    stored = await projector.positions.load(wanted)
+
+    async def batches() -> AsyncGenerator[Batch, None]:
+        for partition in wanted:
+            start = stored.get(partition, 0)
+            if start >= ends[partition]:
+                continue
+            async with contextlib.aclosing(source.chunks(partition, start)) as chunks:
+                async for chunk in chunks:
+                    kept: list[SourceRecord] = []
+                    for record in chunk:
+                        if not cut.admits(partition, record):
+                            break
+                        kept.append(record)
+                    if kept:
+                        items = await decode_records(
+                            kept, store.layout, store.epoch, store.keyring.keys_for_read
+                        )
+                        span = OffsetRange(kept[0].offset, kept[-1].offset)
+                        yield Batch(items, {partition: span})
+                    if len(kept) < len(chunk):
                         break
-                    kept.append(record)
-                if kept:
-                    items = await decode_records(
-                        kept, store.layout, store.epoch, store.keyring.keys_for_read
-                    )
-                    span = OffsetRange(kept[0].offset, kept[-1].offset)
-                    await projector.handle(Batch(items, {partition: span}))
-                    on_batch(len(kept))
-                if len(kept) < len(chunk):
-                    break
+
+    async with contextlib.aclosing(batches()) as ahead:
+        async for batch in read_ahead(ahead):
+            await projector.handle(batch)
+            on_batch(sum(span.next - span.first for span in batch.ranges.values()))
+
+
+async def _next(batches: AsyncIterator[Batch]) -> Batch | None:
+    try:
+        return await anext(batches)
+    except StopAsyncIteration:
+        return None
+
+
+async def read_ahead(batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
+    """``batches``, with the next one fetched and decoded while the caller applies this one.
+
+    Decoding is CPU work in this process, applying mostly waits for PostgreSQL (its own
+    process): overlapping the two keeps both busy on a replay.
+    """
+    pending = asyncio.ensure_future(_next(batches))
+    try:
+        while (batch := await pending) is not None:
+            pending = asyncio.ensure_future(_next(batches))
+            yield batch
+    finally:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)

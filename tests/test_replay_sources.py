@@ -21,6 +21,7 @@ from eventstore.objects import ARCHIVE_BUCKET, s3_client
 from ops.replay import register
 from ops.replay import replay as cli_replay
 from ops.stack import StackInfo
+from projectors import rebuild as rebuild_module
 from projectors.checksum import checksum
 from projectors.projector import Projector
 from projectors.rebuild import Rebuild
@@ -79,10 +80,21 @@ async def bodies(world: World, schema: str, prefix: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-async def test_point_in_time_replay_equals_the_state_at_that_time(world: World) -> None:
+async def test_point_in_time_replay_equals_the_state_at_that_time(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Replayed ``until`` T into a schema of its own: equal to a clean pass of the events up to
     T; the messages written after T are absent there (and present in the live model); the live
-    model is not touched. Until a position: its partition stops right after that event."""
+    model is not touched. Until a position: its partition stops right after that event. Both
+    the same when the build pass runs in worker processes."""
+    sources_in_workers: list[str] = []
+    in_workers = rebuild_module.replay_in_workers
+
+    async def spy(*args: Any, **kwargs: Any) -> None:
+        sources_in_workers.append(str(kwargs.get("source")))
+        await in_workers(*args, **kwargs)
+
+    monkeypatch.setattr(rebuild_module, "replay_in_workers", spy)
     events, _ = workload(rooms=10, users=16, messages=1200, seed=21)
     await produce(world.store, events)
     await asyncio.sleep(0.05)
@@ -103,6 +115,14 @@ async def test_point_in_time_replay_equals_the_state_at_that_time(world: World) 
     assert result.checksum == expected
     async with world.store.pool.acquire() as conn:
         assert await checksum(conn, "pit") == expected
+    assert sources_in_workers == [], "a short pass runs in this process"
+    # Small batches make the build pass long enough for worker processes; same bound, same model.
+    parallel = await Rebuild(
+        world.store, batch=40, workers=2, until=Until(time=until), into="pit_workers"
+    ).run()
+    assert len(sources_in_workers) == 1
+    assert "kafka" in sources_in_workers[0]
+    assert parallel.checksum == expected
     assert await bodies(world, "pit", "after T") == []
     assert len(await bodies(world, "chat", "after T")) == 10 + len(rooms)
     assert len(await bodies(world, "chat", "")) > len(await bodies(world, "pit", ""))
@@ -120,6 +140,12 @@ async def test_point_in_time_replay_equals_the_state_at_that_time(world: World) 
     assert sorted(await bodies(world, "pit_pos", "after T")) == sorted(
         b for b in everything if b != "after T 12"
     )
+    in_workers_pos = await Rebuild(
+        world.store, batch=40, workers=2, until=Until.parse(token), into="pit_pos_workers"
+    ).run()
+    async with world.store.pool.acquire() as conn:
+        assert in_workers_pos.checksum == await checksum(conn, "pit_pos")
+    assert len(sources_in_workers) == 2
     assert await schema_exists(world.store.pool, "chat")
 
 
