@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -48,8 +49,23 @@ def configure_logging(level: str | None = None) -> None:
     )
 
 
+def tune_gc() -> None:
+    """Collect garbage for a long-running, allocation-heavy server.
+
+    Every tier allocates tens of thousands of short-lived objects per batch or burst (records,
+    envelopes, frames). With CPython's defaults (a young collection every 700 allocations) the
+    collector ran so often that decoding went at half speed in a replay worker, and in the
+    fan-out node it showed up as self time of whatever allocated. Everything alive at start
+    (modules, settings) is frozen out of collection, and the young generation is collected
+    every 50,000 allocations: a pause of a millisecond or two, rarely.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 50)
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on uvloop when available."""
+    """Run ``main`` on uvloop when available, with the collector tuned (:func:`tune_gc`)."""
+    tune_gc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a Linux dependency of the package

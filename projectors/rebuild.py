@@ -44,15 +44,15 @@ user-conversation and summary caches are rebuilt from PostgreSQL.
 
 *Other sources, a point in time, another schema* (``source``, ``until``, ``into``; see
 :mod:`projectors.sources`). With a ``source`` (the S3 archive: ``replay --from s3``) or an
-``until`` bound, every pass reads that source (a long build pass in worker processes, as
-above, the rest in this process) and stops each partition at the bound, resolved once here. ``into`` builds into a schema of that name and leaves it
-there: no swap, no caches, nothing dropped; the result's checksum is of that schema. A
-point-in-time model must not be swapped in (the live projector would re-seek and carry it
-forward to the log end again), so ``backbone replay --until`` requires ``--into``: the model
-of the past stays in a schema of its own, e.g. for an audit, next to the live one. A replay
-from S3 without ``--into`` swaps as above; the swap's last pass reads the archive too, so the
-model swapped in is where the archive ended when the run listed it, and the live projector
-moves it on from there to the log end.
+``until`` bound, every pass reads that source (a long build pass in worker processes, as above, the
+rest in this process) and stops each partition at the bound, resolved once here. ``into`` builds
+into a schema of that name and leaves it there: no swap, no caches, nothing dropped; the result's
+checksum is of that schema. A point-in-time model must not be swapped in (the live projector would
+re-seek and carry it forward to the log end again), so ``backbone replay --until`` requires
+``--into``: the model of the past stays in a schema of its own, e.g. for an audit, next to the live
+one. A replay from S3 without ``--into`` swaps as above; the swap's last pass reads the archive
+too, so the model swapped in is where the archive ended when the run listed it, and the live
+projector moves it on from there to the log end.
 Rerunning with the same options resumes an ``into`` schema from its stored offsets (rerun it
 with the *same* bound: records already applied are never taken back).
 """
@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import sys
 import time
@@ -74,6 +73,8 @@ from redis.asyncio import Redis
 
 from eventstore import Connection, EventStore, Pool, Settings
 from eventstore.consumer import Partition
+from eventstore.runtime import run as run_loop
+from eventstore.runtime import tune_gc
 from projectors.caches import rebuild_caches
 from projectors.checksum import checksum
 from projectors.errors import ProjectorError
@@ -310,7 +311,7 @@ def replay_worker_main() -> None:
     """Entry point of a replay worker process: apply the :class:`ReplayShare` read from stdin,
     printing the record count of every batch applied, one per line."""
     share = _SHARE.decode(sys.stdin.buffer.read())
-    asyncio.run(_replay_share(share))
+    run_loop(_replay_share(share))
 
 
 async def _replay_share(share: ReplayShare) -> None:
@@ -319,12 +320,7 @@ async def _replay_share(share: ReplayShare) -> None:
         projector = Projector(
             store.pool, store.layout, schema=share.schema, caches=None, durable_commits=False
         )
-        # Everything alive now lives for the whole run; a batch makes tens of thousands of
-        # short-lived objects, so collect the young generation far less often than per 700
-        # allocations and never traverse the long-lived ones again (measured: decoding ran at
-        # half its speed with the defaults).
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 50)
+        tune_gc()  # again: what the store opened lives for the whole run
 
         def report(count: int) -> None:
             sys.stdout.write(f"{count}\n")

@@ -1,0 +1,35 @@
+"""Process set-up every tier shares: the event loop and the garbage collector's tuning."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from eventstore.runtime import run
+
+
+@pytest.fixture
+def restored_gc() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_run_tunes_the_collector_and_runs_the_coroutine_on_uvloop() -> None:
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+
+    async def main() -> tuple[str, tuple[int, int, int], int]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return type(loop).__module__, gc.get_threshold(), gc.get_freeze_count()
+
+    module, threshold, frozen = run(main())
+    assert module.startswith("uvloop")
+    assert threshold == (50_000, 20, 50)
+    assert frozen > 0, "what was alive at start is frozen out of collection"
