@@ -149,10 +149,13 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[EXPORTS] = Exports(store)
         media.media_client(app)
         app[AUTH] = AuthService.build(store.pool, redis, settings, app[CONFIG], app[KEYS])
+        await app[AUTH].start()
         log.info("ingest.started")
         yield
     finally:
         log.info("ingest.stopping")
+        if AUTH in app:
+            await app[AUTH].close()
         if EXPORTS in app:
             await app[EXPORTS].close()
         await ends.stop()

@@ -259,7 +259,10 @@ OPERATIONS = (
         method="POST",
         path="/v1/auth/refresh",
         handler=refresh,
-        summary="Spend a refresh token for a new pair (a spent one revokes the session)",
+        summary=(
+            "Spend a refresh token for a new pair (a spent one revokes the session, unless it"
+            " comes back within the reuse interval: then its successor is answered again)"
+        ),
         body=RefreshBody,
         answer=TokenPair,
         public=True,

@@ -32,6 +32,12 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True):
     jwt_audience: str = "urn:backbone:api"
     access_ttl: int = 900
     """Seconds an access token lives (short: revocation is also checked live)."""
+    refresh_reuse_interval: float = 5.0
+    """Seconds after a rotation during which the spent refresh token gets its successor back
+    instead of revoking the session (0: never)."""
+    api_key_cache_ttl: float = 30.0
+    """Seconds a process trusts an API key it verified without asking PostgreSQL (0: no cache);
+    revocations reach it at once over the revocation feed, this bounds a lost message."""
     rate_limits: dict[str, ClassLimits] = msgspec.field(
         default_factory=lambda: dict(DEFAULT_LIMITS)
     )
@@ -69,8 +75,25 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
         jwt_issuer=env.get(PREFIX + "JWT_ISSUER", "") or "urn:backbone:ingest",
         jwt_audience=env.get(PREFIX + "JWT_AUDIENCE", "") or "urn:backbone:api",
         access_ttl=env_int(env, "ACCESS_TTL", 900, minimum=30),
+        refresh_reuse_interval=_seconds(env, "REFRESH_REUSE_INTERVAL", 5.0, maximum=60.0),
+        api_key_cache_ttl=_seconds(env, "API_KEY_CACHE_TTL", 30.0, maximum=3600.0),
         rate_limits=_rate_limits(env.get(PREFIX + "RATE_LIMITS", "")),
     )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, *, maximum: float) -> float:
+    """A duration in seconds where 0 means "off", bounded above."""
+    variable = PREFIX + name
+    raw = env.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{variable}={raw!r} is not a number") from None
+    if not 0 <= value <= maximum:
+        raise ConfigError(f"{variable}={value} must be between 0 and {maximum:g}")
+    return value
 
 
 def _rate_limits(raw: str) -> dict[str, ClassLimits]:

@@ -21,6 +21,7 @@ from eventstore import Pool, Settings
 from ingest.auth.accounts import Accounts
 from ingest.auth.apikeys import ApiKeys
 from ingest.auth.errors import InvalidApiKey, InvalidToken
+from ingest.auth.feed import RevocationFeed
 from ingest.auth.passwords import PasswordHasher
 from ingest.auth.sessions import SessionStore
 from ingest.auth.tokens import AccessTokens, TokenKeys
@@ -33,7 +34,11 @@ from projectors.read import members_key
 
 
 class AuthService(msgspec.Struct, frozen=True, kw_only=True):
-    """Every auth building block of one process, sharing its pool and Redis."""
+    """Every auth building block of one process, sharing its pool and Redis.
+
+    :meth:`start` subscribes to the revocation feed (which lets ``api_keys`` cache verified
+    keys); :meth:`close` ends it. Built but never started (a CLI), it works without the cache.
+    """
 
     hasher: PasswordHasher
     accounts: Accounts
@@ -43,6 +48,7 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
     limiter: RateLimiter
     logins: LoginGuard
     admission: AsyncScript
+    feed: RevocationFeed
 
     @classmethod
     def build(
@@ -53,16 +59,35 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
         tokens = AccessTokens(
             keys, issuer=config.jwt_issuer, audience=config.jwt_audience, ttl=config.access_ttl
         )
+        sessions = SessionStore(
+            pool,
+            redis,
+            tokens,
+            namespace=namespace,
+            reuse_interval=config.refresh_reuse_interval,
+        )
+        api_keys = ApiKeys(
+            pool, redis=redis, namespace=namespace, cache_ttl=config.api_key_cache_ttl
+        )
         return cls(
             hasher=hasher,
             accounts=Accounts(pool, hasher),
             tokens=tokens,
-            sessions=SessionStore(pool, redis, tokens, namespace=namespace),
-            api_keys=ApiKeys(pool),
+            sessions=sessions,
+            api_keys=api_keys,
             limiter=RateLimiter(redis, namespace=namespace, limits=config.rate_limits),
             logins=LoginGuard(redis, namespace=namespace, policy=config.login_policy),
             admission=redis.register_script(_ADMIT),
+            feed=RevocationFeed(redis, sessions.revocations_channel, api_keys),
         )
+
+    async def start(self) -> None:
+        """Listen to the revocation feed (a process serving requests does, before it serves)."""
+        if self.api_keys.cache_ttl > 0:
+            await self.feed.start()
+
+    async def close(self) -> None:
+        await self.feed.stop()
 
 
 AUTH = web.AppKey("auth", AuthService)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from ingest.auth import (
     SessionStore,
     SigningKey,
     TokenKeys,
+    TokenPair,
 )
 from tests.store_fixtures import isolated
 
@@ -136,10 +138,11 @@ async def test_refresh_rotates_and_spends_the_old_token(sessions: SessionStore) 
 
 
 async def test_a_reused_refresh_token_revokes_the_whole_family(
-    sessions: SessionStore, redis: Redis
+    sessions: SessionStore, redis: Redis, clock: Clock
 ) -> None:
     pair = await sessions.create(uuid.uuid4())
     rotated = await sessions.refresh(pair.refresh_token)
+    clock.now += sessions.reuse_interval + 0.001  # past the reuse interval
     async with redis.pubsub() as feed:
         await feed.subscribe(sessions.revocations_channel)
         with pytest.raises(RefreshTokenReused):
@@ -155,16 +158,121 @@ async def test_a_reused_refresh_token_revokes_the_whole_family(
     )
 
 
-async def test_two_refreshes_racing_with_one_token_cannot_both_win(
-    sessions: SessionStore,
+async def live_refresh_tokens(pool: Pool, session_id: uuid.UUID) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM ingest.refresh_tokens WHERE session_id = $1 AND spent_at IS NULL",
+        session_id,
+    )
+    return count
+
+
+async def test_two_refreshes_racing_with_one_token_both_get_the_one_successor(
+    sessions: SessionStore, pool: Pool
 ) -> None:
+    """Two tabs, or a retry after a lost answer: both succeed, and the family stays one chain."""
     pair = await sessions.create(uuid.uuid4())
     outcomes = await asyncio.gather(
-        sessions.refresh(pair.refresh_token),
-        sessions.refresh(pair.refresh_token),
+        *(sessions.refresh(pair.refresh_token) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, TokenPair) for o in outcomes), outcomes
+    pairs = [o for o in outcomes if isinstance(o, TokenPair)]
+    assert len({p.refresh_token for p in pairs}) == 1, "the same successor for every caller"
+    assert pairs[0].refresh_token != pair.refresh_token
+    assert await live_refresh_tokens(pool, pair.session_id) == 1
+    for answered in pairs:
+        assert await refused_reason(sessions, answered.access_token) is None
+    # The successor is an ordinary head: spending it rotates once more.
+    after = await sessions.refresh(pairs[0].refresh_token)
+    assert await live_refresh_tokens(pool, pair.session_id) == 1
+    assert await refused_reason(sessions, after.access_token) is None
+
+
+async def test_without_a_reuse_interval_racing_refreshes_cannot_both_win(
+    sessions: SessionStore, pool: Pool
+) -> None:
+    strict = SessionStore(
+        pool,
+        sessions._redis,
+        sessions.tokens,
+        namespace=sessions.namespace,
+        reuse_interval=0,
+        clock=sessions._clock,
+    )
+    pair = await strict.create(uuid.uuid4())
+    outcomes = await asyncio.gather(
+        strict.refresh(pair.refresh_token),
+        strict.refresh(pair.refresh_token),
         return_exceptions=True,
     )
     assert sorted(type(o).__name__ for o in outcomes) == ["RefreshTokenReused", "TokenPair"]
+    stored = await pool.fetchval(
+        "SELECT successor_sealed FROM ingest.refresh_tokens WHERE session_id = $1 "
+        "AND spent_at IS NOT NULL",
+        pair.session_id,
+    )
+    assert stored is None, "no interval, nothing sealed"
+
+
+async def test_reuse_after_the_interval_still_revokes_the_family(
+    sessions: SessionStore, clock: Clock
+) -> None:
+    pair = await sessions.create(uuid.uuid4())
+    rotated = await sessions.refresh(pair.refresh_token)
+    clock.now += sessions.reuse_interval
+    again = await sessions.refresh(pair.refresh_token)
+    assert again.refresh_token == rotated.refresh_token, "at the interval's edge: still in it"
+    clock.now += 0.001
+    with pytest.raises(RefreshTokenReused):
+        await sessions.refresh(pair.refresh_token)
+    assert await refused_reason(sessions, rotated.access_token) == "revoked"
+    assert await refused_reason(sessions, again.access_token) == "revoked"
+    with pytest.raises(InvalidRefreshToken):
+        await sessions.refresh(rotated.refresh_token)
+
+
+async def test_a_spent_token_whose_successor_went_on_is_reuse_even_in_the_interval(
+    sessions: SessionStore, pool: Pool
+) -> None:
+    """Someone continued the chain while the old token came back: that is theft, not a retry."""
+    pair = await sessions.create(uuid.uuid4())
+    second = await sessions.refresh(pair.refresh_token)
+    third = await sessions.refresh(second.refresh_token)
+    sealed = await pool.fetchval(
+        "SELECT successor_sealed FROM ingest.refresh_tokens WHERE session_id = $1 "
+        "AND successor_hash = $2",
+        pair.session_id,
+        hashlib.sha256(second.refresh_token.encode()).digest(),
+    )
+    assert sealed is None, "spending the successor cleared its predecessor's sealed copy"
+    with pytest.raises(RefreshTokenReused):
+        await sessions.refresh(pair.refresh_token)
+    assert await refused_reason(sessions, third.access_token) == "revoked"
+
+
+async def test_the_successor_is_stored_only_sealed_under_the_spent_token(
+    sessions: SessionStore, pool: Pool
+) -> None:
+    pair = await sessions.create(uuid.uuid4())
+    rotated = await sessions.refresh(pair.refresh_token)
+    rows = await pool.fetch(
+        "SELECT * FROM ingest.refresh_tokens WHERE session_id = $1", pair.session_id
+    )
+    for row in rows:
+        for value in dict(row).values():
+            if isinstance(value, bytes):
+                assert rotated.refresh_token.encode() not in value
+                assert pair.refresh_token.encode() not in value
+    spent = next(row for row in rows if row["spent_at"] is not None)
+    assert spent["successor_hash"] == hashlib.sha256(rotated.refresh_token.encode()).digest()
+    assert spent["successor_sealed"] is not None
+    # Tampering with the sealed copy (or a wrong key) makes it reuse, never a wrong answer.
+    await pool.execute(
+        "UPDATE ingest.refresh_tokens SET successor_sealed = $2 WHERE token_hash = $1",
+        spent["token_hash"],
+        bytes(len(spent["successor_sealed"])),
+    )
+    with pytest.raises(RefreshTokenReused):
+        await sessions.refresh(pair.refresh_token)
 
 
 async def test_logout_is_immediate_and_survives_losing_redis(

@@ -166,13 +166,22 @@ async def test_refresh_rotates_and_reuse_revokes_the_session(system: System) -> 
         200,
         404,
     )
-    # The spent token again: the whole session (family) is revoked.
+    # The spent token again, moments later (a retry): its successor, not a new family.
+    retry = await api.call("POST", "/v1/auth/refresh", json={"refresh_token": alice.refresh})
+    assert retry.status == 200
+    assert retry.body["refresh_token"] == first.body["refresh_token"]
+    # The chain goes on; now the first token coming back is reuse, even within the reuse
+    # interval (its successor was spent): the whole session (family) is revoked.
+    second = await api.call(
+        "POST", "/v1/auth/refresh", json={"refresh_token": first.body["refresh_token"]}
+    )
+    assert second.status == 200
     reuse = await api.call("POST", "/v1/auth/refresh", json={"refresh_token": alice.refresh})
     assert (reuse.status, reuse.body["type"]) == (401, PROBLEM + "refresh-reuse")
-    for token in (alice.access, first.body["access_token"]):
+    for token in (alice.access, first.body["access_token"], second.body["access_token"]):
         assert (await api.call("GET", "/v1/conversations", token=token)).status == 401
     after = await api.call(
-        "POST", "/v1/auth/refresh", json={"refresh_token": first.body["refresh_token"]}
+        "POST", "/v1/auth/refresh", json={"refresh_token": second.body["refresh_token"]}
     )
     assert after.status == 401
     garbage = await api.call("POST", "/v1/auth/refresh", json={"refresh_token": "x" * 43})

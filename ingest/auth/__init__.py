@@ -4,7 +4,8 @@
 - :mod:`~ingest.auth.tokens` -- access JWTs (HS256 pinned, keys rotated by ``kid``)
 - :mod:`~ingest.auth.sessions` -- sessions, refresh-token rotation, revocation
 - :mod:`~ingest.auth.accounts` -- credentials and username/email reservation
-- :mod:`~ingest.auth.apikeys` -- scoped API keys for service clients
+- :mod:`~ingest.auth.apikeys` -- scoped API keys for service clients (cached per process)
+- :mod:`~ingest.auth.feed` -- the revocation feed a process listens to (what makes caching safe)
 - :mod:`~ingest.auth.errors` -- the typed errors (hierarchy in its docstring)
 
 Rate limits and login throttling live beside it in :mod:`ingest.ratelimit`.
@@ -23,8 +24,15 @@ from ingest.auth.errors import (
     Taken,
     WeakPassword,
 )
+from ingest.auth.feed import Notice, RevocationFeed
 from ingest.auth.passwords import PasswordHasher, PasswordPolicy
-from ingest.auth.sessions import Revocation, RevocationReason, SessionStore, TokenPair
+from ingest.auth.sessions import (
+    NO_SESSION,
+    Revocation,
+    RevocationReason,
+    SessionStore,
+    TokenPair,
+)
 from ingest.auth.tokens import (
     AccessClaims,
     AccessTokens,
@@ -37,6 +45,7 @@ from ingest.auth.tokens import (
 )
 
 __all__ = [
+    "NO_SESSION",
     "SCOPES",
     "AccessClaims",
     "AccessTokens",
@@ -51,10 +60,12 @@ __all__ = [
     "InvalidRefreshToken",
     "InvalidScope",
     "InvalidToken",
+    "Notice",
     "PasswordHasher",
     "PasswordPolicy",
     "RefreshTokenReused",
     "Revocation",
+    "RevocationFeed",
     "RevocationReason",
     "Role",
     "SessionStore",

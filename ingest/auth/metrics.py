@@ -23,3 +23,13 @@ SESSIONS_REVOKED = Counter(
     "Sessions revoked, by reason (logout, refresh_reuse, password_change, erasure, admin).",
     ["reason"],
 )
+API_KEY_CACHE = Counter(
+    "backbone_api_key_cache_total",
+    "API-key verifications while the in-process cache is on, by outcome (hit, miss).",
+    ["outcome"],
+)
+REFRESH_REPLAYS = Counter(
+    "backbone_refresh_token_replays_total",
+    "Spent refresh tokens presented again within the reuse interval, answered with their"
+    " successor instead of revoking the session.",
+)

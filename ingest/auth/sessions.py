@@ -6,7 +6,17 @@ strings stored only as SHA-256 digests; each is good for one use. Refreshing spe
 presented token and returns a new pair. A spent token presented again means two parties hold
 the same token -- one of them stole it -- so the whole session is revoked and both must log
 in again (OAuth 2.0 Security BCP, refresh token rotation). Concurrent refreshes of one
-session serialise on the session row, so exactly one wins.
+session serialise on the session row, so exactly one rotates.
+
+**Reuse interval.** An honest client presents a spent token too: two tabs refreshing at once,
+a retry after the answer was lost. So for ``reuse_interval`` seconds after a rotation (Auth0's
+"reuse interval", Okta's "grace period"; 0 turns it off) the spent token is answered with its
+successor -- the *same* refresh token the rotation issued, and a freshly signed access token
+-- as long as that successor is still the session's unspent head; the family stays one chain.
+Outside the interval, or once the successor was itself spent, it is reuse as above. The
+successor is stored for this only sealed (AES-256-GCM) under a key derived from the spent
+token, which the server never stores: a database leak yields no usable token. Spending the
+successor clears its predecessor's sealed copy.
 
 Expiry is absolute twice over: a session ends ``session_ttl`` after login whatever happens;
 a refresh token expires ``refresh_ttl`` after it was issued (an idle session dies sooner).
@@ -21,12 +31,16 @@ order could leave a revoked session cached as active.
 
 **Revocation feed.** Every revocation is PUBLISHed on ``<namespace>:revocations`` as JSON
 ``{"session_id": ..., "user_id": ..., "reason": ...}`` so the fanout tier closes the
-session's sockets. It is sent in the same Redis transaction as the cache update.
+session's sockets (and ingest processes drop the user's cached API keys, see
+:mod:`ingest.auth.apikeys`). It is sent in the same Redis transaction as the cache update.
+API-key revocations share the channel, adding ``key_id`` (see :class:`Revocation`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
 import secrets
 import time
 import uuid
@@ -34,13 +48,16 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final, Literal
 
+import asyncpg
 import msgspec
 import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 
 from eventstore import Connection, Pool
 from ingest.auth.errors import InvalidRefreshToken, InvalidToken, RefreshTokenReused
-from ingest.auth.metrics import AUTH_FAILURES, SESSIONS_REVOKED
+from ingest.auth.metrics import AUTH_FAILURES, REFRESH_REPLAYS, SESSIONS_REVOKED
 from ingest.auth.tokens import AccessClaims, AccessTokens
 
 RevocationReason = Literal["logout", "refresh_reuse", "password_change", "erasure", "admin"]
@@ -49,6 +66,10 @@ DEFAULT_SESSION_TTL: Final = 30 * 24 * 3600
 DEFAULT_REFRESH_TTL: Final = 7 * 24 * 3600
 DEFAULT_CACHE_TTL: Final = 3600
 """Bound on how long Redis answers for a session without asking PostgreSQL again."""
+DEFAULT_REUSE_INTERVAL: Final = 5.0
+"""Seconds after a rotation during which the spent token is answered with its successor."""
+_SEAL_CONTEXT: Final = b"backbone.refresh-successor.v1"
+_NONCE: Final = 12
 _MAX_REFRESH_TOKEN: Final = 128
 """Longer input is refused unhashed: a real refresh token is 43 characters."""
 _ACTIVE, _REVOKED = "1", "0"
@@ -67,15 +88,26 @@ class TokenPair(msgspec.Struct, frozen=True, kw_only=True):
     token_type: str = "Bearer"  # noqa: S105 - the OAuth token type, not a secret
 
 
-class Revocation(msgspec.Struct, frozen=True):
-    """The message published on ``<namespace>:revocations``."""
+NO_SESSION: Final = uuid.UUID(int=0)
+"""The ``session_id`` of a revocation that ends no session (an API key's)."""
+
+
+class Revocation(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The message published on ``<namespace>:revocations``.
+
+    A session's revocation is ``{"session_id", "user_id", "reason"}``. An API key's adds
+    ``key_id`` and names :data:`NO_SESSION` (the nil UUID) as its session, so readers that
+    predate key revocations (fanout requires a ``session_id``) still read it, and find no
+    socket to close.
+    """
 
     session_id: uuid.UUID
     user_id: uuid.UUID
     reason: str
+    key_id: str | None = None
 
 
-_encode_revocation = msgspec.json.Encoder().encode
+encode_revocation = msgspec.json.Encoder().encode
 
 
 def _digest(refresh_token: str) -> bytes:
@@ -84,6 +116,29 @@ def _digest(refresh_token: str) -> bytes:
 
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _sealing_key(refresh_token: str) -> AESGCM:
+    """A key only the holder of ``refresh_token`` can derive (the server keeps its digest).
+
+    HMAC keyed by the token (256 random bits) with a fixed context: one block of HKDF-Expand,
+    and never equal to the stored SHA-256 digest.
+    """
+    return AESGCM(hmac.digest(refresh_token.encode("utf-8"), _SEAL_CONTEXT, "sha256"))
+
+
+def _seal(refresh_token: str, successor: str, digest: bytes) -> bytes:
+    """``successor`` encrypted for whoever presents ``refresh_token`` (bound to its row)."""
+    nonce = os.urandom(_NONCE)
+    return nonce + _sealing_key(refresh_token).encrypt(nonce, successor.encode("ascii"), digest)
+
+
+def _unseal(refresh_token: str, sealed: bytes, digest: bytes) -> str | None:
+    try:
+        plain = _sealing_key(refresh_token).decrypt(sealed[:_NONCE], sealed[_NONCE:], digest)
+        return plain.decode("ascii")
+    except (InvalidTag, ValueError):
+        return None
 
 
 class SessionStore:
@@ -103,10 +158,13 @@ class SessionStore:
         session_ttl: int = DEFAULT_SESSION_TTL,
         refresh_ttl: int = DEFAULT_REFRESH_TTL,
         cache_ttl: int = DEFAULT_CACHE_TTL,
+        reuse_interval: float = DEFAULT_REUSE_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if min(session_ttl, refresh_ttl, cache_ttl) <= 0:
             raise ValueError("session, refresh and cache lifetimes must be positive")
+        if reuse_interval < 0:
+            raise ValueError("the reuse interval must not be negative")
         self._pool = pool
         self._redis = redis
         self.tokens = tokens
@@ -114,6 +172,7 @@ class SessionStore:
         self.session_ttl = session_ttl
         self.refresh_ttl = refresh_ttl
         self.cache_ttl = cache_ttl
+        self.reuse_interval = reuse_interval
         self._clock = clock
 
     @property
@@ -159,7 +218,9 @@ class SessionStore:
         """Spend ``refresh_token`` and return a new pair for its session.
 
         Raises :class:`RefreshTokenReused` (and revokes the session) for a spent token, and
-        :class:`InvalidRefreshToken` for an unknown or expired one or an ended session.
+        :class:`InvalidRefreshToken` for an unknown or expired one or an ended session. A token
+        spent less than ``reuse_interval`` ago whose successor is still unspent is answered
+        with that successor instead (see the module's docstring).
         """
         if not refresh_token or len(refresh_token) > _MAX_REFRESH_TOKEN:
             raise self._refused("unknown")
@@ -177,7 +238,8 @@ class SessionStore:
                 digest,
             )
             token = await conn.fetchrow(
-                "SELECT expires_at, spent_at FROM ingest.refresh_tokens WHERE token_hash = $1",
+                "SELECT expires_at, spent_at, successor_hash, successor_sealed "
+                "FROM ingest.refresh_tokens WHERE token_hash = $1",
                 digest,
             )
             if session is None or token is None:
@@ -185,15 +247,32 @@ class SessionStore:
             elif session["revoked_at"] is not None:
                 outcome = "revoked"
             elif token["spent_at"] is not None:
-                outcome = "reused"
+                successor = await self._replayable(conn, refresh_token, digest, token, session, now)
+                if successor is None:
+                    outcome = "reused"
+                else:
+                    outcome, fresh = "replayed", successor
             elif min(token["expires_at"], session["expires_at"]) <= _utc(now):
                 outcome = "expired"
             else:
                 outcome = "ok"
+                sealed = _seal(refresh_token, fresh, digest) if self.reuse_interval > 0 else None
                 await conn.execute(
-                    "UPDATE ingest.refresh_tokens SET spent_at = $2 WHERE token_hash = $1",
+                    "UPDATE ingest.refresh_tokens SET spent_at = $2, successor_hash = $3, "
+                    "successor_sealed = $4 WHERE token_hash = $1",
                     digest,
                     _utc(now),
+                    _digest(fresh),
+                    sealed,
+                )
+                # The token spent now was its predecessor's successor: that predecessor can no
+                # longer be answered with it, so its sealed copy goes.
+                await conn.execute(
+                    "UPDATE ingest.refresh_tokens SET successor_sealed = NULL "
+                    "WHERE session_id = $1 AND successor_hash = $2 "
+                    "AND successor_sealed IS NOT NULL",
+                    session["session_id"],
+                    digest,
                 )
                 await self._insert_refresh_token(
                     conn, fresh, session["session_id"], now, session["expires_at"].timestamp()
@@ -211,9 +290,57 @@ class SessionStore:
                 "session_id = $1 AND revoked_at IS NULL", session["session_id"], "refresh_reuse"
             )
             raise RefreshTokenReused
-        if session is None or outcome != "ok":
+        if session is None or outcome not in ("ok", "replayed"):
             raise self._refused(outcome)
+        if outcome == "replayed":
+            REFRESH_REPLAYS.inc()
+            log.info(
+                "auth.refresh_token_replayed",
+                session_id=str(session["session_id"]),
+                user_id=str(session["user_id"]),
+            )
         return self._pair(session["user_id"], session["session_id"], fresh)
+
+    async def _replayable(
+        self,
+        conn: Connection,
+        refresh_token: str,
+        digest: bytes,
+        token: asyncpg.Record,
+        session: asyncpg.Record,
+        now: float,
+    ) -> str | None:
+        """The successor to answer a spent token with, or None if this is reuse.
+
+        Why the same refresh token with a *fresh* access token, rather than replaying the
+        whole first answer: the refresh token must be the same (two live refresh tokens would
+        fork the family), but an access token need not be stored at all -- not even sealed --
+        to be answered again, so the only secret kept for the interval is the one that has to
+        be. A fresh access token grants nothing the successor does not already grant (same
+        session, ended by the same revocation), and outlives the first by at most the interval.
+        """
+        if self.reuse_interval <= 0 or token["successor_sealed"] is None:
+            return None
+        if now - token["spent_at"].timestamp() > self.reuse_interval:
+            return None
+        successor = _unseal(refresh_token, token["successor_sealed"], digest)
+        if successor is None or not hmac.compare_digest(
+            _digest(successor), token["successor_hash"]
+        ):
+            return None
+        head = await conn.fetchrow(
+            "SELECT expires_at, spent_at FROM ingest.refresh_tokens "
+            "WHERE token_hash = $1 AND session_id = $2",
+            token["successor_hash"],
+            session["session_id"],
+        )
+        # Only while the successor is the family's unspent head: if it was spent already,
+        # someone went on with it while this token came back -- that is reuse.
+        if head is None or head["spent_at"] is not None:
+            return None
+        if min(head["expires_at"], session["expires_at"]) <= _utc(now):
+            return None
+        return successor
 
     async def is_session_active(self, session_id: uuid.UUID) -> bool:
         """Whether ``session_id`` is live: a Redis hit normally, PostgreSQL on a miss."""
@@ -280,7 +407,7 @@ class SessionStore:
             pipe.set(self._key(session_id), _REVOKED, px=self.cache_ttl * 1000)
             pipe.publish(
                 self.revocations_channel,
-                _encode_revocation(Revocation(session_id, user_id, reason)),
+                encode_revocation(Revocation(session_id, user_id, reason)),
             )
         await pipe.execute()
 
