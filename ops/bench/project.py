@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import os
 import random
 import sys
@@ -46,6 +45,7 @@ from eventstore import (
     encode_event,
     provision_topics,
 )
+from eventstore.runtime import tune_gc
 from ops.bench.report import Figures, figures, table, write_json
 from ops.environment import stack_env, stack_settings
 from ops.stack import StackInfo, default_stack_dir, stack_up
@@ -221,8 +221,9 @@ async def replay(store: EventStore, schema: str, batch: int, workers: int) -> tu
         nonlocal records
         records += applied
 
-    # The generated workload stays alive in this process: keep the collector off it.
-    gc.freeze()
+    # The generated workload stays alive in this process: keep the collector off it, and
+    # collect as a replay worker does.
+    tune_gc()
     started = time.perf_counter()
     if workers > 1:
         ends = await rebuild.log_ends(store)

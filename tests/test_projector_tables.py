@@ -1,0 +1,69 @@
+"""Set-based row writes: the one-statement path and the staged COPY path store the same rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import asyncpg
+
+from eventstore import Settings
+from projectors.rows import UserRow
+from projectors.schema import USERS, create_schema
+from projectors.tables import COPY_FROM_ROWS, load_rows, upsert_rows
+
+NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+
+
+def _user(n: int, *, generation: int) -> UserRow:
+    return UserRow(
+        user_id=uuid.UUID(int=n + 1),
+        username=f"user-{n}-{generation}",
+        display_name=None if n % 3 == 0 else f"User {n}",
+        status="here",
+        settings=None if n % 4 == 0 else {"theme": "dark", "n": n, "g": generation},
+        role="member",
+        erased=False,
+        registered_at=NOW,
+        updated_at=NOW + dt.timedelta(seconds=generation),
+    )
+
+
+async def test_small_and_staged_upserts_store_the_same_rows(base_settings: Settings) -> None:
+    schemas = [f"tables_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("small", "staged")]
+    conn = await asyncpg.connect(base_settings.postgres_dsn)
+    try:
+        for schema in schemas:
+            await create_schema(conn, schema)
+        count = COPY_FROM_ROWS + 50
+        first = [_user(n, generation=1) for n in range(count)]
+        # Half of them again, changed, plus new ones: conflicts update, the rest insert.
+        second = [_user(n, generation=2) for n in range(count // 2, count + 40)]
+        small, staged = schemas
+        for rows in (first, second):
+            async with conn.transaction():
+                for at in range(0, len(rows), 100):  # below the staging threshold
+                    await upsert_rows(conn, small, USERS, rows[at : at + 100])
+            async with conn.transaction():
+                await upsert_rows(conn, staged, USERS, rows)  # staged: one COPY
+            # The staging table is empty again after the commit.
+            left = await conn.fetchval("SELECT count(*) FROM pg_temp.stage_v2_users")
+            assert left == 0
+
+        keys = [(uuid.UUID(int=n + 1),) for n in range(count + 40)]
+        expected = {r.user_id: r for r in first[: count // 2] + second}
+        for schema in schemas:
+            stored = {r.user_id: r for r in await load_rows(conn, schema, USERS, keys)}
+            assert stored == expected, schema
+
+        # A rolled-back staged upsert leaves nothing behind, in the table or the stage.
+        before = await conn.fetchval(f"SELECT count(*) FROM {staged}.users")
+        tx = conn.transaction()
+        await tx.start()
+        await upsert_rows(conn, staged, USERS, [_user(n, generation=3) for n in range(5000, 5300)])
+        await tx.rollback()
+        assert await conn.fetchval(f"SELECT count(*) FROM {staged}.users") == before
+    finally:
+        for schema in schemas:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
