@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import functools
 import json
 import os
 import re
@@ -55,12 +56,13 @@ from wsproto.frame_protocol import FrameProtocol
 from eventstore import EventStore, Settings, TopicLayout, load_settings, provision_topics
 from ingest.auth.tokens import AccessTokens, new_jwt_key, parse_jwt_keys
 from ops.bench.ingest import _prepare_user, _Profiler, _wait_ready, deployment
+from ops.bench.rawhttp import RawHttpPool
 from ops.bench.report import Figures, figures, table, write_json
 from ops.environment import stack_settings
 from ops.provision import provision
 from ops.stack import default_stack_dir, stack_up
 from ops.stack.ports import ephemeral_port
-from schemas import MessageSent, new_event_id, utc_now
+from schemas import MessageSent, new_event_id, parse_time, utc_now
 
 _EVENT = b'"type":"event"'
 SUBJECTS = ("idle", "deliveries", "latency")
@@ -363,7 +365,9 @@ async def _bench(args: argparse.Namespace, base: Settings) -> tuple[list[Figures
 
 # --- (c) end-to-end latency through every tier --------------------------------------------
 
-_SENT_AT = re.compile(rb"lat (\d{6,20}) ")
+_SENT_AT = re.compile(rb'"time":"([^"]{20,40})"[^\n]*?lat (\d{6,20}) ')
+"""An event frame's CloudEvents ``time`` (stamped by ingest's producer, ms, wall clock) and
+the send time the generator put in the body (``time.time_ns()``, same machine clock)."""
 _PAD = "x" * 64
 
 
@@ -375,14 +379,14 @@ class LatencySubscriber(Subscriber):
         auth: bytes,
         ready: asyncio.Future[None],
         counts: list[int],
-        seen: list[tuple[int, int]],
+        seen: list[tuple[int, int, int]],
     ) -> None:
         super().__init__(auth, ready, counts)
         self._seen = seen
         self._tail = b""
 
     def data_received(self, data: bytes) -> None:
-        now = time.perf_counter_ns()
+        now = time.time_ns()
         super().data_received(data)
         # Server frames are unmasked and uncompressed: the body is in clear on the wire. The
         # tail of the previous read is kept for a marker split across reads.
@@ -390,8 +394,14 @@ class LatencySubscriber(Subscriber):
         skip = len(self._tail)
         for match in _SENT_AT.finditer(window):
             if match.end() > skip:
-                self._seen.append((int(match.group(1)), now))
-        self._tail = window[-40:]
+                stamped = _stamp_ns(match.group(1))
+                self._seen.append((int(match.group(2)), stamped, now))
+        self._tail = window[-600:]
+
+
+@functools.lru_cache(maxsize=4096)
+def _stamp_ns(raw: bytes) -> int:
+    return int(parse_time(raw.decode()).timestamp() * 1000) * 1_000_000
 
 
 async def _members(
@@ -447,7 +457,7 @@ async def _latency_load(
     senders = [(token, cid) for token, convs, _ in made for cid in convs]
     loop = asyncio.get_running_loop()
     counts = [0]
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     transports = []
     for _, _, tokens in made:
         for token in tokens:
@@ -460,28 +470,23 @@ async def _latency_load(
             )
             transports.append(transport)
             await ready
-    sessions = [
-        aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=16))
-        for _ in range(args.latency_sessions)
-    ]
+    pool = RawHttpPool(base, args.latency_connections)
+    await pool.start()
     accepted: list[float] = []
     refused = collections.Counter[int]()
     tasks: set[asyncio.Task[None]] = set()
 
     async def post(n: int, record: bool) -> None:
         token, cid = senders[n % len(senders)]
-        sent_at = time.perf_counter_ns()
-        body = {"client_msg_id": f"l{n}", "content": f"lat {sent_at} {_PAD}"}
-        async with sessions[n % len(sessions)].post(
-            f"/v1/conversations/{cid}/messages",
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-        ) as r:
-            await r.read()
-            if r.status != 202:
-                refused[r.status] += 1
-            elif record:
-                accepted.append((time.perf_counter_ns() - sent_at) / 1e9)
+        sent_at = time.time_ns()
+        body = msgspec.json.encode({"client_msg_id": f"l{n}", "content": f"lat {sent_at} {_PAD}"})
+        status, _ = await pool.send(
+            pool.post_json(f"/v1/conversations/{cid}/messages", body, token)
+        )
+        if status != 202:
+            refused[status] += 1
+        elif record:
+            accepted.append((time.time_ns() - sent_at) / 1e9)
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -496,30 +501,35 @@ async def _latency_load(
             while n < int(elapsed * args.rate):
                 spawn(post(first + n, record))
                 n += 1
-            await asyncio.sleep(0.0005)
+            # Sleep until the next send is due. uvloop's timers have millisecond resolution:
+            # a shorter sleep returns at once, and the loop spun a core's worth of CPU away.
+            due = (n + 1) / args.rate - (time.perf_counter() - started)
+            await asyncio.sleep(max(due, 0.001))
         return n
 
     try:
         warm = await paced(args.latency_warmup, 0, False)
         await asyncio.sleep(1.0)
-        window_start = time.perf_counter_ns()
+        window_start = time.time_ns()
         seen.clear()
         t0 = time.perf_counter()
         sent = await paced(args.seconds, warm, True)
         seconds = time.perf_counter() - t0
-        window_end = time.perf_counter_ns()
+        window_end = time.time_ns()
         while tasks:
             await asyncio.gather(*list(tasks))
         await asyncio.sleep(2.0)  # stragglers
     finally:
-        for session in sessions:
-            await session.close()
+        pool.close()
         for transport in transports:
             transport.abort()
-    latencies = [
-        (received - sent_at) / 1e9 for sent_at, received in seen if sent_at >= window_start
-    ]
-    late = sum(1 for sent_at, _ in seen if sent_at >= window_end)
+    measured = [entry for entry in seen if entry[0] >= window_start]
+    latencies = [(received - sent_at) / 1e9 for sent_at, _, received in measured]
+    # The split at the event's stamp (ms precision): before it, HTTP, admission and checks in
+    # ingest; after it, the Kafka acknowledgement, the fan-out tail and the socket write.
+    to_stamp = [max(stamped - sent_at, 0) / 1e9 for sent_at, stamped, _ in measured]
+    from_stamp = [max(received - stamped, 0) / 1e9 for _, stamped, received in measured]
+    late = sum(1 for sent_at, _, _ in seen if sent_at >= window_end)
     expected = 10 * (sent - sum(refused.values()))
     rows = [
         figures(
@@ -528,6 +538,8 @@ async def _latency_load(
             seconds,
             f"{len(senders)} conversations x 10 sockets, target {args.rate:.0f} msg/s",
         ),
+        figures("  send -> event stamped (ingest)", to_stamp, seconds, "ms precision"),
+        figures("  stamped -> WS frame (log, fan-out)", from_stamp, seconds, "ms precision"),
         figures("  HTTP POST -> 202", accepted, seconds, f"{sent} messages sent"),
     ]
     extra: dict[str, Any] = {
@@ -642,7 +654,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--latency-groups", type=int, default=5, help="latency: groups of 10 registered users"
     )
-    parser.add_argument("--latency-sessions", type=int, default=4, help="aiohttp sessions")
+    parser.add_argument(
+        "--latency-connections",
+        type=int,
+        default=32,
+        help="latency: keep-alive HTTP connections of the load client",
+    )
     parser.add_argument("--latency-warmup", type=float, default=3.0, help="seconds")
     parser.add_argument("--port", type=int, default=18090)
     parser.add_argument("--out", default="bench-results/fanout.json")
