@@ -39,6 +39,7 @@ from projectors.schema import ensure_live_schema
 log = structlog.get_logger(__name__)
 
 METRICS_PORT_VARIABLE: Final = "BACKBONE_PROJECTOR_METRICS_PORT"
+LINGER_VARIABLE: Final = "BACKBONE_PROJECTOR_LINGER_MS"
 METRICS_HOST_VARIABLE: Final = "BACKBONE_PROJECTOR_METRICS_HOST"
 WORKER_INDEX_VARIABLE: Final = "BACKBONE_WORKER_INDEX"
 _LAG_INTERVAL: Final = 5.0
@@ -57,6 +58,17 @@ def instance_id(settings: Settings, env: Mapping[str, str]) -> str | None:
     """
     index = env.get(WORKER_INDEX_VARIABLE, "").strip()
     return f"{group_id(settings)}-{index}" if index else None
+
+
+def linger_ms(env: Mapping[str, str]) -> int:
+    """``BACKBONE_PROJECTOR_LINGER_MS`` (default 5): how long the broker may gather records
+    for one fetch. Every batch is a transaction with a fixed cost (claim, prefetch, caches,
+    offsets, commit); at a thousand events a second, batches of one or two spent more CPU on
+    that than on the events. A few milliseconds more on the projection's lag buys it back."""
+    raw = env.get(LINGER_VARIABLE, "").strip() or "5"
+    if not raw.isdigit() or int(raw) > 1000:
+        raise ConfigError(f"{LINGER_VARIABLE}={raw!r} is not a number of milliseconds (0-1000)")
+    return int(raw)
 
 
 def metrics_port(env: Mapping[str, str]) -> int:
@@ -126,6 +138,7 @@ async def run(settings: Settings, env: Mapping[str, str] | None = None) -> None:
                 keys=store.keyring.keys_for_read,
                 epoch=store.epoch,
                 instance_id=instance_id(settings, env),
+                linger_ms=linger_ms(env),
             )
             await _serve(settings, env, port, pool, redis, reader, projector)
     finally:

@@ -6,8 +6,12 @@ import asyncio
 import uuid
 from collections.abc import Mapping, Sequence
 
-from eventstore import Batch, EventStore, RecordedEvent
-from eventstore.consumer import Partition
+import msgspec
+import pytest
+
+from eventstore import Batch, ConfigError, EventStore, RecordedEvent
+from eventstore.consumer import GroupReader, Partition
+from projectors.worker import linger_ms
 from schemas import MessageSent
 
 
@@ -63,3 +67,63 @@ async def test_reading_resumes_exactly_after_the_stored_position(store: EventSto
     await running
     assert [r.envelope.id for r in seen] == [r.envelope.id for r in written[6:]]
     assert positions.positions[partition] == written[-1].position.offset + 1
+
+
+async def test_a_lingering_reader_gets_records_appended_one_by_one_in_few_batches(
+    store: EventStore,
+) -> None:
+    """With ``linger_ms`` the broker gathers the records of that window into one fetch: ten
+    appends made one after another (each acknowledged before the next) arrive together."""
+    room, sender = uuid.uuid4(), uuid.uuid4()
+    batches: list[int] = []
+    ready = asyncio.Event()
+    done = asyncio.Event()
+
+    async def handler(batch: Batch) -> None:
+        count = sum(1 for i in batch.items if isinstance(i, RecordedEvent))
+        if count:
+            batches.append(count)
+        if sum(batches) >= 11:
+            done.set()
+
+    async def on_idle() -> None:
+        ready.set()  # assigned and polling: the appends below are read live
+
+    reader = GroupReader(
+        store.settings,
+        group_id=f"g-{uuid.uuid4().hex[:8]}",
+        streams=["conversation"],
+        positions=Stored({}),
+        handler=handler,
+        keys=store.keyring.keys_for_read,
+        epoch=store.epoch,
+        on_idle=on_idle,
+        linger_ms=400,
+    )
+    running = asyncio.create_task(reader.run())
+    first = MessageSent(
+        conversation_id=room, message_id=uuid.uuid4(), sender_id=sender, client_msg_id="m", body="b"
+    )
+    await store.producer.append([first])
+    async with asyncio.timeout(60):
+        await ready.wait()
+        while not batches:  # the first record, read before the burst
+            await asyncio.sleep(0.01)
+        for n in range(10):
+            event = msgspec.structs.replace(
+                first, message_id=uuid.uuid4(), client_msg_id=f"m{n}", body=f"body {n}"
+            )
+            await store.producer.append([event])
+        await done.wait()
+    reader.stop()
+    await running
+    assert batches[0] == 1
+    assert sum(batches[1:]) == 10
+    assert len(batches[1:]) <= 2, f"ten records came in {len(batches) - 1} batches: {batches}"
+
+
+def test_projector_linger_setting() -> None:
+    assert linger_ms({}) == 5
+    assert linger_ms({"BACKBONE_PROJECTOR_LINGER_MS": "0"}) == 0
+    with pytest.raises(ConfigError):
+        linger_ms({"BACKBONE_PROJECTOR_LINGER_MS": "soon"})
