@@ -158,6 +158,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             await app[AUTH].close()
         if EXPORTS in app:
             await app[EXPORTS].close()
+        media.close_media_client(app)
         await ends.stop()
         await redis.aclose()
         await store.close()

@@ -208,6 +208,8 @@ class Exports:
         return answer
 
     async def close(self) -> None:
-        """Let exports in flight finish (bounded by the caller's shutdown)."""
+        """Let exports in flight finish (bounded by the caller's shutdown), then close the S3
+        client's connections."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._s3.close()

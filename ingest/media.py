@@ -163,6 +163,13 @@ def media_client(app: web.Application) -> None:
     app[MEDIA_S3] = s3_client(app[STORE].settings)
 
 
+def close_media_client(app: web.Application) -> None:
+    """Close the app's S3 client (its pooled connections), if it got one."""
+    if MEDIA_S3 in app:
+        client: Any = app[MEDIA_S3]
+        client.close()
+
+
 OPERATIONS = (
     Operation(
         method="POST",

@@ -21,7 +21,9 @@ def restored_gc() -> Iterator[None]:
 @pytest.mark.usefixtures("restored_gc")
 def test_run_tunes_the_collector_and_runs_the_coroutine_on_uvloop() -> None:
     gc.unfreeze()
-    gc.set_threshold(700, 10, 10)
+    # A "before" unlike the tuned one, high enough that no collection runs meanwhile (a
+    # collection here would finalise whatever earlier tests left unreachable).
+    gc.set_threshold(1_000_000, 1000, 1000)
 
     async def main() -> tuple[str, tuple[int, int, int], int]:
         import asyncio
