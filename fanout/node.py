@@ -22,6 +22,7 @@ import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from eventstore import EventStore, Settings
+from eventstore.runtime import started
 from fanout.config import FanoutConfig
 from fanout.connection import OPEN, Connection
 from fanout.history import History
@@ -127,6 +128,7 @@ class FanoutNode:
             reuse_port=True,
             backlog=4096,
         )
+        started()
         log.info("fanout.listening", url=f"ws://{config.host}:{self.port}/v1/ws", node=self.node_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -18,6 +18,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from eventstore import EventStore, LogEnds, Settings
+from eventstore.runtime import started
 from ingest import authroutes, commands, media, reads
 from ingest.auth.tokens import TokenKeys, load_jwt_keys
 from ingest.config import IngestConfig
@@ -150,6 +151,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         media.media_client(app)
         app[AUTH] = AuthService.build(store.pool, redis, settings, app[CONFIG], app[KEYS])
         await app[AUTH].start()
+        started()
         log.info("ingest.started")
         yield
     finally:

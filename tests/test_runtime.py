@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from eventstore.runtime import run
+from eventstore import runtime
+from eventstore.runtime import run, started, tune_gc
 
 
 @pytest.fixture
@@ -16,6 +17,18 @@ def restored_gc() -> Iterator[None]:
     yield
     gc.unfreeze()
     gc.set_threshold(*threshold)
+    runtime._tuned = False  # apps built by later tests must not freeze the test run
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_started_freezes_only_in_a_tuned_process() -> None:
+    gc.unfreeze()
+    started()
+    assert gc.get_freeze_count() == 0, "an app built in a test run freezes nothing"
+    tune_gc()
+    gc.unfreeze()
+    started()
+    assert gc.get_freeze_count() > 0, "a tier's own process freezes what it built"
 
 
 @pytest.mark.usefixtures("restored_gc")

@@ -46,6 +46,7 @@ from aiokafka import AIOKafkaProducer
 
 from eventstore import Settings, TopicLayout, load_settings, provision_topics
 from eventstore.producer import default_producer_factory
+from ops.bench.project import delete_topics_and_caches
 from ops.bench.report import Figures, figures, table, write_json
 from ops.environment import stack_env
 from ops.provision import migrate_all
@@ -350,12 +351,13 @@ def deployment(args: argparse.Namespace) -> Iterator[Deployment]:
         await provision_topics(settings.kafka_bootstrap, TopicLayout.from_settings(settings))
         return settings
 
-    async def drop() -> None:
+    async def drop(settings: Settings) -> None:
         conn = await asyncpg.connect(base.postgres_dsn)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
+        await delete_topics_and_caches(settings)
 
     settings = asyncio.run(create())
     env.update(
@@ -380,7 +382,7 @@ def deployment(args: argparse.Namespace) -> Iterator[Deployment]:
             yield running
         finally:
             running.stop_all()
-            asyncio.run(drop())
+            asyncio.run(drop(settings))
 
 
 def _profile(pid: int, seconds: float, out: Path) -> list[tuple[str, float]]:

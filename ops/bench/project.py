@@ -36,6 +36,7 @@ from typing import Final
 import asyncpg
 import msgspec
 from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import Redis
 
 from eventstore import (
     EventStore,
@@ -198,12 +199,31 @@ async def fresh_deployment(base: Settings, name: str) -> AsyncIterator[Settings]
         with contextlib.suppress(asyncpg.PostgresError):
             await admin_conn.execute(f'DROP DATABASE IF EXISTS "bench_{tag}" WITH (FORCE)')
         await admin_conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.delete_topics(list(layout.topics))
-        finally:
-            await admin.close()
+        await delete_topics_and_caches(settings)
+
+
+async def delete_topics_and_caches(settings: Settings) -> None:
+    """Delete a bench deployment's topics and its Redis keys (idempotency records, caches):
+    left behind, runs add up on the shared stack (a million keys made Redis's forks and
+    every later latency figure worse)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(TopicLayout.from_settings(settings).topics))
+    finally:
+        await admin.close()
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        batch: list[bytes] = []
+        async for key in redis.scan_iter(match=f"{settings.topic_prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            await redis.unlink(*batch)
+    finally:
+        await redis.aclose()
 
 
 async def replay(store: EventStore, schema: str, batch: int, workers: int) -> tuple[int, float]:

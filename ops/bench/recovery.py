@@ -33,7 +33,6 @@ from typing import Any, Final
 
 import asyncpg
 import msgspec
-from redis.asyncio import Redis
 
 from eventstore import EventStore, LogEnds, Settings, TopicLayout
 from eventstore.archive import Archive, ArchiveConfig, verify_archive
@@ -175,17 +174,6 @@ async def _delete_archive(archive: Archive) -> None:
         await archive.delete(key)
 
 
-async def _delete_caches(settings: Settings) -> None:
-    """The Redis caches the rebuilds wrote, under the bench's topic prefix."""
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        keys = [key async for key in redis.scan_iter(match=f"{settings.topic_prefix}:*")]
-        for start in range(0, len(keys), 1000):
-            await redis.delete(*keys[start : start + 1000])
-    finally:
-        await redis.aclose()
-
-
 def _say(text: str) -> None:
     print(f"bench recovery: {text}", file=sys.stderr, flush=True)
 
@@ -218,8 +206,7 @@ async def bench(
                 rebuilt[source] = await _rebuild(settings, source, archive.prefix, batch, workers)
         finally:
             try:
-                await _delete_archive(archive)
-                await _delete_caches(settings)
+                await _delete_archive(archive)  # topics and caches go with the deployment
             finally:
                 client.close()
     segments = sum(c.segments for c in result.chains)
