@@ -59,28 +59,28 @@ def tune_gc() -> None:
     (modules, settings) is frozen out of collection, and the young generation is collected
     every 50,000 allocations: a pause of a millisecond or two, rarely.
     """
-    global _tuned
     gc.freeze()
     gc.set_threshold(50_000, 20, 50)
-    _tuned = True
 
 
-_tuned = False
+_serving = False
+"""Whether this process is a tier started by :func:`run` (not, say, a test run)."""
 
 
 def started() -> None:
     """Call once a tier has finished starting: what it built (pools, clients, caches, the
     app) lives as long as the process, so it is frozen out of collection too. Otherwise every
     full collection walked all of it again: a pause of a hundred milliseconds or more in the
-    middle of serving, which was the ingest tier's p99. Only in a process whose collector
-    :func:`tune_gc` tuned (a tier's own process): an app built inside a test run must not
-    freeze the test run's garbage."""
-    if _tuned:
+    middle of serving, which was the ingest tier's p99. Only in a tier's own process (one
+    :func:`run` started): an app built inside a test run must not freeze its garbage."""
+    if _serving:
         gc.freeze()
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when available, with the collector tuned (:func:`tune_gc`)."""
+    global _serving
+    _serving = True
     tune_gc()
     try:
         import uvloop

@@ -17,16 +17,17 @@ def restored_gc() -> Iterator[None]:
     yield
     gc.unfreeze()
     gc.set_threshold(*threshold)
-    runtime._tuned = False  # apps built by later tests must not freeze the test run
+    runtime._serving = False  # apps built by later tests must not freeze the test run
 
 
 @pytest.mark.usefixtures("restored_gc")
-def test_started_freezes_only_in_a_tuned_process() -> None:
+def test_started_freezes_only_in_a_tier_process() -> None:
+    runtime._serving = False
+    tune_gc()  # as an in-process bench does: tuning alone does not make this a tier
     gc.unfreeze()
     started()
     assert gc.get_freeze_count() == 0, "an app built in a test run freezes nothing"
-    tune_gc()
-    gc.unfreeze()
+    runtime._serving = True  # what run() sets in a tier's process
     started()
     assert gc.get_freeze_count() > 0, "a tier's own process freezes what it built"
 
