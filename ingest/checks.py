@@ -67,6 +67,19 @@ async def member_role(request: web.Request, conversation_id: uuid.UUID, user_id:
     return role
 
 
+async def fresh_role(request: web.Request, conversation_id: uuid.UUID, user_id: uuid.UUID) -> str:
+    """The role as the read model has it once caught up with the log end as of now.
+
+    A refusal on role (only an owner may ..., only an admin ...) waits for this: a promotion
+    appended a moment ago may not be in the cache yet, and a refusal stands only once the
+    model has seen everything the caller could have seen acknowledged."""
+    await caught_up(request, conversation_id)
+    role = await request.app[READ].member_role_db(conversation_id, user_id)
+    if role is None:
+        raise ProblemError("not-found", "no such conversation")
+    return role
+
+
 async def existing_message(
     request: web.Request, conversation_id: uuid.UUID, message_id: uuid.UUID
 ) -> MessageRef:

@@ -183,6 +183,8 @@ async def add_member(request: web.Request) -> web.Response:
     conversation_id = path_uuid(request, "conversation_id")
     body = await read_body(request, AddMemberBody)
     role = await _group_role(request, caller, conversation_id)
+    if role not in ("owner", "admin") or (body.role == "admin" and role != "owner"):
+        role = await checks.fresh_role(request, conversation_id, caller.user_id)
     if role not in ("owner", "admin"):
         raise ProblemError("forbidden", "only an owner or admin adds members")
     if body.role == "admin" and role != "owner":
@@ -220,12 +222,18 @@ async def remove_member(request: web.Request) -> web.Response:
                 )
     else:
         target_role = await _target_role(request, conversation_id, target)
-        allowed = role == "owner" or (role == "admin" and target_role == "member")
-        if not allowed:
-            raise ProblemError("forbidden", "an owner removes anyone; an admin removes members")
+        if not _may_remove(role, target_role):
+            role = await checks.fresh_role(request, conversation_id, caller.user_id)
+            target_role = await _target_role(request, conversation_id, target)
+            if not _may_remove(role, target_role):
+                raise ProblemError("forbidden", "an owner removes anyone; an admin removes members")
     event = MemberLeft(conversation_id=conversation_id, user_id=target, removed_by=caller.user_id)
     (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded)
+
+
+def _may_remove(role: str, target_role: str) -> bool:
+    return role == "owner" or (role == "admin" and target_role == "member")
 
 
 async def change_role(request: web.Request) -> web.Response:
@@ -234,6 +242,8 @@ async def change_role(request: web.Request) -> web.Response:
     target = path_uuid(request, "user_id")
     body = await read_body(request, RoleBody)
     role = await _group_role(request, caller, conversation_id)
+    if role != "owner":
+        role = await checks.fresh_role(request, conversation_id, caller.user_id)
     if role != "owner":
         raise ProblemError("forbidden", "only an owner changes roles")
     if target == caller.user_id:
@@ -366,7 +376,9 @@ async def delete_message(request: web.Request) -> web.Response:
     role = await checks.member_role(request, conversation_id, caller.user_id)
     message = await checks.existing_message(request, conversation_id, message_id)
     if message.sender_id != caller.user_id and role not in ("owner", "admin"):
-        raise ProblemError("forbidden", "only the sender or an owner/admin deletes a message")
+        role = await checks.fresh_role(request, conversation_id, caller.user_id)
+        if role not in ("owner", "admin"):
+            raise ProblemError("forbidden", "only the sender or an owner/admin deletes a message")
     if message.deleted:
         raise ProblemError("conflict", "the message is already deleted")
     event = MessageDeleted(

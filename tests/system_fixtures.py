@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import io
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from eventstore import EventStore, Settings, create_pool
+from eventstore import Batch, EventStore, Settings, create_pool
 from ingest.app import create_app
 from ingest.auth.tokens import TokenKeys, new_jwt_key, parse_jwt_keys
 from ingest.config import IngestConfig
@@ -121,8 +121,14 @@ def ingest_config(**changes: Any) -> IngestConfig:
 
 @contextlib.asynccontextmanager
 async def running_system(
-    base: Settings, config: IngestConfig | None = None, keys: TokenKeys | None = None
+    base: Settings,
+    config: IngestConfig | None = None,
+    keys: TokenKeys | None = None,
+    *,
+    projection_delay: float = 0.0,
 ) -> AsyncIterator[System]:
+    """A whole ingest + projector system; ``projection_delay`` holds every batch back that
+    long before the projector applies it (a lagging read model, on purpose)."""
     settings = await isolated(base)
     config = config or ingest_config()
     pool = await create_pool(settings.postgres_dsn)
@@ -134,7 +140,7 @@ async def running_system(
         group_id=f"{settings.topic_prefix}.projector.chat",
         streams=("user", "conversation"),
         positions=projector.positions,
-        handler=projector.handle,
+        handler=projector.handle if not projection_delay else _delayed(projector, projection_delay),
     )
     task = asyncio.create_task(reader.run())
     app = create_app(settings, config, keys or parse_jwt_keys(new_jwt_key("t1")))
@@ -149,6 +155,14 @@ async def running_system(
         await store.close()
         await redis.aclose()
         await pool.close()
+
+
+def _delayed(projector: Projector, seconds: float) -> Callable[[Batch], Awaitable[None]]:
+    async def handle(batch: Batch) -> None:
+        await asyncio.sleep(seconds)
+        await projector.handle(batch)
+
+    return handle
 
 
 @pytest.fixture

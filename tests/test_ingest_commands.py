@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from eventstore import Position
+from eventstore import Position, Settings
 from ingest.app import KEYS, create_app
-from tests.system_fixtures import Api, Reply, System, User
+from tests.system_fixtures import Api, Reply, System, User, running_system
 
 
 async def group(api: Api, owner: User, *members: User, name: str = "room") -> str:
@@ -327,3 +327,26 @@ async def test_profile_update_and_public_profile(system: System) -> None:
     assert public.body["username"] == alice.username
     assert "settings" not in public.body
     assert (await api.call("PATCH", "/v1/users/me", token=alice.access, json={})).status == 422
+
+
+async def test_a_role_refusal_waits_for_the_read_model(base_settings: Settings) -> None:
+    """A promotion appended a moment ago is honoured although the read model lags it: a
+    refusal on role stands only once the model has caught up; a real one still stands."""
+    async with running_system(base_settings, projection_delay=0.3) as lagging:
+        api = lagging.api
+        owner, admin, member, newcomer, other = [await api.user() for _ in range(5)]
+        cid = await group(api, owner, admin, member)
+        members = f"/v1/conversations/{cid}/members"
+        promoted = await api.call(
+            "PATCH", f"{members}/{admin.user_id}", token=owner.access, json={"role": "admin"}
+        )
+        assert promoted.status == 202
+        # At once, before the projector (held back 0.3 s) has applied the promotion.
+        added = await api.call(
+            "POST", members, token=admin.access, json={"user_id": str(newcomer.user_id)}
+        )
+        assert added.status == 202, added.body
+        refused = await api.call(
+            "POST", members, token=member.access, json={"user_id": str(other.user_id)}
+        )
+        assert refused.status == 403
