@@ -85,22 +85,26 @@ class _Buffer:
     def __init__(self, started: float) -> None:
         self.started = started
         self.records: list[ArchivedRecord] = []
+        self.sizes: list[int] = []  # each record's size, computed once
         self.size = 0
 
     def add(self, records: Iterable[ArchivedRecord]) -> None:
         for record in records:
+            size = record.size()
             self.records.append(record)
-            self.size += record.size()
+            self.sizes.append(size)
+            self.size += size
 
     def take(self, max_records: int, max_bytes: int) -> list[ArchivedRecord]:
         """The first records up to either bound (at least one)."""
         taken, size = 0, 0
-        for record in self.records:
-            if taken and (taken >= max_records or size + record.size() > max_bytes):
+        for record_size in self.sizes:
+            if taken and (taken >= max_records or size + record_size > max_bytes):
                 break
             taken += 1
-            size += record.size()
+            size += record_size
         chunk, self.records = self.records[:taken], self.records[taken:]
+        self.sizes = self.sizes[taken:]
         self.size -= size
         return chunk
 
@@ -151,28 +155,46 @@ class Archiver:
         await self.flush()
 
     async def flush(self, *, everything: bool = False) -> int:
-        """Write the segments that are due (all buffered records with ``everything``)."""
+        """Write the segments that are due (all buffered records with ``everything``).
+
+        Partitions are written concurrently (each chain in its own order): a segment is three
+        S3 round trips, and one partition after another left the archiver waiting on them.
+        """
         owned = self.owned()
-        written = 0
         config = self._config
-        for partition in list(self._buffers):
-            buffer = self._buffers[partition]
-            if partition not in owned or partition not in self._heads:
-                del self._buffers[partition]
-                continue
-            while buffer.records and (
+
+        def due(buffer: _Buffer) -> bool:
+            return bool(buffer.records) and (
                 everything
                 or len(buffer.records) >= config.segment_records
                 or buffer.size >= config.segment_bytes
                 or self._clock() - buffer.started >= config.flush_seconds
-            ):
+            )
+
+        async def drain(partition: Partition, buffer: _Buffer) -> int:
+            written = 0
+            while due(buffer):
                 chunk = buffer.take(config.segment_records, config.segment_bytes)
                 await self._write(partition, chunk)
                 written += 1
                 buffer.started = self._clock()
-            if not buffer.records:
+            return written
+
+        work: list[tuple[Partition, _Buffer]] = []
+        for partition in list(self._buffers):
+            buffer = self._buffers[partition]
+            if partition not in owned or partition not in self._heads:
                 del self._buffers[partition]
-        return written
+            elif due(buffer):
+                work.append((partition, buffer))
+        outcomes = await asyncio.gather(*(drain(p, b) for p, b in work), return_exceptions=True)
+        for partition, buffer in work:
+            if not buffer.records:
+                self._buffers.pop(partition, None)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # the first failure, once every partition has stopped
+        return sum(o for o in outcomes if isinstance(o, int))
 
     async def _write(self, partition: Partition, records: list[ArchivedRecord]) -> None:
         topic, number = partition
