@@ -470,12 +470,18 @@ class Rebuild:
 
         A build pass with many batches to do runs in worker processes; the rest (and the swap's
         pass, which the live projector waits for) in this process. With a ``source`` or an
-        ``until`` bound, the pass reads that source up to the bound, in this process.
+        ``until`` bound, the pass reads that source up to the bound (resolved once, here).
         """
+        source: RecordSource | None = None
+        cut: Cut | None = None
         if self._source is not None or self._until is not None:
-            return await self._catch_up_from_source(phase)
-        stored = await self._projector.positions.load(all_partitions(self._store))
-        ends = await log_ends(self._store)
+            source = self._source or KafkaSource(self._store, batch=self._batch)
+            cut = await resolve_cut(self._until, source, self._store)
+            ends = await source.ends()
+        else:
+            ends = await log_ends(self._store)
+        stored = await self._projector.positions.load(sorted(ends))
+        # An upper bound with ``until`` (the records after the bound are not applied).
         remaining = {p: end - stored.get(p, 0) for p, end in ends.items() if end > stored.get(p, 0)}
         self._total = self._applied + sum(remaining.values())
         applied = 0
@@ -490,45 +496,19 @@ class Rebuild:
         # passes while writes go on must stay short, or they would never get below a batch).
         parallel = sum(remaining.values()) >= _PARALLEL_BATCHES * self._batch
         if phase == "build" and self._workers > 1 and parallel:
-            shares = replay_shares(remaining, self._workers)
-            await replay_in_workers(
-                self._store.settings, self.shadow, shares, self._batch, on_batch
-            )
-        else:
-            await replay(self._store, self._projector, self._batch, on_batch)
-        self._report(phase)
-        return applied
-
-    async def _catch_up_from_source(self, phase: str) -> int:
-        source = self._source or KafkaSource(self._store, batch=self._batch)
-        cut = await resolve_cut(self._until, source, self._store)
-        ends = await source.ends()
-        stored = await self._projector.positions.load(sorted(ends))
-        # An upper bound with ``until`` (the records after the bound are not applied).
-        remaining = {p: end - stored.get(p, 0) for p, end in ends.items() if end > stored.get(p, 0)}
-        self._total = self._applied + sum(remaining.values())
-        applied = 0
-
-        def on_batch(count: int) -> None:
-            nonlocal applied
-            applied += count
-            self._applied += count
-            self._report(phase)
-
-        parallel = sum(remaining.values()) >= _PARALLEL_BATCHES * self._batch
-        if phase == "build" and self._workers > 1 and parallel:
-            shares = replay_shares(remaining, self._workers)
             await replay_in_workers(
                 self._store.settings,
                 self.shadow,
-                shares,
+                replay_shares(remaining, self._workers),
                 self._batch,
                 on_batch,
-                source=source.spec,
+                source=None if source is None else source.spec,
                 cut=cut,
             )
+        elif source is None:
+            await replay(self._store, self._projector, self._batch, on_batch)
         else:
-            await replay_source(self._store, self._projector, source, cut, on_batch)
+            await replay_source(self._store, self._projector, source, cut or Cut(None), on_batch)
         self._report(phase)
         return applied
 
