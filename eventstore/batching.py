@@ -65,12 +65,11 @@ class PartitionBatcher:
         if self._closed:
             future.set_exception(RuntimeError("the batcher is closed"))
             return future
-        if _size(record) > self._max_record:
+        size = _size(record)
+        if size > self._max_record:
             # Alone in a batch it would be refused by the broker anyway; refused here, it
             # cannot fail records that happened to share its batch.
-            future.set_exception(
-                MessageSizeTooLargeError(f"{_size(record)} bytes exceed the request limit")
-            )
+            future.set_exception(MessageSizeTooLargeError(f"{size} bytes exceed the request limit"))
             return future
         tp = (record.topic, record.partition)
         lane = self._lanes.get(tp)

@@ -61,17 +61,21 @@ def load_sql(schema: str, table: Table) -> str:
 def upsert_sql(schema: str, table: Table) -> str:
     schema = checked_schema_name(schema)
     names = [c.name for c in table.columns]
-    rest = [n for n in names if n not in table.primary_key]
+    return (
+        f"INSERT INTO {schema}.{table.name} ({', '.join(_name(n) for n in names)}) "  # noqa: S608 - names from TABLES
+        f"SELECT * FROM unnest({_params(table, names)}) {_on_conflict(table)}"
+    )
+
+
+def _on_conflict(table: Table) -> str:
+    """Replace the row with the same primary key (every other column from the new row)."""
+    rest = [c.name for c in table.columns if c.name not in table.primary_key]
     action = (
         "DO UPDATE SET " + ", ".join(f"{_name(n)} = EXCLUDED.{_name(n)}" for n in rest)
         if rest
         else "DO NOTHING"
     )
-    return (
-        f"INSERT INTO {schema}.{table.name} ({', '.join(_name(n) for n in names)}) "  # noqa: S608 - names from TABLES
-        f"SELECT * FROM unnest({_params(table, names)}) "
-        f"ON CONFLICT ({', '.join(_name(n) for n in table.primary_key)}) {action}"
-    )
+    return f"ON CONFLICT ({', '.join(_name(n) for n in table.primary_key)}) {action}"
 
 
 def _stage_name(table: Table) -> str:
@@ -85,20 +89,13 @@ def stage_sql(schema: str, table: Table) -> tuple[str, str]:
     schema = checked_schema_name(schema)
     stage = _stage_name(table)
     names = ", ".join(_name(c.name) for c in table.columns)
-    rest = [c.name for c in table.columns if c.name not in table.primary_key]
-    action = (
-        "DO UPDATE SET " + ", ".join(f"{_name(n)} = EXCLUDED.{_name(n)}" for n in rest)
-        if rest
-        else "DO NOTHING"
-    )
     create = (
         f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} "
         f"(LIKE {schema}.{table.name}) ON COMMIT DELETE ROWS"
     )
     upsert = (
         f"INSERT INTO {schema}.{table.name} ({names}) "  # noqa: S608 - names from TABLES
-        f"SELECT {names} FROM pg_temp.{stage} "
-        f"ON CONFLICT ({', '.join(_name(n) for n in table.primary_key)}) {action}"
+        f"SELECT {names} FROM pg_temp.{stage} {_on_conflict(table)}"
     )
     return create, upsert
 
