@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.exports import collect
 from projectors.read import recent_key
-from tests.system_fixtures import System
+from tests.system_fixtures import Api, Reply, System, User
 
 
 async def _raw_log_values(system: System) -> list[bytes]:
@@ -39,22 +39,31 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     return consumer.partitions_for_topic(topic) or set()
 
 
-async def test_erasing_me_redacts_everywhere_and_ends_my_sessions(system: System) -> None:
-    api = system.api
-    alice, bob = await api.user(), await api.user()
+async def _room_with_message(
+    api: Api, owner: User, member: User, name: str, client_msg_id: str, content: str
+) -> tuple[str, Reply]:
+    """A group of ``owner`` and ``member`` and one message of ``owner``'s in it."""
     room = await api.call(
         "POST",
         "/v1/conversations",
-        token=alice.access,
-        json={"name": "plans", "members": [str(bob.user_id)]},
+        token=owner.access,
+        json={"name": name, "members": [str(member.user_id)]},
     )
-    cid = room.body["conversation_id"]
-    mine = await api.call(
+    assert room.status == 201, room.body
+    cid: str = room.body["conversation_id"]
+    sent = await api.call(
         "POST",
         f"/v1/conversations/{cid}/messages",
-        token=alice.access,
-        json={"client_msg_id": "s1", "content": "my secret words"},
+        token=owner.access,
+        json={"client_msg_id": client_msg_id, "content": content},
     )
+    return cid, sent
+
+
+async def test_erasing_me_redacts_everywhere_and_ends_my_sessions(system: System) -> None:
+    api = system.api
+    alice, bob = await api.user(), await api.user()
+    cid, mine = await _room_with_message(api, alice, bob, "plans", "s1", "my secret words")
     theirs = await api.call(
         "POST",
         f"/v1/conversations/{cid}/messages",
@@ -123,19 +132,7 @@ async def _export(system: System, token: str) -> dict[str, object]:
 async def test_export_holds_everything_and_nothing_readable_after_erasure(system: System) -> None:
     api = system.api
     alice, bob = await api.user(), await api.user()
-    room = await api.call(
-        "POST",
-        "/v1/conversations",
-        token=alice.access,
-        json={"name": "exported", "members": [str(bob.user_id)]},
-    )
-    cid = room.body["conversation_id"]
-    sent = await api.call(
-        "POST",
-        f"/v1/conversations/{cid}/messages",
-        token=alice.access,
-        json={"client_msg_id": "e1", "content": "export me please"},
-    )
+    cid, sent = await _room_with_message(api, alice, bob, "exported", "e1", "export me please")
     patched = await api.call(
         "PATCH", "/v1/users/me", token=alice.access, json={"status": "exporting"}
     )
