@@ -50,14 +50,20 @@ def report(result: Verification, config: ArchiveConfig) -> str:
     return "\n".join(lines)
 
 
+def command_archive_config(settings: Settings, args: argparse.Namespace) -> ArchiveConfig:
+    """The archive from the environment, with a command's ``--prefix``/``--bucket`` over it."""
+    config = ArchiveConfig.from_env(settings, os.environ)
+    if args.prefix:
+        config = msgspec.structs.replace(config, prefix=args.prefix.strip("/"))
+    if args.bucket:
+        config = msgspec.structs.replace(config, bucket=args.bucket)
+    return config
+
+
 def run_verify(args: argparse.Namespace) -> int:
     try:
         settings = command_settings()
-        config = ArchiveConfig.from_env(settings, os.environ)
-        if args.prefix:
-            config = msgspec.structs.replace(config, prefix=args.prefix.strip("/"))
-        if args.bucket:
-            config = msgspec.structs.replace(config, bucket=args.bucket)
+        config = command_archive_config(settings, args)
         result = asyncio.run(verify(settings, config))
     except EventStoreError as exc:
         print(f"backbone archive verify: {exc}", file=sys.stderr)

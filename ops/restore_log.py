@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
@@ -83,6 +82,7 @@ from eventstore.archive import (
 )
 from eventstore.epoch import epoch_channel
 from eventstore.objects import s3_client
+from ops.archive_cli import command_archive_config
 from ops.deployment import command_settings
 from schemas.events import StreamKind
 
@@ -746,11 +746,7 @@ async def _run(settings: Settings, config: ArchiveConfig, *, finish: bool) -> Re
 def run_restore(args: argparse.Namespace) -> int:
     try:
         settings = command_settings()
-        config = ArchiveConfig.from_env(settings, os.environ)
-        if args.prefix:
-            config = msgspec.structs.replace(config, prefix=args.prefix.strip("/"))
-        if args.bucket:
-            config = msgspec.structs.replace(config, bucket=args.bucket)
+        config = command_archive_config(settings, args)
         result = asyncio.run(_run(settings, config, finish=args.finish))
     except RestoreError as exc:
         print(f"backbone restore-log: refused: {exc}", file=sys.stderr)
