@@ -260,22 +260,35 @@ async def run(
     client = s3_client(settings)
     try:
         archiver = Archiver(Archive(client, config.bucket, config.prefix), config)
-        reader = GroupReader(
-            settings,
-            group_id=group_id(settings),
-            streams=("user", "conversation"),
-            positions=archiver,
-            handler=archiver.handle,
-            keys=never_decrypts,
-            epoch=0,
-            instance_id=instance_id(settings, env),
-            decode=False,
-            on_idle=archiver.idle,
-        )
-        archiver.owned = lambda: reader.assignment
+        reader = _reader(settings, archiver, member=instance_id(settings, env))
         await _serve(settings, env, port, reader, archiver, config)
     finally:
         await asyncio.to_thread(client.close)
+
+
+def _reader(
+    settings: Settings,
+    archiver: Archiver,
+    *,
+    member: str | None = None,
+    max_records: int = 5000,
+) -> GroupReader:
+    """The archiver's group member: raw records of both topics, positions from the archive."""
+    reader = GroupReader(
+        settings,
+        group_id=group_id(settings),
+        streams=("user", "conversation"),
+        positions=archiver,
+        handler=archiver.handle,
+        keys=never_decrypts,
+        epoch=0,
+        instance_id=member,
+        decode=False,
+        on_idle=archiver.idle,
+        max_records=max_records,
+    )
+    archiver.owned = lambda: reader.assignment
+    return reader
 
 
 async def _serve(
@@ -314,19 +327,7 @@ async def archive_until(
     its own (``<prefix>.archiver``), stopped once the archive holds the log up to ``ends``.
     """
     archiver = Archiver(archive, config)
-    reader = GroupReader(
-        settings,
-        group_id=group_id(settings),
-        streams=("user", "conversation"),
-        positions=archiver,
-        handler=archiver.handle,
-        keys=never_decrypts,
-        epoch=0,
-        decode=False,
-        on_idle=archiver.idle,
-        max_records=max_records,
-    )
-    archiver.owned = lambda: reader.assignment
+    reader = _reader(settings, archiver, max_records=max_records)
     wanted = {p: end for p, end in ends.items() if end}
     task = asyncio.create_task(reader.run())
     try:
