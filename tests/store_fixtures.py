@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import msgspec
 import pytest
 
 from eventstore import EventStore, Settings, TopicLayout, provision_topics
+from eventstore.objects import s3_client
 from ops.environment import stack_settings
 from ops.provision import migrate_all, provision
 from ops.stack import StackInfo
@@ -25,6 +27,14 @@ async def base_settings(stack: StackInfo) -> Settings:
     settings = stack_settings(stack)
     await provision(settings)
     return settings
+
+
+@pytest.fixture(scope="module")
+async def client(stack: StackInfo, base_settings: Settings) -> AsyncIterator[Any]:
+    """A boto3 S3 client of the stack's S3 server, shared by a module's tests."""
+    made = s3_client(base_settings)
+    yield made
+    made.close()
 
 
 async def fresh_topics(settings: Settings, **layout: int) -> Settings:

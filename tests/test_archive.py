@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -39,7 +39,6 @@ from eventstore.archive import (
     segment_name,
     verify_archive,
 )
-from eventstore.objects import s3_client
 from ops.archiver.worker import archive_until
 from ops.environment import stack_env
 from ops.stack import StackInfo
@@ -180,13 +179,6 @@ async def archive_log(settings: Settings, archive: Archive, *, segment_records: 
     )
     async with asyncio.timeout(60):
         await archive_until(settings, archive, config, await log_ends(settings))
-
-
-@pytest.fixture(scope="module")
-async def client(stack: StackInfo, base_settings: Settings) -> AsyncIterator[Any]:
-    made = s3_client(base_settings)
-    yield made
-    made.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -40,7 +39,6 @@ from eventstore.archive import (
     segment_name,
 )
 from eventstore.epoch import epoch_channel
-from eventstore.objects import s3_client
 from ops.environment import stack_env
 from ops.restore_log import (
     AlreadyRestored,
@@ -114,13 +112,6 @@ class Restored(msgspec.Struct):
     epoch_before: int
     result: RestoreResult
     announced: list[dict[str, Any]]
-
-
-@pytest.fixture(scope="module")
-async def client(stack: StackInfo, base_settings: Settings) -> AsyncIterator[Any]:
-    made = s3_client(base_settings)
-    yield made
-    made.close()
 
 
 @pytest.fixture(scope="module")
@@ -292,18 +283,9 @@ async def test_refuses_a_damaged_archive_naming_the_segment(
     settings = msgspec.structs.replace(
         await fresh_database(restored.settings), topic_prefix=f"t{uuid.uuid4().hex[:10]}"
     )
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        with pytest.raises(ArchiveDamaged, match=re.escape(f"altered {topic}/{partition}/{name}")):
-            await restore_log(settings, archive, redis)
-    finally:
-        await redis.aclose()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        assert not set(TopicLayout.from_settings(settings).topics) & set(await admin.list_topics())
-    finally:
-        await admin.close()
+    await _refused_without_topics(
+        settings, archive, ArchiveDamaged, re.escape(f"altered {topic}/{partition}/{name}")
+    )
 
 
 async def test_cli_restores_into_another_prefix_and_prints_json(
@@ -359,18 +341,9 @@ async def test_refuses_another_partition_count_before_writing(
         topic_prefix=f"t{uuid.uuid4().hex[:10]}",
         conversation_partitions=restored.settings.conversation_partitions + 2,
     )
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        with pytest.raises(ConfigError, match="BACKBONE_CONVERSATION_PARTITIONS"):
-            await restore_log(settings, restored.archive, redis)
-    finally:
-        await redis.aclose()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        assert not set(TopicLayout.from_settings(settings).topics) & set(await admin.list_topics())
-    finally:
-        await admin.close()
+    await _refused_without_topics(
+        settings, restored.archive, ConfigError, "BACKBONE_CONVERSATION_PARTITIONS"
+    )
 
 
 def test_plan_refuses_a_damaged_or_empty_archive_and_maps_topics_by_role() -> None:
@@ -405,3 +378,21 @@ async def test_summary_names_partitions_rate_and_epoch(restored: Restored) -> No
     result = restored.result
     assert f"epoch {result.previous_epoch} -> {result.epoch}; announced" in text
     assert "RENUMBERED" not in text
+
+
+async def _refused_without_topics(
+    settings: Settings, archive: Archive, error: type[Exception], match: str
+) -> None:
+    """``restore_log`` refuses with ``error`` and has created none of the event topics."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        with pytest.raises(error, match=match):
+            await restore_log(settings, archive, redis)
+    finally:
+        await redis.aclose()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        assert not set(TopicLayout.from_settings(settings).topics) & set(await admin.list_topics())
+    finally:
+        await admin.close()
