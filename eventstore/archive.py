@@ -37,12 +37,14 @@ boto3 is synchronous: every S3 call runs in a worker thread (``asyncio.to_thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import gzip
 import hashlib
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, Protocol
 
 import msgspec
@@ -204,7 +206,7 @@ def decode_segment(data: bytes) -> SegmentBody:
     """The records of a segment body; :class:`ArchiveError` when it is not one."""
     try:
         return _BODY.decode(gzip.decompress(data))
-    except (OSError, EOFError, msgspec.DecodeError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error, msgspec.DecodeError) as exc:  # BadGzipFile: OSError
         raise ArchiveError(f"not a segment body: {exc}") from None
 
 
@@ -281,11 +283,12 @@ class Archive:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
 
-    async def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+    async def _call(self, what: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+        """``call(**kwargs)`` in a worker thread, S3 failures as :class:`ArchiveError`."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return await asyncio.to_thread(getattr(self._client, method), **kwargs)
+            return await asyncio.to_thread(call, **kwargs)
         except (BotoCoreError, ClientError) as exc:
             raise ArchiveError(f"S3 {what} failed: {exc}") from exc
 
@@ -296,21 +299,32 @@ class Archive:
         if start_after is not None:
             kwargs["StartAfter"] = start_after
         while True:
-            page = await self._call(f"list {under}", "list_objects_v2", **kwargs)
+            page = await self._call(f"list {under}", self._client.list_objects_v2, **kwargs)
             keys.extend(item["Key"] for item in page.get("Contents", ()))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return keys
             kwargs["ContinuationToken"] = token
 
+    def _read(self, key: str) -> bytes:
+        """The object's bytes, read and its connection released in the calling thread.
+
+        One thread call, so a cancelled ``get`` cannot leave a response body unread: an unread
+        body holds its pooled connection (and socket) until the garbage collector finds it.
+        """
+        body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        with contextlib.closing(body):
+            data: bytes = body.read()
+            return data
+
     async def get(self, key: str) -> bytes:
-        answer = await self._call(f"get {key}", "get_object", Bucket=self.bucket, Key=key)
-        return await asyncio.to_thread(answer["Body"].read)
+        data: bytes = await self._call(f"get {key}", self._read, key=key)
+        return data
 
     async def put(self, key: str, body: bytes, content_type: str) -> None:
         await self._call(
             f"put {key}",
-            "put_object",
+            self._client.put_object,
             Bucket=self.bucket,
             Key=key,
             Body=body,
@@ -318,7 +332,7 @@ class Archive:
         )
 
     async def delete(self, key: str) -> None:
-        await self._call(f"delete {key}", "delete_object", Bucket=self.bucket, Key=key)
+        await self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=key)
 
     def partition_prefix(self, topic: str, partition: int) -> str:
         return partition_prefix(self.prefix, topic, partition)

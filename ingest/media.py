@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import uuid
@@ -43,9 +44,10 @@ def _sha256_of(client: Any, key: str) -> tuple[int, str]:
     """Size and sha256 of the stored object, streamed (runs in a worker thread)."""
     body = client.get_object(Bucket=MEDIA_BUCKET, Key=key)["Body"]
     digest, size = hashlib.sha256(), 0
-    for chunk in iter(lambda: body.read(1024 * 1024), b""):
-        digest.update(chunk)
-        size += len(chunk)
+    with contextlib.closing(body):
+        for chunk in iter(lambda: body.read(1024 * 1024), b""):
+            digest.update(chunk)
+            size += len(chunk)
     return size, digest.hexdigest()
 
 

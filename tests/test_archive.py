@@ -8,6 +8,7 @@ archiver as ``python -m ops.archiver`` and SIGKILLs it while writes go on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -16,6 +17,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,8 +34,10 @@ from eventstore.archive import (
     Archive,
     ArchiveConfig,
     ArchivedRecord,
+    ArchiveError,
     check_archive,
     decode_segment,
+    encode_segment,
     gather_facts,
     parse_name,
     segment_name,
@@ -352,6 +356,71 @@ async def test_body_survives_encoding_byte_for_byte(archived: Archived) -> None:
     )
     records = decode_segment(body).records
     assert records[0].offset == 0
+
+
+def test_every_altered_byte_of_a_segment_is_refused_or_harmless() -> None:
+    """Whichever byte of a body is altered, decoding raises ArchiveError (a damaged deflate
+    stream, a bad CRC, a cut gzip trailer, bad msgpack) or, for the gzip header's free fields,
+    yields the same records: never another exception that would escape ``verify``."""
+    records = [
+        ArchivedRecord(offset, 1_700_000_000_000 + offset, 0, b"k", b"v" * offset, [("h", b"x")])
+        for offset in range(40)
+    ]
+    body = encode_segment("t.conversations", 0, records)
+    outcomes: collections.Counter[str] = collections.Counter()
+    for at in range(len(body)):
+        for flip in (0x01, 0x80):
+            altered = bytearray(body)
+            altered[at] ^= flip
+            try:
+                decoded = decode_segment(bytes(altered))
+            except ArchiveError:
+                outcomes["refused"] += 1
+                continue
+            assert decoded.records == records, at
+            outcomes["harmless"] += 1
+    assert outcomes["refused"] > len(body), outcomes
+
+
+class _HeldGets:
+    """The stack's S3 client, with each ``get_object`` held until released and the closing of
+    every answered body noted."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.closed = threading.Event()
+
+    def get_object(self, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.release.wait(10)
+        answer = self._client.get_object(**kwargs)
+        body = answer["Body"]
+        close = body.close
+
+        def noted() -> None:
+            close()
+            self.closed.set()
+
+        body.close = noted
+        return answer
+
+
+async def test_a_cancelled_get_releases_its_connection(archived: Archived) -> None:
+    """A read cancelled while S3 answers (a replay stopping at its cut) still reads and closes
+    the answer, so the pooled connection is not left open until the garbage collector runs."""
+    part = (await gather_facts(archived.archive))[0]
+    key = archived.archive.partition_prefix(part.topic, part.partition) + min(part.bodies)
+    held = _HeldGets(archived.client)
+    archive = Archive(held, archived.archive.bucket, archived.archive.prefix)
+    reading = asyncio.create_task(archive.get(key))
+    assert await asyncio.to_thread(held.entered.wait, 10)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    held.release.set()
+    assert await asyncio.to_thread(held.closed.wait, 10), "the cancelled read's body was closed"
 
 
 # --- the crash drill ------------------------------------------------------------------------
