@@ -320,7 +320,7 @@ async def _replay_share(share: ReplayShare) -> None:
         projector = Projector(
             store.pool, store.layout, schema=share.schema, caches=None, durable_commits=False
         )
-        tune_gc()  # again: what the store opened lives for the whole run
+        tune_gc(bulk=True)  # again: what the store opened lives for the whole run
 
         def report(count: int) -> None:
             sys.stdout.write(f"{count}\n")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from eventstore import runtime
-from eventstore.runtime import run, started, tune_gc
+from eventstore.runtime import BULK_GC, SERVER_GC, run, started, tune_gc
 
 
 @pytest.fixture
@@ -47,5 +47,13 @@ def test_run_tunes_the_collector_and_runs_the_coroutine_on_uvloop() -> None:
 
     module, threshold, frozen = run(main())
     assert module.startswith("uvloop")
-    assert threshold == (50_000, 20, 50)
+    assert threshold == SERVER_GC == (50_000, 20, 50)
     assert frozen > 0, "what was alive at start is frozen out of collection"
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_a_bulk_job_collects_its_young_objects_less_often_than_a_server() -> None:
+    tune_gc(bulk=True)
+    assert gc.get_threshold() == BULK_GC
+    assert BULK_GC[0] >= 10 * SERVER_GC[0]
+    assert gc.get_freeze_count() > 0
