@@ -28,7 +28,7 @@ from projectors.metrics import EVENTS
 from projectors.projection import Drop, Put, needs, project
 from projectors.rows import Key, Row
 from projectors.schema import Table, checked_schema_name, in_schema
-from projectors.tables import delete_rows, load_rows, upsert_rows
+from projectors.tables import delete_rows, insert_rows, load_rows, upsert_rows
 from schemas import ConversationEvent, Event, UserErased
 
 log = structlog.get_logger(__name__)
@@ -58,6 +58,8 @@ class _WorkingSet:
 
     def __init__(self) -> None:
         self._rows: dict[str, dict[Key, Row | None]] = defaultdict(dict)
+        self._absent: dict[str, set[Key]] = defaultdict(set)
+        """Keys the prefetch found no row for."""
         self._tables: dict[str, Table] = {}
         self.changed: dict[str, dict[Key, Row | None]] = defaultdict(dict)
 
@@ -76,6 +78,7 @@ class _WorkingSet:
             rows[key] = None
         for row in found:
             rows[row.key()] = row
+        self._absent[table.name].update(k for k in keys if rows[k] is None)
 
     def apply(self, table: Table, key: Key, value: Row | None) -> None:
         """Record ``value`` (``None``: deleted) as the row of ``table`` at ``key``."""
@@ -85,6 +88,22 @@ class _WorkingSet:
 
     def table(self, name: str) -> Table:
         return self._tables[name]
+
+    def writes(self, name: str) -> tuple[list[Key], list[Row], list[Row]]:
+        """What changed in table ``name``: keys to delete, new rows (their keys absent at the
+        prefetch), replacements (every other row)."""
+        deleted: list[Key] = []
+        new: list[Row] = []
+        replaced: list[Row] = []
+        absent = self._absent[name]
+        for key, value in self.changed[name].items():
+            if value is None:
+                deleted.append(key)
+            elif key in absent:
+                new.append(value)
+            else:
+                replaced.append(value)
+        return deleted, new, replaced
 
 
 async def _prefetch(
@@ -264,10 +283,12 @@ async def apply_items(
         counts["applied", item.envelope.type] += 1
     for (outcome, type_), count in counts.items():
         EVENTS.labels(outcome, type_).inc(count)
-    for name, changed in work.changed.items():
+    for name in work.changed:
         table = work.table(name)
-        await delete_rows(conn, schema_name, table, [k for k, v in changed.items() if v is None])
-        await upsert_rows(conn, schema_name, table, [v for v in changed.values() if v is not None])
+        deleted, new, replaced = work.writes(name)
+        await delete_rows(conn, schema_name, table, deleted)
+        await insert_rows(conn, schema_name, table, new)
+        await upsert_rows(conn, schema_name, table, replaced)
     await _write_dead_letters(conn, schema_name, letters)
     for user_id in erasures:
         await _erase(conn, schema_name, user_id, applied)

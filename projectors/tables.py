@@ -8,7 +8,8 @@ Large upserts (a replay's batches) go through binary ``COPY`` into a temporary s
 and one ``INSERT ... SELECT ... ON CONFLICT`` from it instead: asyncpg encodes array
 parameters element by element with generic type checks, which cost more than the database's
 own work on a replay; ``COPY`` encodes records directly. Small batches (the live projector's)
-keep the single ``unnest`` statement: a round trip less.
+keep the single ``unnest`` statement: a round trip less. Rows the batch found absent are
+copied straight into the table (:func:`insert_rows`), with no staging and no conflict check.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from eventstore import Connection
@@ -163,20 +165,41 @@ async def upsert_rows(conn: Connection, schema: str, table: Table, rows: Sequenc
     await conn.execute(upsert_sql(schema, table), *columns)
 
 
-async def _upsert_staged(conn: Connection, schema: str, table: Table, rows: Sequence[Row]) -> None:
-    create, upsert = stage_sql(schema, table)
+async def insert_rows(conn: Connection, schema: str, table: Table, rows: Sequence[Row]) -> None:
+    """Store ``rows``, whose keys were absent when the batch read them: for many rows one
+    ``COPY`` straight into the table, the database's cheapest write (a replay's messages).
+
+    Should another transaction have stored one of the keys meanwhile (partitions own their
+    rows, so nothing does today), the ``COPY`` fails inside a savepoint and the rows are upserted
+    instead: the outcome is :func:`upsert_rows`' either way.
+    """
+    if len(rows) < COPY_FROM_ROWS:
+        await upsert_rows(conn, schema, table, rows)
+        return
+    try:
+        async with conn.transaction():
+            await _copy(conn, table, rows, table.name, checked_schema_name(schema))
+    except asyncpg.UniqueViolationError:
+        await _upsert_staged(conn, schema, table, rows)
+
+
+async def _copy(
+    conn: Connection, table: Table, rows: Sequence[Row], into: str, schema: str
+) -> None:
     records: Iterable[tuple[Any, ...]] = map(msgspec.structs.astuple, rows)
     json_columns = _json_columns(table)
     if json_columns:
         records = map(functools.partial(_json_encoded, json_columns), records)
+    await conn.copy_records_to_table(
+        into, records=records, columns=[c.name for c in table.columns], schema_name=schema
+    )
+
+
+async def _upsert_staged(conn: Connection, schema: str, table: Table, rows: Sequence[Row]) -> None:
+    create, upsert = stage_sql(schema, table)
     # The staging table empties at every commit; a rolled-back batch takes its rows with it.
     await conn.execute(create)
-    await conn.copy_records_to_table(
-        _stage_name(table),
-        records=records,
-        columns=[c.name for c in table.columns],
-        schema_name="pg_temp",
-    )
+    await _copy(conn, table, rows, _stage_name(table), "pg_temp")
     await conn.execute(upsert)
 
 

@@ -6,11 +6,12 @@ import datetime as dt
 import uuid
 
 import asyncpg
+import msgspec
 
 from eventstore import Settings
 from projectors.rows import UserRow
 from projectors.schema import USERS, create_schema
-from projectors.tables import COPY_FROM_ROWS, load_rows, upsert_rows
+from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, upsert_rows
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -66,4 +67,32 @@ async def test_small_and_staged_upserts_store_the_same_rows(base_settings: Setti
     finally:
         for schema in schemas:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
+
+
+async def test_inserting_new_rows_copies_them_and_a_taken_key_falls_back_to_upsert(
+    base_settings: Settings,
+) -> None:
+    schema = f"tables_insert_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(base_settings.postgres_dsn)
+    try:
+        await create_schema(conn, schema)
+        count = COPY_FROM_ROWS + 20
+        first = [_user(n, generation=1) for n in range(count)]
+        async with conn.transaction():
+            await insert_rows(conn, schema, USERS, first)  # COPY straight into the table
+        # Rows believed new, one of whose keys another writer stored meanwhile: the COPY is
+        # undone (a savepoint), the rows are upserted, and the transaction goes on.
+        taken = [_user(n, generation=2) for n in range(count - 1, 2 * count)]
+        async with conn.transaction():
+            await insert_rows(conn, schema, USERS, taken)
+            await conn.execute(f"UPDATE {schema}.users SET status = 'after'")
+        keys = [(uuid.UUID(int=n + 1),) for n in range(2 * count)]
+        stored = {r.user_id: r for r in await load_rows(conn, schema, USERS, keys)}
+        expected = {
+            r.user_id: msgspec.structs.replace(r, status="after") for r in first[:-1] + taken
+        }
+        assert stored == expected
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.close()
