@@ -87,6 +87,7 @@ class PositionStore(Protocol):
 
 BatchHandler = Callable[[Batch], Awaitable[None]]
 IdleHandler = Callable[[], Awaitable[None]]
+RevokeHandler = Callable[[list[Partition]], Awaitable[None]]
 
 
 def _consumer(
@@ -152,8 +153,11 @@ class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         # Wait for the batch in flight: its transaction must finish before another member
         # may start on these partitions.
-        async with self._reader._batch_lock:
-            pass
+        reader = self._reader
+        async with reader._batch_lock:
+            taken = [(tp.topic, tp.partition) for tp in revoked]
+            if taken and reader._on_revoked is not None:
+                await reader._on_revoked(taken)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await self._reader._seek_to_stored(list(assigned))
@@ -177,6 +181,7 @@ class GroupReader:
         instance_id: str | None = None,
         decode: bool = True,
         on_idle: IdleHandler | None = None,
+        on_revoked: RevokeHandler | None = None,
         linger_ms: int = 0,
     ) -> None:
         """``instance_id`` makes this a static member (KIP-345): a restarted process with the
@@ -186,6 +191,8 @@ class GroupReader:
         ``decode=False`` hands over raw records (:attr:`Batch.records`) without decoding.
         ``on_idle`` is awaited after a poll that brought nothing, under the same lock as a
         batch (so no partition is revoked meanwhile): a handler that buffers can flush there.
+        ``on_revoked`` is awaited with the partitions about to move to another member, under
+        that lock too: a handler that writes in the background finishes their writes there.
         ``linger_ms`` lets the broker gather records for that long before answering a fetch:
         a handler with a fixed cost per batch (a transaction) trades that much latency for
         far fewer batches under load."""
@@ -202,6 +209,7 @@ class GroupReader:
         self._poll_timeout_ms = poll_timeout_ms
         self._decode = decode
         self._on_idle = on_idle
+        self._on_revoked = on_revoked
         self._linger_ms = linger_ms
         self._batch_lock = asyncio.Lock()
         # Next offset to hand over per partition (set from the stored position on assignment).

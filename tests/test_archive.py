@@ -21,14 +21,15 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from botocore.exceptions import ClientError
 
-from eventstore import EventStore, LogEnds, Settings, TopicLayout
+from eventstore import Batch, EventStore, LogEnds, OffsetRange, Settings, TopicLayout
 from eventstore.archive import (
     MANIFEST_SUFFIX,
     Archive,
@@ -43,7 +44,7 @@ from eventstore.archive import (
     segment_name,
     verify_archive,
 )
-from ops.archiver.worker import archive_until
+from ops.archiver.worker import Archiver, archive_until
 from ops.environment import stack_env
 from ops.stack import StackInfo
 from schemas import Event, MessageSent
@@ -421,6 +422,89 @@ async def test_a_cancelled_get_releases_its_connection(archived: Archived) -> No
         await reading
     held.release.set()
     assert await asyncio.to_thread(held.closed.wait, 10), "the cancelled read's body was closed"
+
+
+class _GatedPuts:
+    """The stack's S3 client, with segment bodies held until ``gate`` opens; the body of
+    ``fail`` (a segment name) is refused as S3 would refuse it."""
+
+    def __init__(self, client: Any, fail: str | None = None) -> None:
+        self._client = client
+        self.gate = threading.Event()
+        self.fail = fail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def put_object(self, **kwargs: Any) -> Any:
+        if kwargs["Key"].endswith(".seg"):
+            self.gate.wait(10)
+            if self.fail is not None and kwargs["Key"].endswith(self.fail):
+                raise ClientError({"Error": {"Code": "SlowDown", "Message": "no"}}, "PutObject")
+        return self._client.put_object(**kwargs)
+
+
+class _Record(msgspec.Struct, frozen=True):
+    """A record as the reader hands it over raw (the fields a segment keeps)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    timestamp_type: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def _raw_batch(partition: Partition, offsets: range) -> Batch:
+    records = [
+        _Record(*partition, o, 1_700_000_000_000 + o, 0, b"k", b"v%d" % o, []) for o in offsets
+    ]
+    return Batch([], {partition: OffsetRange(offsets[0], offsets[-1])}, {partition: records})
+
+
+async def _gated_archiver(client: Any, fail: str | None = None) -> tuple[Archiver, _GatedPuts]:
+    gated = _GatedPuts(client, fail)
+    prefix = f"gated-{uuid.uuid4().hex[:8]}"
+    config = ArchiveConfig(bucket=BUCKET, prefix=prefix, segment_records=10, flush_seconds=60)
+    archiver = Archiver(Archive(gated, BUCKET, prefix), config)
+    archiver.owned = lambda: {PARTITION}
+    assert await archiver.load([PARTITION]) == {}
+    return archiver, gated
+
+
+PARTITION: Final = ("t.conversations", 0)
+
+
+async def test_segments_are_written_while_the_reader_goes_on(client: Any) -> None:
+    """A full segment is written in the background: the batch handler returns at once, the
+    next batch is taken meanwhile, and ``release`` waits for the writes (the reader calls it
+    before a partition moves away)."""
+    archiver, gated = await _gated_archiver(client)
+    await archiver.handle(_raw_batch(PARTITION, range(0, 15)))  # one segment due, 5 kept
+    await archiver.handle(_raw_batch(PARTITION, range(15, 25)))  # a second one, chained
+    assert archiver.heads[PARTITION].next is None, "nothing written while S3 is held"
+    gated.gate.set()
+    await archiver.release([PARTITION])
+    assert archiver.heads[PARTITION].next == 20
+    stored = await archiver.archive.segments(*PARTITION)
+    assert [(m.first, m.last) for m in stored] == [(0, 9), (10, 19)]
+    assert (await verify_archive(archiver.archive)).ok
+
+
+async def test_a_failed_segment_stops_its_chain_and_the_archiver(client: Any) -> None:
+    """S3 refuses the first segment: the one chained after it is not written (no gap in the
+    chain), and the failure is raised to the reader, which stops; nothing else is lost, the
+    records are read again by the next run."""
+    archiver, gated = await _gated_archiver(client, fail=segment_name(0, 9))
+    await archiver.handle(_raw_batch(PARTITION, range(0, 20)))
+    gated.gate.set()
+    await archiver.release()
+    assert archiver.heads[PARTITION].next is None
+    assert await archiver.archive.segments(*PARTITION) == []
+    with pytest.raises(ArchiveError, match="SlowDown"):
+        await archiver.handle(_raw_batch(PARTITION, range(20, 21)))
 
 
 # --- the crash drill ------------------------------------------------------------------------

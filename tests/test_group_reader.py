@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import msgspec
 import pytest
@@ -127,3 +127,50 @@ def test_projector_linger_setting() -> None:
     assert linger_ms({"BACKBONE_PROJECTOR_LINGER_MS": "0"}) == 0
     with pytest.raises(ConfigError):
         linger_ms({"BACKBONE_PROJECTOR_LINGER_MS": "soon"})
+
+
+async def test_a_member_losing_partitions_hears_of_it_under_the_batch_lock(
+    store: EventStore,
+) -> None:
+    """``on_revoked`` gets the partitions a rebalance takes away, while no batch runs: an
+    archiver finishes its background writes there before another member reads on."""
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    revoked: list[tuple[set[Partition], bool]] = []
+    readers: list[GroupReader] = []
+
+    async def nothing(batch: Batch) -> None:
+        return None
+
+    def member(on_revoked: Callable[[list[Partition]], Awaitable[None]] | None) -> GroupReader:
+        reader = GroupReader(
+            store.settings,
+            group_id=group,
+            streams=["conversation"],
+            positions=Stored({}),
+            handler=nothing,
+            keys=store.keyring.keys_for_read,
+            epoch=store.epoch,
+            on_revoked=on_revoked,
+        )
+        readers.append(reader)
+        return reader
+
+    async def heard(partitions: list[Partition]) -> None:
+        revoked.append((set(partitions), first._batch_lock.locked()))
+
+    first = member(heard)
+    tasks = [asyncio.create_task(first.run())]
+    topic = store.layout.topic("conversation")
+    everything = {(topic, p) for p in range(store.settings.conversation_partitions)}
+    async with asyncio.timeout(60):
+        while first.assignment != everything:
+            await asyncio.sleep(0.05)
+        tasks.append(asyncio.create_task(member(None).run()))
+        while not revoked:
+            await asyncio.sleep(0.05)
+    for reader in readers:
+        reader.stop()
+    await asyncio.gather(*tasks)
+    partitions, locked = revoked[0]
+    assert partitions == everything  # the eager protocol takes everything back, then deals
+    assert locked

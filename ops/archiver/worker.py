@@ -10,9 +10,10 @@ Positions live in the archive itself: on every assignment the reader asks :meth:
 which reads (and repairs, after a crash between a segment and its manifest) the chain's tail in
 S3 and drops anything buffered for the partition, so the reader resumes right after the last
 segment written: no gap, no overlap. A partition that moved to another member is dropped
-from the buffers before anything is written for it. SIGTERM/SIGINT stop the worker after the
-segment in flight; records buffered but not yet written are simply read again by the next
-owner.
+from the buffers before anything is written for it. Segments are written in the background
+while the reader fetches on (see :meth:`Archiver.flush`); before a partition moves to another
+member, and before the worker exits on SIGTERM/SIGINT, the writes in flight finish. Records
+buffered but not yet in a segment being written are simply read again by the next owner.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ METRICS_PORT_VARIABLE: Final = "BACKBONE_ARCHIVER_METRICS_PORT"
 METRICS_HOST_VARIABLE: Final = "BACKBONE_ARCHIVER_METRICS_HOST"
 WORKER_INDEX_VARIABLE: Final = "BACKBONE_WORKER_INDEX"
 _LAG_INTERVAL: Final = 5.0
+PENDING_SEGMENTS: Final = 8
+"""Segments' worth of bytes (``segment_bytes`` each) the archiver writes at once, at most."""
 
 LAG = Gauge(
     "backbone_archiver_lag",
@@ -95,8 +98,8 @@ class _Buffer:
             self.sizes.append(size)
             self.size += size
 
-    def take(self, max_records: int, max_bytes: int) -> list[ArchivedRecord]:
-        """The first records up to either bound (at least one)."""
+    def take(self, max_records: int, max_bytes: int) -> tuple[list[ArchivedRecord], int]:
+        """The first records up to either bound (at least one), and their size."""
         taken, size = 0, 0
         for record_size in self.sizes:
             if taken and (taken >= max_records or size + record_size > max_bytes):
@@ -106,7 +109,7 @@ class _Buffer:
         chunk, self.records = self.records[:taken], self.records[taken:]
         self.sizes = self.sizes[taken:]
         self.size -= size
-        return chunk
+        return chunk, size
 
 
 class Archiver:
@@ -124,6 +127,12 @@ class Archiver:
         self._clock = clock
         self._heads: dict[Partition, ChainHead] = {}
         self._buffers: dict[Partition, _Buffer] = {}
+        self._lanes: dict[Partition, asyncio.Task[None]] = {}
+        """Per partition, its last segment write in flight (each awaits the one before)."""
+        self._pending = 0
+        """Bytes of records in segments being written."""
+        self._max_pending = PENDING_SEGMENTS * config.segment_bytes
+        self._failure: BaseException | None = None
         self.owned: Callable[[], set[Partition]] = lambda: set(self._heads)
         """The partitions this member holds now (the worker points it at the reader's)."""
 
@@ -133,6 +142,7 @@ class Archiver:
 
     async def load(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         """Next offset to archive per partition, from the archive (repairing its tail)."""
+        await self.release(partitions)  # the tail is read once our own writes have landed
         stored: dict[Partition, int] = {}
         for partition in partitions:
             head = await self.archive.recover(*partition)
@@ -144,7 +154,20 @@ class Archiver:
                 ARCHIVED_OFFSET.labels(partition[0], str(partition[1])).set(head.next - 1)
         return stored
 
+    async def release(self, partitions: Iterable[Partition] | None = None) -> None:
+        """Wait until the segments in flight (of ``partitions``, default all) are written or
+        have failed. The reader calls it before a partition moves to another member, so the new
+        owner finds the chain's tail where this member left it."""
+        wanted = None if partitions is None else set(partitions)
+        lanes = [t for p, t in self._lanes.items() if wanted is None or p in wanted]
+        await asyncio.gather(*lanes, return_exceptions=True)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
     async def handle(self, batch: Batch) -> None:
+        self._raise_failure()
         now = self._clock()
         for partition, records in batch.records.items():
             buffer = self._buffers.get(partition)
@@ -155,11 +178,17 @@ class Archiver:
         await self.flush()
 
     async def flush(self, *, everything: bool = False) -> int:
-        """Write the segments that are due (all buffered records with ``everything``).
+        """Start writing the segments that are due (all buffered records with ``everything``,
+        which also waits for every write); the number started.
 
-        Partitions are written concurrently (each chain in its own order): a segment is three
-        S3 round trips, and one partition after another left the archiver waiting on them.
+        Writes run in the background, so the reader fetches the next records while segments
+        are encoded (gzip runs in a thread without the GIL) and stored: each partition's
+        segments in order, one after another (a chain), partitions side by side. At most
+        ``PENDING_SEGMENTS`` segments' worth of bytes are in flight; beyond that this waits. A
+        failed write fails every later segment of its partition and is raised here (or by the
+        next batch): the worker stops, and the next owner resumes from the chain's tail.
         """
+        self._raise_failure()
         owned = self.owned()
         config = self._config
 
@@ -171,30 +200,48 @@ class Archiver:
                 or self._clock() - buffer.started >= config.flush_seconds
             )
 
-        async def drain(partition: Partition, buffer: _Buffer) -> int:
-            written = 0
-            while due(buffer):
-                chunk = buffer.take(config.segment_records, config.segment_bytes)
-                await self._write(partition, chunk)
-                written += 1
-                buffer.started = self._clock()
-            return written
-
-        work: list[tuple[Partition, _Buffer]] = []
+        started = 0
         for partition in list(self._buffers):
             buffer = self._buffers[partition]
             if partition not in owned or partition not in self._heads:
                 del self._buffers[partition]
-            elif due(buffer):
-                work.append((partition, buffer))
-        outcomes = await asyncio.gather(*(drain(p, b) for p, b in work), return_exceptions=True)
-        for partition, buffer in work:
+                continue
+            while due(buffer):
+                self._start(partition, *buffer.take(config.segment_records, config.segment_bytes))
+                started += 1
+                buffer.started = self._clock()
             if not buffer.records:
-                self._buffers.pop(partition, None)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome  # the first failure, once every partition has stopped
-        return sum(o for o in outcomes if isinstance(o, int))
+                del self._buffers[partition]
+        if everything:
+            await self.release()
+        while self._pending > self._max_pending and self._failure is None:
+            await asyncio.wait(self._lanes.values(), return_when=asyncio.FIRST_COMPLETED)
+        self._raise_failure()
+        return started
+
+    def _start(self, partition: Partition, records: list[ArchivedRecord], size: int) -> None:
+        task = asyncio.create_task(self._after(self._lanes.get(partition), partition, records))
+        self._lanes[partition] = task
+        self._pending += size
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._pending -= size
+            if self._lanes.get(partition) is task:
+                del self._lanes[partition]
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                self._failure = self._failure or exc
+
+        task.add_done_callback(done)
+
+    async def _after(
+        self,
+        previous: asyncio.Task[None] | None,
+        partition: Partition,
+        records: list[ArchivedRecord],
+    ) -> None:
+        if previous is not None:
+            await previous  # its failure is this segment's: the chain must not skip one
+        await self._write(partition, records)
 
     async def _write(self, partition: Partition, records: list[ArchivedRecord]) -> None:
         topic, number = partition
@@ -254,14 +301,18 @@ def _http_app(reader: GroupReader) -> web.Application:
 async def run(
     settings: Settings, config: ArchiveConfig, env: Mapping[str, str] | None = None
 ) -> None:
-    """Archive the log until SIGTERM/SIGINT (then stop after the segment in flight)."""
+    """Archive the log until SIGTERM/SIGINT (then stop once the segments in flight are
+    written)."""
     env = os.environ if env is None else env
     port = metrics_port(env)
     client = s3_client(settings)
     try:
         archiver = Archiver(Archive(client, config.bucket, config.prefix), config)
         reader = _reader(settings, archiver, member=instance_id(settings, env))
-        await _serve(settings, env, port, reader, archiver, config)
+        try:
+            await _serve(settings, env, port, reader, archiver, config)
+        finally:
+            await archiver.release()
     finally:
         await asyncio.to_thread(client.close)
 
@@ -285,6 +336,7 @@ def _reader(
         instance_id=member,
         decode=False,
         on_idle=archiver.idle,
+        on_revoked=archiver.release,
         max_records=max_records,
     )
     archiver.owned = lambda: reader.assignment
@@ -341,3 +393,4 @@ async def archive_until(
     finally:
         reader.stop()
         await task
+        await archiver.release()
