@@ -41,7 +41,7 @@ from projectors.errors import ProjectorError
 from projectors.read.contract import LIVE_SCHEMA
 from projectors.rebuild import Progress, Rebuild, RebuildResult
 from projectors.schema import checked_schema_name, schema_exists
-from projectors.sources import ArchiveSource, RecordSource, Until
+from projectors.sources import REPLAY_BATCH, ArchiveSource, RecordSource, Until
 
 PROJECTORS: Final = {"chat": LIVE_SCHEMA}
 """Projector name -> the live schema it owns."""
@@ -257,7 +257,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--projector", choices=sorted(PROJECTORS), default="chat")
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
     parser.add_argument(
-        "--batch", type=_positive, default=5000, help="records per batch (default 5000)"
+        "--batch",
+        type=_positive,
+        default=REPLAY_BATCH,
+        help=f"records per batch (default {REPLAY_BATCH})",
     )
     parser.add_argument(
         "--workers",

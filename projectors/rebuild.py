@@ -87,6 +87,7 @@ from projectors.schema import (
     schema_exists,
 )
 from projectors.sources import (
+    REPLAY_BATCH,
     Cut,
     KafkaSource,
     RecordSource,
@@ -353,7 +354,7 @@ class Rebuild:
         live: str = LIVE_SCHEMA,
         redis: Redis | None = None,
         namespace: str | None = None,
-        batch: int = 5000,
+        batch: int = REPLAY_BATCH,
         workers: int | None = None,
         on_progress: ProgressCallback | None = None,
         source: RecordSource | None = None,

@@ -54,6 +54,7 @@ from projectors import rebuild
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA
 from projectors.schema import TABLES, create_schema, ensure_live_schema, in_schema
+from projectors.sources import REPLAY_BATCH
 from schemas import (
     ConversationCreated,
     Event,
@@ -448,7 +449,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=5000, help="records per replay batch")
+    parser.add_argument("--batch", type=int, default=REPLAY_BATCH, help="records per replay batch")
     parser.add_argument(
         "--workers",
         type=int,

@@ -46,6 +46,7 @@ from ops.replay import ProgressReporter, replay
 from ops.stack import default_stack_dir, stack_up
 from projectors.rebuild import RebuildResult
 from projectors.schema import in_schema
+from projectors.sources import REPLAY_BATCH
 from schemas import ConversationCreated, Event, MessageSent, UserRegistered
 
 BODY = ("lorem ipsum dolor sit amet " * 40)[:730]
@@ -179,7 +180,7 @@ def _say(text: str) -> None:
 
 
 async def bench(
-    events: int, segment_records: int, batch: int = 5000, workers: int | None = None
+    events: int, segment_records: int, batch: int = REPLAY_BATCH, workers: int | None = None
 ) -> Measured:
     base = stack_settings(stack_up(default_stack_dir()))
     async with fresh_deployment(base, "recov") as settings:
@@ -333,7 +334,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--events", type=_events, default=1_000_000)
     parser.add_argument("--segment-records", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=5000, help="records per replay batch")
+    parser.add_argument("--batch", type=int, default=REPLAY_BATCH, help="records per replay batch")
     parser.add_argument(
         "--workers",
         type=int,
