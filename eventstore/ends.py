@@ -48,3 +48,14 @@ class LogEnds:
         except KafkaError as exc:
             raise LogUnavailable(f"cannot read end offsets: {exc}") from exc
         return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+
+async def end_offsets(settings: Settings, partitions: Sequence[Partition]) -> dict[Partition, int]:
+    """The end of each of ``partitions`` now, for a one-off question (a :class:`LogEnds` of its
+    own: no assignment, so stopping it waits for no fetch in flight)."""
+    ends = LogEnds(settings)
+    await ends.start()
+    try:
+        return await ends.end_offsets(partitions)
+    finally:
+        await ends.stop()

@@ -57,6 +57,14 @@ class TopicLayout(msgspec.Struct, frozen=True):
     def partitions(self, stream: StreamKind) -> int:
         return self.user_partitions if stream == "user" else self.conversation_partitions
 
+    def every_partition(self) -> list[tuple[str, int]]:
+        """Every (topic, partition) of the event topics."""
+        return [
+            (self.topic(stream), p)
+            for stream in ("user", "conversation")
+            for p in range(self.partitions(stream))
+        ]
+
     def topic_config(self) -> dict[str, str]:
         """Broker-side settings every event topic carries."""
         return {

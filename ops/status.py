@@ -19,13 +19,13 @@ import msgspec
 
 from eventstore import (
     EventStoreError,
-    LogEnds,
     Position,
     Settings,
     TopicLayout,
     create_pool,
     read_epoch,
 )
+from eventstore.ends import end_offsets
 from ops.deployment import command_settings
 from ops.stack import PartStatus, default_stack_dir, stack_status
 from projectors.read.contract import LIVE_SCHEMA
@@ -54,11 +54,7 @@ class ProjectorStatus(msgspec.Struct, frozen=True):
 async def projector_status(settings: Settings, schema: str = LIVE_SCHEMA) -> ProjectorStatus:
     """The epoch and every partition's lag and last-applied position for ``schema``."""
     layout = TopicLayout.from_settings(settings)
-    partitions = [
-        (layout.topic(stream), p)
-        for stream in ("user", "conversation")
-        for p in range(layout.partitions(stream))
-    ]
+    partitions = layout.every_partition()
     pool = await create_pool(settings.postgres_dsn, min_size=1, max_size=1)
     try:
         epoch = await read_epoch(pool)
@@ -70,15 +66,10 @@ async def projector_status(settings: Settings, schema: str = LIVE_SCHEMA) -> Pro
             applied = {(r[0], r[1]): r[2] for r in rows}
     finally:
         await pool.close()
-    ends = LogEnds(settings)
-    await ends.start()
-    try:
-        end_offsets = await ends.end_offsets(partitions)
-    finally:
-        await ends.stop()
+    ends = await end_offsets(settings, partitions)
     rows_out: list[PartitionLag] = []
     for topic, partition in partitions:
-        end = end_offsets.get((topic, partition), 0)
+        end = ends.get((topic, partition), 0)
         next_offset = applied.get((topic, partition), 0)
         last = (
             Position(epoch, layout.stream_of(topic), partition, next_offset - 1).token()

@@ -73,10 +73,11 @@ from redis.asyncio import Redis
 
 from eventstore import Connection, EventStore, Pool, Settings
 from eventstore.consumer import Partition
+from eventstore.ends import end_offsets
 from eventstore.runtime import run as run_loop
 from eventstore.runtime import tune_gc
 from projectors.caches import rebuild_caches
-from projectors.checksum import checksum
+from projectors.checksum import snapshot_readers
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA
@@ -213,24 +214,9 @@ def replay_shares(remaining: Mapping[Partition, int], workers: int) -> list[list
     return [sorted(share) for _, share in loads if share]
 
 
-def all_partitions(store: EventStore) -> list[Partition]:
-    """Every partition of the event topics."""
-    layout = store.layout
-    return [
-        (layout.topic(stream), p)
-        for stream in ("user", "conversation")
-        for p in range(layout.partitions(stream))
-    ]
-
-
 async def log_ends(store: EventStore) -> dict[Partition, int]:
     """The end offset of every partition, as of now."""
-    reader = store.reader()
-    await reader.start("end")
-    try:
-        return await reader.end_offsets()
-    finally:
-        await reader.stop()
+    return await end_offsets(store.settings, store.layout.every_partition())
 
 
 async def replay(
@@ -243,7 +229,7 @@ async def replay(
 ) -> None:
     """Apply the log (or ``partitions`` of it) to ``projector``'s schema in this process, from
     its stored offsets to the end as of now; ``on_batch`` gets each batch's record count."""
-    wanted = all_partitions(store) if partitions is None else list(partitions)
+    wanted = store.layout.every_partition() if partitions is None else list(partitions)
     stored = await projector.positions.load(wanted)
     reader = store.reader(max_records=batch)
     await reader.start("beginning", dict(stored), partitions=wanted)
@@ -435,12 +421,13 @@ class Rebuild:
 
     async def _kept(self, resumed: bool) -> RebuildResult:
         """The result of a build left in its own schema (``into``)."""
-        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            rows = await conn.fetch(
+        async with snapshot_readers(self._pool) as readers:
+            await readers.own()
+            rows = await readers.connections[0].fetch(
                 f"SELECT topic, partition, next_offset FROM {self.shadow}.offsets "  # noqa: S608
                 "ORDER BY topic, partition"
             )
-            digest = await checksum(conn, self.shadow)
+            digest = await readers.checksum(self.shadow)
         log.info("rebuild.kept", schema=self.shadow, records=self._applied, resumed=resumed)
         return RebuildResult(
             schema=self.shadow,
@@ -522,26 +509,20 @@ class Rebuild:
         """Swap the caught-up shadow in, as the module doc describes."""
         live, shadow = self.live, self.shadow
         replaced: str | None = None
-        async with self._pool.acquire() as swap, self._pool.acquire() as snap:
-            # BEGIN takes no snapshot yet: the imported one must be the transaction's first.
-            reading = snap.transaction(isolation="repeatable_read", readonly=True)
-            await reading.start()
-            try:
-                async with swap.transaction():
-                    if await schema_exists(swap, live):
-                        await swap.execute(f"LOCK TABLE {live}.offsets IN ACCESS EXCLUSIVE MODE")
-                        replaced = checked_schema_name(f"{live}_old_{int(time.time() * 1000)}")
-                    await self._catch_up("swap")
-                    if replaced is not None:
-                        await swap.execute(f"ALTER SCHEMA {live} RENAME TO {replaced}")
-                    await swap.execute(f"ALTER SCHEMA {shadow} RENAME TO {live}")
-                    snapshot = await swap.fetchval("SELECT pg_export_snapshot()")
-                    await snap.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-                rows = await snap.fetch(
-                    f"SELECT topic, partition, next_offset FROM {live}.offsets "  # noqa: S608
-                    "ORDER BY topic, partition"
-                )
-                digest = await checksum(snap, live)
-            finally:
-                await reading.rollback()
+        # The readers' transactions take no snapshot yet: the swap's must be their first.
+        async with self._pool.acquire() as swap, snapshot_readers(self._pool) as readers:
+            async with swap.transaction():
+                if await schema_exists(swap, live):
+                    await swap.execute(f"LOCK TABLE {live}.offsets IN ACCESS EXCLUSIVE MODE")
+                    replaced = checked_schema_name(f"{live}_old_{int(time.time() * 1000)}")
+                await self._catch_up("swap")
+                if replaced is not None:
+                    await swap.execute(f"ALTER SCHEMA {live} RENAME TO {replaced}")
+                await swap.execute(f"ALTER SCHEMA {shadow} RENAME TO {live}")
+                await readers.adopt(await swap.fetchval("SELECT pg_export_snapshot()"))
+            rows = await readers.connections[0].fetch(
+                f"SELECT topic, partition, next_offset FROM {live}.offsets "  # noqa: S608
+                "ORDER BY topic, partition"
+            )
+            digest = await readers.checksum(live)
         return _Swapped(replaced, {f"{r[0]}/{r[1]}": r[2] for r in rows}, digest)

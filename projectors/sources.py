@@ -45,6 +45,7 @@ from eventstore import (
 )
 from eventstore.archive import Archive, Manifest
 from eventstore.consumer import Partition
+from eventstore.ends import end_offsets
 from eventstore.objects import s3_client
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
@@ -188,12 +189,7 @@ class KafkaSource:
         self._batch = batch
 
     async def ends(self) -> dict[Partition, int]:
-        reader = self._store.reader()
-        await reader.start("end")
-        try:
-            return await reader.end_offsets()
-        finally:
-            await reader.stop()
+        return await end_offsets(self._store.settings, self._store.layout.every_partition())
 
     async def chunks(self, partition: Partition, start: int) -> Chunks:
         settings = self._store.settings

@@ -29,7 +29,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from botocore.exceptions import ClientError
 
-from eventstore import Batch, EventStore, LogEnds, OffsetRange, Settings, TopicLayout
+from eventstore import Batch, EventStore, OffsetRange, Settings, TopicLayout
 from eventstore.archive import (
     MANIFEST_SUFFIX,
     Archive,
@@ -44,6 +44,7 @@ from eventstore.archive import (
     segment_name,
     verify_archive,
 )
+from eventstore.ends import end_offsets
 from ops.archiver.worker import Archiver, archive_until
 from ops.environment import stack_env
 from ops.stack import StackInfo
@@ -91,19 +92,11 @@ async def wait_for(
 
 
 def partitions_of(settings: Settings) -> list[Partition]:
-    layout = TopicLayout.from_settings(settings)
-    found = [(layout.topic("user"), p) for p in range(settings.user_partitions)]
-    found += [(layout.topic("conversation"), p) for p in range(settings.conversation_partitions)]
-    return found
+    return TopicLayout.from_settings(settings).every_partition()
 
 
 async def log_ends(settings: Settings) -> dict[Partition, int]:
-    ends = LogEnds(settings)
-    await ends.start()
-    try:
-        return await ends.end_offsets(partitions_of(settings))
-    finally:
-        await ends.stop()
+    return await end_offsets(settings, partitions_of(settings))
 
 
 async def archived_next(archive: Archive, partitions: list[Partition]) -> dict[Partition, int]:

@@ -34,8 +34,9 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from eventstore import EventStore, LogEnds, Settings, TopicLayout
+from eventstore import EventStore, Settings, TopicLayout
 from eventstore.archive import Archive, ArchiveConfig, verify_archive
+from eventstore.ends import end_offsets
 from eventstore.objects import s3_client
 from eventstore.runtime import configure_logging
 from ops.archiver.worker import archive_until
@@ -126,16 +127,7 @@ async def _write(store: EventStore, events: int, chunk: int = 1000) -> tuple[int
 
 
 async def _archive(settings: Settings, archive: Archive, config: ArchiveConfig) -> float:
-    layout = TopicLayout.from_settings(settings)
-    partitions = [(layout.topic("user"), p) for p in range(settings.user_partitions)] + [
-        (layout.topic("conversation"), p) for p in range(settings.conversation_partitions)
-    ]
-    ends_reader = LogEnds(settings)
-    await ends_reader.start()
-    try:
-        ends = await ends_reader.end_offsets(partitions)
-    finally:
-        await ends_reader.stop()
+    ends = await end_offsets(settings, TopicLayout.from_settings(settings).every_partition())
     began = time.perf_counter()
     await archive_until(settings, archive, config, ends, max_records=20_000)
     return time.perf_counter() - began
