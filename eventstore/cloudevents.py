@@ -9,6 +9,8 @@ Personal values of an erased subject appear as ``{"kind": "erased"}``.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 from typing import Any
 
 import msgspec
@@ -20,16 +22,24 @@ from schemas.events import ConversationEvent
 _JSON = msgspec.json.Encoder()
 
 
-def structured(recorded: RecordedEvent) -> dict[str, Any]:
-    """The event as a CloudEvents structured-mode JSON object (a dict ready to encode)."""
+@functools.lru_cache(maxsize=1024)
+def _time_text(time: dt.datetime) -> str:
+    # Events share their millisecond under load: each distinct time is formatted once.
+    return format_time(time)
+
+
+def _document(recorded: RecordedEvent) -> dict[str, Any]:
+    """The structured-mode object with values msgspec encodes itself (UUIDs, the event):
+    encoding it gives the same bytes as encoding :func:`structured`, without building the
+    event's dict or formatting its UUIDs in Python first."""
     envelope = recorded.envelope
     document: dict[str, Any] = {
         "specversion": envelope.specversion,
-        "id": str(envelope.id),
+        "id": envelope.id,
         "source": envelope.source,
         "type": envelope.type,
         "subject": envelope.subject,
-        "time": format_time(envelope.time),
+        "time": _time_text(envelope.time),
         "datacontenttype": envelope.datacontenttype,
         "schemaversion": envelope.schemaversion,
     }
@@ -37,7 +47,14 @@ def structured(recorded: RecordedEvent) -> dict[str, Any]:
         value = getattr(envelope, name)
         if value is not None:
             document[name] = value
-    document["data"] = msgspec.to_builtins(recorded.event)
+    document["data"] = recorded.event
+    return document
+
+
+def structured(recorded: RecordedEvent) -> dict[str, Any]:
+    """The event as a CloudEvents structured-mode JSON object (plain values, ready to encode
+    with any JSON library)."""
+    document: dict[str, Any] = msgspec.to_builtins(_document(recorded))
     return document
 
 
@@ -49,8 +66,8 @@ def frame(recorded: RecordedEvent) -> bytes:
     return _JSON.encode(
         {
             "type": "event",
-            "conversation_id": str(event.stream_id),
+            "conversation_id": event.stream_id,
             "position": recorded.position.token(),
-            "event": structured(recorded),
+            "event": _document(recorded),
         }
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import uuid
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore import InvalidEvent, Position, Skipped, TopicLayout
+from eventstore.cloudevents import frame, structured
 from eventstore.codec import (
     RecordedEvent,
     encode_event,
@@ -195,3 +198,48 @@ def test_streams_are_placed_where_kafkas_default_partitioner_puts_their_key() ->
             key, partition = stream_placement(stream, partitions)
             assert key == str(stream).encode()
             assert partition == DefaultPartitioner()(key, every, every)
+
+
+def test_a_frame_is_pinned_byte_for_byte_and_matches_the_structured_object() -> None:
+    """The fan-out frame's exact bytes (clients, the recent-history cache and resumes compare
+    them), built by msgspec from UUIDs and the event itself; ``structured`` is the same object
+    in plain values, and an erased personal value is marked."""
+    event = MessageSent(
+        conversation_id=ROOM, message_id=ROOM, sender_id=ALICE, client_msg_id="c1", body=ERASED
+    )
+    sent = envelope(
+        event,
+        id=uuid.UUID("0190a1b2-0000-7000-8000-0000000000aa"),
+        time=dt.datetime(2026, 11, 26, 1, 2, 3, 456000, tzinfo=dt.UTC),
+    )
+    recorded = RecordedEvent(sent, event, Position(3, "conversation", 2, 41))
+    room, alice = str(ROOM), str(ALICE)
+    document = {
+        "specversion": "1.0",
+        "id": "0190a1b2-0000-7000-8000-0000000000aa",
+        "source": "urn:test",
+        "type": "chat.message.sent",
+        "subject": room,
+        "time": "2026-11-26T01:02:03.456Z",
+        "datacontenttype": "application/json",
+        "schemaversion": 1,
+        "actor": alice,
+        "correlationid": "req-1",
+        "data": {
+            "type": "chat.message.sent",
+            "conversation_id": room,
+            "message_id": room,
+            "sender_id": alice,
+            "client_msg_id": "c1",
+            "kind": "text",
+            "body": {"kind": "erased"},
+            "reply_to": None,
+            "media_id": None,
+        },
+    }
+    assert structured(recorded) == document
+    expected = json.dumps(
+        {"type": "event", "conversation_id": room, "position": "3.c.2.41", "event": document},
+        separators=(",", ":"),
+    ).encode()
+    assert frame(recorded) == expected
