@@ -56,6 +56,7 @@ from wsproto.frame_protocol import FrameProtocol
 from eventstore import EventStore, Settings, TopicLayout, load_settings, provision_topics
 from ingest.auth.tokens import AccessTokens, new_jwt_key, parse_jwt_keys
 from ops.bench.ingest import _prepare_user, _Profiler, _wait_ready, deployment
+from ops.bench.project import delete_topics_and_caches
 from ops.bench.rawhttp import RawHttpPool
 from ops.bench.report import Figures, figures, table, write_json
 from ops.environment import stack_settings
@@ -338,7 +339,12 @@ async def _bench(args: argparse.Namespace, base: Settings) -> tuple[list[Figures
         await asyncio.sleep(2)
         after = _rss(server.pid)
         per = (after - before) / len(users)
-        extra.update(rss_before=before, rss_after=after, bytes_per_connection=round(per))
+        extra.update(
+            deployment=settings.topic_prefix,
+            rss_before=before,
+            rss_after=after,
+            bytes_per_connection=round(per),
+        )
         rows.append(
             Figures(
                 "idle sockets (connect+auth)",
@@ -360,7 +366,22 @@ async def _bench(args: argparse.Namespace, base: Settings) -> tuple[list[Figures
         server.terminate()
         await server.wait()
         await redis.aclose()
+        await _forget(settings, conversations)
     return rows, extra
+
+
+async def _forget(settings: Settings, conversations: list[uuid.UUID]) -> None:
+    """Delete what the run left on the shared stack: its topics, its Redis keys (sessions,
+    caches) and the member rows it wrote into the live read model. Left behind, runs add up
+    (a million stale keys made every later latency figure worse)."""
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        await conn.execute(
+            "DELETE FROM chat.members WHERE conversation_id = ANY($1::uuid[])", conversations
+        )
+    finally:
+        await conn.close()
+    await delete_topics_and_caches(settings)
 
 
 # --- (c) end-to-end latency through every tier --------------------------------------------
