@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -74,4 +76,24 @@ async def test_the_task_can_go_on_after_a_timeout() -> None:
         return "went on"
 
     assert await twice() == "went on"
+    await deadline.close()
+
+
+async def test_a_finished_block_does_not_keep_its_task_alive() -> None:
+    """Entries wait in the queue until the sweeper reaches them, long after their block ended;
+    the task (and everything it references) is free as soon as the block is."""
+    deadline = SharedDeadline(60.0)
+
+    async def bounded() -> None:
+        with deadline.bound():
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(bounded())
+    finished = weakref.ref(task)
+    del task
+    while finished() is not None and not finished().done():  # type: ignore[union-attr]
+        await asyncio.sleep(0)
+    gc.collect()
+    assert finished() is None
+    assert len(deadline._pending) == 1, "the entry itself is still queued (swept later)"
     await deadline.close()
