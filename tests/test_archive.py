@@ -27,6 +27,7 @@ import aiohttp
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from botocore.exceptions import ClientError
 
 from eventstore import Batch, EventStore, OffsetRange, Settings, TopicLayout
@@ -437,22 +438,10 @@ class _GatedPuts:
         return self._client.put_object(**kwargs)
 
 
-class _Record(msgspec.Struct, frozen=True):
-    """A record as the reader hands it over raw (the fields a segment keeps)."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    timestamp_type: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-
-
 def _raw_batch(partition: Partition, offsets: range) -> Batch:
-    records = [
-        _Record(*partition, o, 1_700_000_000_000 + o, 0, b"k", b"v%d" % o, []) for o in offsets
+    records = [  # as the raw reader hands them over
+        ConsumerRecord(*partition, o, 1_700_000_000_000 + o, 0, b"k", b"v%d" % o, None, 1, 2, [])
+        for o in offsets
     ]
     return Batch([], {partition: OffsetRange(offsets[0], offsets[-1])}, {partition: records})
 

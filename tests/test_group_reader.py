@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import msgspec
 import pytest
@@ -26,6 +27,19 @@ class Stored:
         # be resetting and fetching, which is the race the seek must win.
         await asyncio.sleep(0.3)
         return {p: self.positions[p] for p in partitions if p in self.positions}
+
+
+def conversation_reader(store: EventStore, group: str, **options: Any) -> GroupReader:
+    """A member of ``group`` reading the conversation topic from stored positions (none)."""
+    return GroupReader(
+        store.settings,
+        group_id=group,
+        streams=["conversation"],
+        positions=Stored({}),
+        keys=store.keyring.keys_for_read,
+        epoch=store.epoch,
+        **options,
+    )
 
 
 async def test_reading_resumes_exactly_after_the_stored_position(store: EventStore) -> None:
@@ -89,16 +103,8 @@ async def test_a_lingering_reader_gets_records_appended_one_by_one_in_few_batche
     async def on_idle() -> None:
         ready.set()  # assigned and polling: the appends below are read live
 
-    reader = GroupReader(
-        store.settings,
-        group_id=f"g-{uuid.uuid4().hex[:8]}",
-        streams=["conversation"],
-        positions=Stored({}),
-        handler=handler,
-        keys=store.keyring.keys_for_read,
-        epoch=store.epoch,
-        on_idle=on_idle,
-        linger_ms=400,
+    reader = conversation_reader(
+        store, f"g-{uuid.uuid4().hex[:8]}", handler=handler, on_idle=on_idle, linger_ms=400
     )
     running = asyncio.create_task(reader.run())
     first = MessageSent(
@@ -142,16 +148,7 @@ async def test_a_member_losing_partitions_hears_of_it_under_the_batch_lock(
         return None
 
     def member(on_revoked: Callable[[list[Partition]], Awaitable[None]] | None) -> GroupReader:
-        reader = GroupReader(
-            store.settings,
-            group_id=group,
-            streams=["conversation"],
-            positions=Stored({}),
-            handler=nothing,
-            keys=store.keyring.keys_for_read,
-            epoch=store.epoch,
-            on_revoked=on_revoked,
-        )
+        reader = conversation_reader(store, group, handler=nothing, on_revoked=on_revoked)
         readers.append(reader)
         return reader
 
