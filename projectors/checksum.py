@@ -87,7 +87,14 @@ async def checksum(conn: Connection, schema: str, *more: Connection) -> str:
                 assert row is not None  # an aggregate always yields one row
                 results[i] = (row[0], row[1] or "")
 
-    await asyncio.gather(*(read(reader) for reader in (conn, *more)))
+    reads = [asyncio.ensure_future(read(reader)) for reader in (conn, *more)]
+    try:
+        await asyncio.gather(*reads)
+    except BaseException:
+        for pending in reads:  # no query may still run when the caller's transactions end
+            pending.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+        raise
     digest = hashlib.sha256()
     for table in TABLES:
         counted = [r for p, r in zip(parts, results, strict=True) if p.table is table]

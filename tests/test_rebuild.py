@@ -279,3 +279,14 @@ async def test_the_checksum_does_not_depend_on_key_ranges_or_readers(world: Worl
         await readers.own()
         shared = await readers.checksum("clean")
     assert single == shared == digest.hexdigest()
+
+
+async def test_a_failed_checksum_raises_the_database_error_and_frees_its_readers(
+    world: World,
+) -> None:
+    async with snapshot_readers(world.store.pool, 2) as readers:
+        await readers.own()
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await readers.checksum("no_such_model")
+    async with world.store.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT 1") == 1  # back in the pool, idle
