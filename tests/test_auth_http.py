@@ -21,6 +21,7 @@ from ingest.app import create_app
 from ingest.auth.tokens import new_jwt_key, parse_jwt_keys
 from ingest.security import AUTH, AuthService
 from tests.system_fixtures import Api, System, User, ingest_config, running_system
+from tests.test_ingest_auth import assert_creates_and_reads_only
 
 PROBLEM = "urn:backbone:problem:"
 
@@ -95,6 +96,15 @@ async def api_key(api: Api, user: User, scopes: list[str]) -> tuple[str, dict[st
     return created.body["key_id"], {"X-API-Key": created.body["api_key"]}
 
 
+async def key_cached_by_both(deployment: Deployment) -> tuple[User, str, dict[str, str]]:
+    """A user, and a ``read`` key of theirs that both processes have verified (and cached)."""
+    alice = await deployment.first.user()
+    key_id, key = await api_key(deployment.first, alice, ["read"])
+    for api in (deployment.first, deployment.second, deployment.first, deployment.second):
+        assert (await api.call("GET", "/v1/conversations", headers=key)).status == 200
+    return alice, key_id, key
+
+
 def count_lookups(api: Api, monkeypatch: pytest.MonkeyPatch) -> CountingPool:
     """Count every PostgreSQL use of the app's API-key verification from now on."""
     keys = auth_of(api).api_keys
@@ -135,10 +145,7 @@ async def test_revoking_a_key_through_the_api_ends_it_in_every_process_at_once(
     deployment: Deployment,
 ) -> None:
     first, second = deployment.first, deployment.second
-    alice = await first.user()
-    key_id, key = await api_key(first, alice, ["read"])
-    for api in (first, second, first, second):  # cached by both
-        assert (await api.call("GET", "/v1/conversations", headers=key)).status == 200
+    alice, key_id, key = await key_cached_by_both(deployment)
     assert auth_of(second).api_keys._by_key.get(key_id) is not None, "cached in the other one"
     revoked = await first.call("DELETE", f"/v1/api-keys/{key_id}", token=alice.access)
     assert revoked.status == 204
@@ -152,32 +159,15 @@ async def test_a_cached_key_still_honours_its_scopes(deployment: Deployment) -> 
     api = deployment.second
     alice = await deployment.first.user()
     key_id, key = await api_key(deployment.first, alice, ["read", "conversations:write"])
-    conv = await api.call("POST", "/v1/conversations", headers=key, json={"name": "by bot"})
-    assert conv.status == 201
-    assert auth_of(api).api_keys._by_key.get(key_id) is not None
-    cid = conv.body["conversation_id"]
-    send = await api.call(
-        "POST",
-        f"/v1/conversations/{cid}/messages",
-        headers=key,
-        json={"client_msg_id": "k1", "content": "hi"},
-    )
-    assert (send.status, send.body["type"]) == (403, PROBLEM + "insufficient-scope")
-    account = await api.call(
-        "POST", "/v1/api-keys", headers=key, json={"name": "x", "scopes": ["read"]}
-    )
-    assert account.status == 403, "a key never has the sessions pseudo-scope"
-    assert (await api.call("GET", "/v1/conversations", headers=key)).status == 200
+    await assert_creates_and_reads_only(api, key)
+    assert auth_of(api).api_keys._by_key.get(key_id) is not None, "answered from the cache"
 
 
 async def test_erasing_the_owner_ends_their_cached_keys_everywhere(
     deployment: Deployment,
 ) -> None:
     first, second = deployment.first, deployment.second
-    alice = await first.user()
-    _, key = await api_key(first, alice, ["read"])
-    for api in (first, second):
-        assert (await api.call("GET", "/v1/conversations", headers=key)).status == 200
+    alice, _, key = await key_cached_by_both(deployment)
     erased = await first.call("DELETE", "/v1/users/me", token=alice.access)
     assert erased.status == 202, erased.body
     for api in (second, first):

@@ -11,7 +11,7 @@ import uuid
 import jwt
 from redis.asyncio import Redis
 
-from tests.system_fixtures import System
+from tests.system_fixtures import Api, System
 
 PROBLEM = "urn:backbone:problem:"
 
@@ -242,6 +242,26 @@ async def test_forged_tokens_are_refused(system: System) -> None:
     assert basic.status == 401
 
 
+async def assert_creates_and_reads_only(api: Api, key: dict[str, str]) -> None:
+    """``key`` (scopes ``read`` and ``conversations:write``) creates a conversation and reads,
+    but cannot send into it nor manage the account (sessions, keys, password)."""
+    conv = await api.call("POST", "/v1/conversations", headers=key, json={"name": "by bot"})
+    assert conv.status == 201
+    cid = conv.body["conversation_id"]
+    send = await api.call(
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        headers=key,
+        json={"client_msg_id": "k1", "content": "hi"},
+    )
+    assert (send.status, send.body["type"]) == (403, PROBLEM + "insufficient-scope")
+    account = await api.call(
+        "POST", "/v1/api-keys", headers=key, json={"name": "x", "scopes": ["read"]}
+    )
+    assert account.status == 403, "a key never has the sessions pseudo-scope"
+    assert (await api.call("GET", "/v1/conversations", headers=key)).status == 200
+
+
 async def test_api_keys_are_scoped_and_revocable(system: System) -> None:
     api = system.api
     alice = await api.user()
@@ -253,22 +273,7 @@ async def test_api_keys_are_scoped_and_revocable(system: System) -> None:
     )
     assert created.status == 201, created.body
     key = {"X-API-Key": created.body["api_key"]}
-    conv = await api.call("POST", "/v1/conversations", headers=key, json={"name": "by bot"})
-    assert conv.status == 201
-    cid = conv.body["conversation_id"]
-    send = await api.call(
-        "POST",
-        f"/v1/conversations/{cid}/messages",
-        headers=key,
-        json={"client_msg_id": "k1", "content": "hi"},
-    )
-    assert (send.status, send.body["type"]) == (403, PROBLEM + "insufficient-scope")
-    # A key cannot manage the account (sessions, keys, password).
-    assert (
-        await api.call("POST", "/v1/api-keys", headers=key, json={"name": "x", "scopes": ["read"]})
-    ).status == 403
-    listing = await api.call("GET", "/v1/conversations", headers=key)
-    assert listing.status == 200
+    await assert_creates_and_reads_only(api, key)
     revoked = await api.call("DELETE", f"/v1/api-keys/{created.body['key_id']}", token=alice.access)
     assert revoked.status == 204
     assert (await api.call("GET", "/v1/conversations", headers=key)).status == 401
