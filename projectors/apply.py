@@ -7,6 +7,13 @@ that no row written earlier in the same batch can bring an erased value back.
 
 Items that cannot be applied become dead letters (same transaction): poison records the codec
 could not decode, and events whose projection raised. Unknown types are skipped and counted.
+
+*Assumed keys.* A large batch (a replay's) does not read the rows its new messages would
+replace: a ``MessageSent`` creates its row only if the id is new
+(:func:`~projectors.projection.creates`), and nearly every id is. The batch assumes them absent,
+inside a savepoint, and writes its new rows with ``COPY``, which the primary key refuses if one
+was stored after all; then the savepoint is rolled back and the batch applied again reading
+every key. Either way the outcome is the same; the assumption saves a lookup per message.
 """
 
 from __future__ import annotations
@@ -18,17 +25,18 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import asyncpg
 import msgspec
 import structlog
 
 from eventstore import Connection, Decoded, RecordedEvent, Skipped, TopicLayout
 from eventstore.codec import envelope_headers
 from projectors import schema
-from projectors.metrics import EVENTS
-from projectors.projection import Drop, Put, needs, project
+from projectors.metrics import ASSUMED_KEYS_TAKEN, EVENTS
+from projectors.projection import Drop, Put, creates, needs, project
 from projectors.rows import Key, Row
 from projectors.schema import Table, checked_schema_name, in_schema
-from projectors.tables import delete_rows, insert_rows, load_rows, upsert_rows
+from projectors.tables import COPY_FROM_ROWS, delete_rows, insert_rows, load_rows, upsert_rows
 from schemas import ConversationEvent, Event, UserErased
 
 log = structlog.get_logger(__name__)
@@ -72,6 +80,11 @@ class _WorkingSet:
     def known(self, table: Table, key: Key) -> bool:
         return key in self._rows[table.name]
 
+    def assume_absent(self, table: Table, key: Key) -> None:
+        """Take ``key`` as absent without reading it (the insert will find out)."""
+        self._rows[table.name][key] = None
+        self._absent[table.name].add(key)
+
     def load(self, table: Table, keys: Iterable[Key], found: Iterable[Row]) -> None:
         rows = self._rows[table.name]
         for key in keys:
@@ -107,10 +120,19 @@ class _WorkingSet:
 
 
 async def _prefetch(
-    conn: Connection, schema_name: str, work: _WorkingSet, events: Sequence[Event]
+    conn: Connection,
+    schema_name: str,
+    work: _WorkingSet,
+    events: Sequence[Event],
+    *,
+    assume_new: bool,
 ) -> None:
     wanted: dict[Table, dict[Key, None]] = defaultdict(dict)
     for event in events:
+        if assume_new and (created := creates(event)) is not None:
+            table, key = created
+            if not work.known(table, key) and key not in wanted[table]:
+                work.assume_absent(table, key)
         for table, key in needs(event):
             if not work.known(table, key):
                 wanted[table][key] = None
@@ -234,19 +256,60 @@ async def apply_items(
     a batch holding an erasure first takes the schema's erasure lock exclusively and every other
     batch shares it, before touching any row: an erasure then never runs beside another batch,
     so the two can neither deadlock on rows nor write over each other.
+
+    A batch creating many rows assumes their keys absent (see the module doc).
     """
     schema_name = checked_schema_name(schema_name)
     erases = any(isinstance(i, RecordedEvent) and isinstance(i.event, UserErased) for i in items)
     await conn.execute(
         _ERASURE_EXCLUSIVE_SQL if erases else _ERASURE_SHARED_SQL, _ERASURE_LOCK_CLASS, schema_name
     )
+    recorded = [i for i in items if isinstance(i, RecordedEvent)]
+    events = [r.event for r in recorded]
+    if sum(1 for e in events if creates(e) is not None) >= COPY_FROM_ROWS:
+        try:
+            async with conn.transaction():  # a savepoint: the caller's transaction goes on
+                outcome = await _apply(conn, schema_name, layout, items, events, assume_new=True)
+        except asyncpg.UniqueViolationError:
+            ASSUMED_KEYS_TAKEN.inc()
+            log.info("projector.assumed_key_taken", items=len(items))
+        else:
+            return outcome.counted()
+    return (await _apply(conn, schema_name, layout, items, events, assume_new=False)).counted()
+
+
+class _Attempt(msgspec.Struct):
+    """One application of a batch, with what it counted and logs once it stands."""
+
+    applied: Applied
+    counts: Counter[tuple[str, str]]
+    warnings: list[tuple[str, str]]
+    """(position, error) of every event whose projection failed."""
+
+    def counted(self) -> Applied:
+        for (outcome, type_), count in self.counts.items():
+            EVENTS.labels(outcome, type_).inc(count)
+        for position, error in self.warnings:
+            log.warning("projector.dead_letter", position=position, error=error)
+        return self.applied
+
+
+async def _apply(
+    conn: Connection,
+    schema_name: str,
+    layout: TopicLayout,
+    items: Sequence[Decoded],
+    events: Sequence[Event],
+    *,
+    assume_new: bool,
+) -> _Attempt:
     applied = Applied()
     work = _WorkingSet()
-    recorded = [i for i in items if isinstance(i, RecordedEvent)]
-    await _prefetch(conn, schema_name, work, [r.event for r in recorded])
+    await _prefetch(conn, schema_name, work, events, assume_new=assume_new)
     letters: list[tuple[Any, ...]] = []
     erasures: dict[uuid.UUID, None] = {}
     counts: Counter[tuple[str, str]] = Counter()  # metrics, incremented once per batch
+    warnings: list[tuple[str, str]] = []
     for item in items:
         if isinstance(item, Skipped):
             if item.reason == "unknown_type":
@@ -266,7 +329,7 @@ async def apply_items(
             error = f"{type(exc).__name__}: {exc}"
             letters.append(_dead_letter(layout, item, "projection", error))
             applied.failures.append(error)
-            log.warning("projector.dead_letter", position=item.position.token(), error=error)
+            warnings.append((item.position.token(), error))
             continue
         for op in ops:
             if isinstance(op, Put):
@@ -281,16 +344,14 @@ async def apply_items(
                 continue
             _note_changes(applied, table, key)
         counts["applied", item.envelope.type] += 1
-    for (outcome, type_), count in counts.items():
-        EVENTS.labels(outcome, type_).inc(count)
     for name in work.changed:
         table = work.table(name)
         deleted, new, replaced = work.writes(name)
         await delete_rows(conn, schema_name, table, deleted)
-        await insert_rows(conn, schema_name, table, new)
+        await insert_rows(conn, schema_name, table, new, assumed=assume_new)
         await upsert_rows(conn, schema_name, table, replaced)
     await _write_dead_letters(conn, schema_name, letters)
     for user_id in erasures:
         await _erase(conn, schema_name, user_id, applied)
         applied.erased.append(user_id)
-    return applied
+    return _Attempt(applied, counts, warnings)

@@ -23,6 +23,10 @@ POSITIONS_MOVED = Counter(
     "backbone_projector_positions_moved_total",
     "Batches rolled back because the stored offsets moved (another member applied them).",
 )
+ASSUMED_KEYS_TAKEN = Counter(
+    "backbone_projector_assumed_keys_taken_total",
+    "Batches applied again with every key read, because a row assumed new was stored already.",
+)
 LAST_APPLIED = Gauge(
     "backbone_projector_last_applied_offset",
     "Offset of the last record applied, per partition.",

@@ -146,6 +146,16 @@ def needs(event: Event) -> list[Need]:
             return []
 
 
+def creates(event: Event) -> Need | None:
+    """The row ``event`` creates if its key is new, and leaves alone otherwise (first wins):
+    the one need whose only use is that check, so that a caller may assume the key is absent
+    and let the database's primary key confirm it (see :func:`projectors.apply.apply_items`).
+    """
+    if isinstance(event, MessageSent):
+        return (schema.MESSAGES, (event.message_id,))
+    return None
+
+
 def _member_needs(event: ConversationCreated | DirectConversationOpened | MemberLeft) -> list[Need]:
     cid = event.conversation_id
     if isinstance(event, MemberLeft):

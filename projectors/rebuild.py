@@ -7,6 +7,11 @@ it stores its positions in the shadow's own ``offsets`` table, in the transactio
 batch, so a rebuild that dies is resumed by running it again (it reads on from the shadow's
 stored offsets). Meanwhile the live projector keeps serving and writing ``chat``.
 
+The shadow is created for a build (:func:`~projectors.schema.create_schema` with ``build``):
+primary keys and the indexes erasure needs, the other secondary indexes built in one sorted
+pass each once the build passes are done (:func:`~projectors.schema.finish_build`), followed by
+one more pass for what was written meanwhile. Nothing reads the shadow before the swap.
+
 Once the shadow has caught up with the log end, the swap is one transaction:
 
 1. ``LOCK chat.offsets IN ACCESS EXCLUSIVE MODE``: waits for the live batch in flight (which
@@ -85,6 +90,7 @@ from projectors.schema import (
     READ_MODEL_VERSION,
     checked_schema_name,
     create_schema,
+    finish_build,
     schema_exists,
 )
 from projectors.sources import (
@@ -400,6 +406,10 @@ class Rebuild:
         for _ in range(_MAX_BUILD_PASSES):
             if await self._catch_up("build") < self._batch:
                 break
+        async with self._pool.acquire() as conn:
+            await finish_build(conn, self.shadow)
+        # Records written while the indexes were built: applied here, not under the lock.
+        await self._catch_up("build")
         if self._into:
             return await self._kept(resumed)
         swapped = await self._swap()
@@ -450,7 +460,7 @@ class Rebuild:
             # Left by a rebuild of another read-model version: useless, start over.
             await self._pool.execute(f"DROP SCHEMA {self.shadow} CASCADE")
         async with self._pool.acquire() as conn:
-            await create_schema(conn, self.shadow)
+            await create_schema(conn, self.shadow, build=True)
         return False
 
     async def _catch_up(self, phase: str) -> int:

@@ -63,6 +63,9 @@ class Table(msgspec.Struct, frozen=True):
     primary_key: tuple[str, ...]
     indexes: tuple[tuple[str, ...], ...] = ()
     unique_indexes: tuple[tuple[str, ...], ...] = ()
+    build_indexes: tuple[tuple[str, ...], ...] = ()
+    """Of :attr:`indexes`, those a build needs while it runs (erasure's set-based updates find
+    rows by them); a build creates the others once its rows are in (:func:`finish_build`)."""
     # Columns left out of the checksum: wall-clock bookkeeping that a replay cannot reproduce.
     unchecked: tuple[str, ...] = ()
 
@@ -117,6 +120,7 @@ CONVERSATIONS = Table(
     ),
     ("conversation_id",),
     indexes=(("creator_id",),),
+    build_indexes=(("creator_id",),),
 )
 MEMBERS = Table(
     "members",
@@ -152,6 +156,7 @@ MESSAGES = Table(
     ("message_id",),
     indexes=(("sender_id",), ("media_id",)),
     unique_indexes=(("conversation_id", "offset"),),
+    build_indexes=(("sender_id",),),
 )
 REACTIONS = Table(
     "reactions",
@@ -189,6 +194,7 @@ MEDIA = Table(
     ),
     ("media_id",),
     indexes=(("uploader_id",),),
+    build_indexes=(("uploader_id",),),
 )
 SESSIONS = Table(
     "sessions",
@@ -203,6 +209,7 @@ SESSIONS = Table(
     ),
     ("session_id",),
     indexes=(("user_id",),),
+    build_indexes=(("user_id",),),
 )
 DEAD_LETTERS = Table(
     "dead_letters",
@@ -255,26 +262,39 @@ def _columns(names: tuple[str, ...]) -> str:
     return ", ".join('"offset"' if n == "offset" else n for n in names)
 
 
-def table_ddl(schema: str, table: Table) -> list[str]:
+def index_ddl(schema: str, table: Table, *, build: bool = False) -> list[str]:
+    """``CREATE INDEX`` statements of ``table`` in ``schema`` (``build``: only those a build
+    needs while it runs). Idempotent: an index already there is left as it is."""
+    schema = checked_schema_name(schema)
+    statements = []
+    for unique, groups in ((False, table.indexes), (True, table.unique_indexes)):
+        for cols_ in groups:
+            if build and cols_ not in table.build_indexes:
+                continue
+            name = f"{table.name}_by_{'_'.join(cols_)}"
+            kind = "UNIQUE INDEX" if unique else "INDEX"
+            statements.append(
+                f"CREATE {kind} IF NOT EXISTS {name} ON {schema}.{table.name} ({_columns(cols_)})"
+            )
+    return statements
+
+
+def table_ddl(schema: str, table: Table, *, build: bool = False) -> list[str]:
     """``CREATE TABLE`` and ``CREATE INDEX`` statements of one table in ``schema``."""
     schema = checked_schema_name(schema)
     cols = [f"{c.sql_name} {c.type}{'' if c.nullable else ' NOT NULL'}" for c in table.columns]
     cols.append(f"PRIMARY KEY ({_columns(table.primary_key)})")
     statements = [f"CREATE TABLE {schema}.{table.name} (\n    " + ",\n    ".join(cols) + "\n)"]
-    for unique, groups in ((False, table.indexes), (True, table.unique_indexes)):
-        for cols_ in groups:
-            name = f"{table.name}_by_{'_'.join(cols_)}"
-            kind = "UNIQUE INDEX" if unique else "INDEX"
-            statements.append(f"CREATE {kind} {name} ON {schema}.{table.name} ({_columns(cols_)})")
-    return statements
+    return statements + index_ddl(schema, table, build=build)
 
 
-def schema_ddl(schema: str) -> list[str]:
-    """Every statement that creates the read model in a new schema ``schema``."""
+def schema_ddl(schema: str, *, build: bool = False) -> list[str]:
+    """Every statement that creates the read model in a new schema ``schema`` (``build``: for
+    a build, with the indexes that can wait left out; see :func:`create_schema`)."""
     schema = checked_schema_name(schema)
     statements = [f"CREATE SCHEMA {schema}"]
     for table in TABLES:
-        statements.extend(table_ddl(schema, table))
+        statements.extend(table_ddl(schema, table, build=build))
     statements.append(f"COMMENT ON SCHEMA {schema} IS 'backbone read model v{READ_MODEL_VERSION}'")
     return statements
 
@@ -286,19 +306,46 @@ async def schema_exists(conn: Connection | Pool, schema: str) -> bool:
     return bool(found)
 
 
-async def create_schema(conn: Connection, schema: str) -> bool:
+async def create_schema(conn: Connection, schema: str, *, build: bool = False) -> bool:
     """Create the read model in ``schema`` unless it exists; return whether it was created.
 
     Idempotent and safe from many processes at once: creation runs in one transaction under
     an advisory lock, so a schema is either absent or complete.
+
+    ``build``: a schema that a replay fills before anyone reads it gets its primary keys and
+    :attr:`Table.build_indexes` only; :func:`finish_build` adds the rest once the rows are in.
+    Each secondary index costs every row written a B-tree insertion at a random place; one
+    sorted build at the end costs a fraction of that (a million messages: about 5 µs a row
+    less, most of PostgreSQL's share of a replay).
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
         if await schema_exists(conn, schema):
             return False
-        for statement in schema_ddl(schema):
+        for statement in schema_ddl(schema, build=build):
             await conn.execute(statement)
     return True
+
+
+_INDEX_BUILD_MEMORY: Final = "512MB"
+"""``maintenance_work_mem`` of the session that builds the deferred indexes: a sort of a
+million keys in memory instead of on disk."""
+
+
+async def finish_build(conn: Connection, schema: str) -> None:
+    """Create every index of ``schema`` that is not there yet (those a build left out).
+
+    Idempotent: a build resumed after a crash, or one that never left anything out, gets only
+    what is missing. The statements run one by one, outside any transaction block, so a crash
+    part-way keeps the indexes already built.
+    """
+    await conn.execute(f"SET maintenance_work_mem TO '{_INDEX_BUILD_MEMORY}'")
+    try:
+        for table in TABLES:
+            for statement in index_ddl(schema, table):
+                await conn.execute(statement)
+    finally:
+        await conn.execute("RESET maintenance_work_mem")
 
 
 async def ensure_live_schema(pool: Pool) -> bool:

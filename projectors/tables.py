@@ -165,14 +165,25 @@ async def upsert_rows(conn: Connection, schema: str, table: Table, rows: Sequenc
     await conn.execute(upsert_sql(schema, table), *columns)
 
 
-async def insert_rows(conn: Connection, schema: str, table: Table, rows: Sequence[Row]) -> None:
+async def insert_rows(
+    conn: Connection, schema: str, table: Table, rows: Sequence[Row], *, assumed: bool = False
+) -> None:
     """Store ``rows``, whose keys were absent when the batch read them: for many rows one
     ``COPY`` straight into the table, the database's cheapest write (a replay's messages).
 
     Should another transaction have stored one of the keys meanwhile (partitions own their
     rows, so nothing does today), the ``COPY`` fails inside a savepoint and the rows are upserted
     instead: the outcome is :func:`upsert_rows`' either way.
+
+    ``assumed``: some keys were assumed absent, never read. Then the rows are always copied and
+    a taken key raises :class:`asyncpg.UniqueViolationError` (the caller applies the batch
+    again, reading every key), as an upsert would silently replace the stored row.
     """
+    if not rows:
+        return
+    if assumed:
+        await _copy(conn, table, rows, table.name, checked_schema_name(schema))
+        return
     if len(rows) < COPY_FROM_ROWS:
         await upsert_rows(conn, schema, table, rows)
         return

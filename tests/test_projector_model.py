@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import msgspec
+from prometheus_client import REGISTRY
 
 from eventstore import create_pool
 from eventstore.cloudevents import frame
@@ -13,6 +14,7 @@ from projectors.checksum import checksum
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA, members_key, recent_key, user_conversations_key
 from projectors.schema import ensure_live_schema
+from projectors.tables import COPY_FROM_ROWS
 from schemas import (
     DirectConversationOpened,
     MediaUploaded,
@@ -334,5 +336,62 @@ async def test_a_replay_after_an_erasure_equals_the_live_redacted_model(world: W
         await catch_up(world.store, Projector(pool, world.store.layout))
         async with world.store.pool.acquire() as live, pool.acquire() as replay:
             assert await checksum(live, LIVE_SCHEMA) == await checksum(replay, LIVE_SCHEMA)
+    finally:
+        await pool.close()
+
+
+def _assumed_keys_taken() -> float:
+    return REGISTRY.get_sample_value("backbone_projector_assumed_keys_taken_total") or 0.0
+
+
+async def test_a_large_batch_assumes_its_messages_new_and_a_taken_id_is_left_alone(
+    world: World,
+) -> None:
+    """A batch of many ``MessageSent`` does not read their ids: it copies the rows and lets
+    the primary key refuse a taken one. One id stored by an earlier batch (in another
+    conversation) makes the batch start over reading every key: first wins, as always."""
+    alice, first_room, room = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    taken = uuid.uuid4()
+    await world.write(
+        [
+            register(alice, "alice"),
+            group(first_room, alice),
+            group(room, alice),
+            message(first_room, alice, "the first", mid=taken),
+        ]
+    )
+    await world.catch_up()
+    before = _assumed_keys_taken()
+    count = COPY_FROM_ROWS + 20
+    await world.write([message(room, alice, f"new {n}") for n in range(count)])
+    await world.catch_up()
+    assert _assumed_keys_taken() == before, "every id was new: the assumption held"
+
+    again = [message(room, alice, f"more {n}") for n in range(count)]
+    again[count // 2] = message(room, alice, "the second", mid=taken)
+    await world.write(again)
+    await world.catch_up()
+    assert _assumed_keys_taken() == before + 1, "the taken id was found by the insert"
+
+    kept = await world.row(
+        "SELECT conversation_id, body FROM chat.messages WHERE message_id = $1", taken
+    )
+    assert kept == {"conversation_id": first_room, "body": "the first"}
+    stored = await world.row(
+        "SELECT message_count, (SELECT count(*) FROM chat.messages m "
+        "WHERE m.conversation_id = c.conversation_id) AS rows "
+        "FROM chat.conversations c WHERE conversation_id = $1",
+        room,
+    )
+    assert stored == {"message_count": 2 * count - 1, "rows": 2 * count - 1}
+
+    # The same log applied in small batches (every key read) gives the same model.
+    other = await fresh_database(world.settings)
+    pool = await create_pool(other.postgres_dsn)
+    try:
+        await ensure_live_schema(pool)
+        await catch_up(world.store, Projector(pool, world.store.layout), max_records=100)
+        async with world.store.pool.acquire() as live, pool.acquire() as small:
+            assert await checksum(live, LIVE_SCHEMA) == await checksum(small, LIVE_SCHEMA)
     finally:
         await pool.close()

@@ -22,7 +22,13 @@ from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA, ReadSide, members_key
 from projectors.read.queries import Reads
 from projectors.rebuild import Progress, Rebuild, RebuildRunning, shadow_schema
-from projectors.schema import READ_MODEL_VERSION, TABLES, create_schema, schema_exists
+from projectors.schema import (
+    READ_MODEL_VERSION,
+    TABLES,
+    create_schema,
+    finish_build,
+    schema_exists,
+)
 from projectors.worker import group_id
 from schemas import ConversationCreated, Event, UserErased
 from tests.test_projector_drills import produce, workload
@@ -130,6 +136,37 @@ async def test_rebuild_while_writes_continue_ends_equal_to_the_live_model(world:
     assert comment == f"backbone read model v{READ_MODEL_VERSION}"
     assert await world.redis.exists(members_key(world.namespace, rooms[0][0]))
     assert await live_checksum(world.store.pool) == await clean_checksum(world)
+    # The shadow was built with some indexes left out; the model swapped in has every one.
+    assert await index_definitions(world.store.pool, LIVE_SCHEMA) == await index_definitions(
+        world.store.pool, "clean"
+    )
+
+
+async def index_definitions(pool: Pool, schema: str) -> set[str]:
+    """Every index of ``schema``, as its definition with the schema's name taken out."""
+    rows = await pool.fetch("SELECT indexdef FROM pg_indexes WHERE schemaname = $1", schema)
+    return {r[0].replace(f" {schema}.", " ") for r in rows}
+
+
+async def test_a_build_schema_leaves_indexes_out_until_it_is_finished(world: World) -> None:
+    """A schema created for a build has its primary keys and the indexes erasure needs;
+    ``finish_build`` adds the others (idempotently), ending equal to a schema made at once."""
+    pool = world.store.pool
+    built, whole = (f"ix_{kind}_{uuid.uuid4().hex[:6]}" for kind in ("built", "whole"))
+    async with pool.acquire() as conn:
+        await create_schema(conn, built, build=True)
+        await create_schema(conn, whole)
+        left_out = await index_definitions(pool, whole) - await index_definitions(pool, built)
+        assert {d.split(" ON ")[0] for d in left_out} == {
+            "CREATE INDEX members_by_user_id_conversation_id",
+            "CREATE INDEX messages_by_media_id",
+            "CREATE UNIQUE INDEX messages_by_conversation_id_offset",
+        }
+        await finish_build(conn, built)
+        await finish_build(conn, built)  # a resumed build finishes again: nothing to add
+        assert await index_definitions(pool, built) == await index_definitions(pool, whole)
+        for schema in (built, whole):
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_an_interrupted_rebuild_resumes_from_the_shadows_offsets(world: World) -> None:
