@@ -38,7 +38,7 @@ from aiokafka.errors import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore.batching import PartitionBatcher
-from eventstore.codec import OutgoingRecord, RecordedEvent, encode_event
+from eventstore.codec import OutgoingRecord, RecordedEvent, encode_event, uuid_text
 from eventstore.deadlines import SharedDeadline
 from eventstore.errors import (
     LogUnavailable,
@@ -185,7 +185,7 @@ class EventProducer:
             id=event_id or new_event_id(),
             source=self._settings.source,
             type=event.type_name(),
-            subject=str(event.stream_id),
+            subject=uuid_text(event.stream_id),
             time=utc_now(),
             schemaversion=event.version,
             actor=actor,

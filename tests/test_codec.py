@@ -20,9 +20,10 @@ from eventstore.codec import (
     needed_subjects,
     parse_record,
     stream_placement,
+    uuid_text,
 )
 from eventstore.metrics import EVENTS_SKIPPED
-from schemas import ERASED, Envelope, Event, MessageSent, new_event_id, utc_now
+from schemas import ERASED, Envelope, Event, InitialMember, MessageSent, new_event_id, utc_now
 from tests.samples import ALICE, PERSONAL_PLAINTEXTS, ROOM, sample_events
 
 LAYOUT = TopicLayout("chat", 4, 8, 1, 1)
@@ -174,6 +175,56 @@ def test_an_event_breaking_its_schema_is_refused_before_it_is_written() -> None:
         encode_event(event, envelope(event), KEYS, LAYOUT)
 
 
+_BAD_VALUES: tuple[object, ...] = (
+    "",
+    "has space",
+    "x" * 5000,
+    "nobody",
+    -1,
+    0,
+    10**12,
+    None,
+    {"k" * 80: 1},
+    {f"k{n}": n for n in range(40)},
+    (),
+    tuple(InitialMember(uuid.uuid4()) for _ in range(1001)),
+    (InitialMember(uuid.uuid4(), "king"),),  # type: ignore[arg-type] - a role out of range
+    "not-a-uuid",
+)
+
+
+def test_the_writers_check_refuses_exactly_what_a_readers_decoder_refuses() -> None:
+    """Every field of every event type, set to values in and out of its limits: the encoder
+    refuses the event if and only if the typed decoder of a reader would refuse its JSON
+    (the encoder checks most types without a JSON round trip, nested Structs through one);
+    a personal field is refused unless it is text or absent."""
+    checked = 0
+    for event in sample_events():
+        cls = type(event)
+        for field in msgspec.structs.fields(cls):
+            for bad in _BAD_VALUES:
+                changed = msgspec.structs.replace(event, **{field.name: bad})
+                try:
+                    msgspec.json.decode(msgspec.json.encode(changed), type=cls)
+                    refused_by_reader = False
+                except msgspec.ValidationError:
+                    refused_by_reader = True
+                try:
+                    encode_event(changed, envelope(changed), KEYS, LAYOUT)
+                    refused_by_writer = False
+                except InvalidEvent:
+                    refused_by_writer = True
+                except (AttributeError, TypeError, ValueError):
+                    continue  # not even an event of this shape (an id that is no UUID)
+                # A personal field is written only as plaintext (or left out): anything else,
+                # the erased marker included, is refused whatever a reader would make of it.
+                not_text = field.name in cls.personal_fields and not isinstance(bad, str | None)
+                expected = refused_by_reader or not_text
+                assert refused_by_writer == expected, (cls.__name__, field.name, bad)
+                checked += refused_by_reader
+    assert checked > 100, "most of the bad values were refused by both"
+
+
 def test_an_erased_value_cannot_be_written_back_into_the_log() -> None:
     """Only plaintext is sealed; an event carrying the erased marker is refused."""
     event = MessageSent(
@@ -243,3 +294,16 @@ def test_a_frame_is_pinned_byte_for_byte_and_matches_the_structured_object() -> 
         separators=(",", ":"),
     ).encode()
     assert frame(recorded) == expected
+
+
+def test_event_ids_and_their_texts_are_the_standard_librarys() -> None:
+    """Ids are made and formatted in C; they are plain UUIDv7s, time-ordered, and their text
+    (a header, a subject) is exactly ``str()`` of them."""
+    ids = [new_event_id() for _ in range(2000)]
+    assert all(type(i) is uuid.UUID and i.version == 7 for i in ids)
+    assert ids == sorted(ids), "v7 ids of one process sort by creation"
+    assert all(uuid_text(i) == str(i) for i in ids[:200] + [uuid.uuid4() for _ in range(200)])
+    event = sample_events()[0]
+    env = envelope(event)
+    headers = dict(encode_event(event, env, KEYS, LAYOUT).headers)
+    assert headers["ce_id"] == str(env.id).encode()

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore import EventStore, KeyRing, KeyStoreUnavailable, MasterKey, Settings, SubjectErased
-from eventstore.keyring import seal, unseal
+from eventstore.keyring import seal, sealed_bytes, unseal
 from schemas import ERASED
 
 
@@ -91,3 +91,30 @@ def test_master_key_format_matches_settings(base_settings: Settings) -> None:
     key = base_settings.master_key
     assert len(key.key) == 32
     assert key.key_id
+
+
+def _nonce_of(sealed: str) -> bytes:
+    return sealed_bytes(sealed)[16:28]
+
+
+def test_no_two_seals_share_a_nonce_not_even_across_a_fork() -> None:
+    """Nonces are cut from a buffer of CSPRNG bytes: thousands of seals never repeat one, and a
+    child forked with a half-used buffer does not hand out the parent's next nonces."""
+    key, subject, event = AESGCM(AESGCM.generate_key(256)), uuid.uuid4(), uuid.uuid4()
+    nonces = {_nonce_of(seal(key, subject, event, "same words")) for _ in range(5000)}
+    assert len(nonces) == 5000
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        os.close(read_end)
+        os.write(write_end, b"".join(_nonce_of(seal(key, subject, event, "x")) for _ in range(8)))
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        from_child = pipe.read()
+    os.waitpid(child, 0)
+    from_parent = b"".join(_nonce_of(seal(key, subject, event, "x")) for _ in range(8))
+    assert len(from_child) == len(from_parent) == 8 * 12
+    child_nonces = {from_child[i : i + 12] for i in range(0, len(from_child), 12)}
+    parent_nonces = {from_parent[i : i + 12] for i in range(0, len(from_parent), 12)}
+    assert not child_nonces & (parent_nonces | nonces)
