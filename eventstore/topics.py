@@ -20,7 +20,7 @@ from schemas.events import StreamKind
 TOPIC_ALREADY_EXISTS: Final = 36
 
 
-class TopicLayout(msgspec.Struct, frozen=True):
+class TopicLayout(msgspec.Struct, frozen=True, cache_hash=True):
     """Names and partition counts of the event topics for one deployment."""
 
     prefix: str

@@ -45,7 +45,7 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _CREATE_LOCK: Final = 0x70726F6A63686174
 
 
-class Column(msgspec.Struct, frozen=True):
+class Column(msgspec.Struct, frozen=True, cache_hash=True):
     name: str
     type: str
     nullable: bool = False
@@ -55,7 +55,7 @@ class Column(msgspec.Struct, frozen=True):
         return '"offset"' if self.name == "offset" else self.name
 
 
-class Table(msgspec.Struct, frozen=True):
+class Table(msgspec.Struct, frozen=True, cache_hash=True):
     """One read-model table: columns in order, primary key, secondary indexes."""
 
     name: str
