@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gzip
 import itertools
 import json
 import os
@@ -32,11 +33,13 @@ from botocore.exceptions import ClientError
 
 from eventstore import Batch, EventStore, OffsetRange, Settings, TopicLayout
 from eventstore.archive import (
+    FORMAT,
     MANIFEST_SUFFIX,
     Archive,
     ArchiveConfig,
     ArchivedRecord,
     ArchiveError,
+    SegmentBody,
     check_archive,
     decode_segment,
     encode_segment,
@@ -353,15 +356,48 @@ async def test_body_survives_encoding_byte_for_byte(archived: Archived) -> None:
     assert records[0].offset == 0
 
 
-def test_every_altered_byte_of_a_segment_is_refused_or_harmless() -> None:
-    """Whichever byte of a body is altered, decoding raises ArchiveError (a damaged deflate
-    stream, a bad CRC, a cut gzip trailer, bad msgpack) or, for the gzip header's free fields,
-    yields the same records: never another exception that would escape ``verify``."""
-    records = [
+def _gzip_segment(topic: str, partition: int, records: list[ArchivedRecord]) -> bytes:
+    """A segment body as versions before zstd wrote it."""
+    return gzip.compress(
+        msgspec.msgpack.encode(SegmentBody(FORMAT, topic, partition, records)),
+        compresslevel=1,
+        mtime=0,
+    )
+
+
+def _some_records() -> list[ArchivedRecord]:
+    return [
         ArchivedRecord(offset, 1_700_000_000_000 + offset, 0, b"k", b"v" * offset, [("h", b"x")])
         for offset in range(40)
     ]
-    body = encode_segment("t.conversations", 0, records)
+
+
+def test_segments_are_zstd_deterministic_and_gzip_ones_still_read() -> None:
+    """New bodies are zstd frames, the same bytes for the same records; bodies written by
+    earlier versions (gzip) decode to their records; anything else is refused."""
+    records = _some_records()
+    body = encode_segment("t.conversations", 3, records)
+    assert body.startswith(b"\x28\xb5\x2f\xfd")
+    assert body == encode_segment("t.conversations", 3, records)
+    assert decode_segment(body) == SegmentBody(FORMAT, "t.conversations", 3, records)
+    old = _gzip_segment("t.conversations", 3, records)
+    assert decode_segment(old) == decode_segment(body)
+    for junk in (b"", b"not a segment", body[:10]):
+        with pytest.raises(ArchiveError):
+            decode_segment(junk)
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_every_altered_byte_of_a_segment_is_refused_or_harmless(kind: str) -> None:
+    """Whichever byte of a body is altered, decoding raises ArchiveError (a damaged frame or
+    deflate stream, a bad checksum or CRC, a cut trailer, bad msgpack) or, for free header
+    fields, yields the same records: never another exception that would escape ``verify``,
+    never other records."""
+    records = _some_records()
+    if kind == "zstd":
+        body = encode_segment("t.conversations", 0, records)
+    else:
+        body = _gzip_segment("t.conversations", 0, records)
     outcomes: collections.Counter[str] = collections.Counter()
     for at in range(len(body)):
         for flip in (0x01, 0x80):

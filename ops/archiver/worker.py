@@ -182,7 +182,7 @@ class Archiver:
         which also waits for every write); the number started.
 
         Writes run in the background, so the reader fetches the next records while segments
-        are encoded (gzip runs in a thread without the GIL) and stored: each partition's
+        are encoded (compression runs in a thread without the GIL) and stored: each partition's
         segments in order, one after another (a chain), partitions side by side. At most
         ``PENDING_SEGMENTS`` segments' worth of bytes are in flight; beyond that this waits. A
         failed write fails every later segment of its partition and is raised here (or by the
