@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,20 @@ def table(rows: Sequence[Figures]) -> str:
     return "\n".join(lines)
 
 
+def reference_loop_ns(iterations: int = 2_000_000, rounds: int = 3) -> float:
+    """Nanoseconds per iteration of a fixed pure-Python loop (best of ``rounds``): how fast this
+    machine runs Python right now. Figures of different days or machines compare only beside
+    it (these shared virtual machines have differed by more than two times)."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        total = 0
+        for i in range(iterations):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(best / iterations * 1e9, 1)
+
+
 def write_json(
     path: Path,
     bench: str,
@@ -71,10 +86,16 @@ def write_json(
     extra: dict[str, Any] | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    loop_ns = reference_loop_ns()
+    print(f"machine: the reference Python loop ran at {loop_ns} ns an iteration")
     document = {
         "bench": bench,
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "reference_loop_ns": loop_ns,
+        },
         "params": params,
         "results": [msgspec.to_builtins(r) for r in rows],
         **(extra or {}),
