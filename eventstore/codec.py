@@ -94,7 +94,12 @@ class Skipped(msgspec.Struct, frozen=True):
 
 
 class ParsedRecord(msgspec.Struct):
-    """A record whose headers and payload are read, but not yet unsealed or validated."""
+    """A record whose headers and payload are read, but not yet unsealed or validated.
+
+    A payload with personal fields is read one of two ways: ``typed``, the event itself with
+    its personal fields still sealed (the sealed strings happened to fit the plaintexts'
+    limits, as they nearly always do); otherwise ``payload``, the JSON object.
+    """
 
     envelope: Envelope
     cls: type[Event]
@@ -102,6 +107,7 @@ class ParsedRecord(msgspec.Struct):
     raw: bytes
     position: Position
     headers: list[tuple[str, bytes]]
+    typed: Event | None = None
     sealed: dict[str, bytes] = msgspec.field(default_factory=dict)
     """Sealed values already read by :func:`needed_subjects` (their base64 decoded once)."""
 
@@ -369,6 +375,13 @@ def parse_record(record: RecordLike, layout: TopicLayout, epoch: int) -> ParsedR
         if envelope.datacontenttype != CONTENT_TYPE:
             raise DecodeError(f"unsupported content type {envelope.datacontenttype!r}")
         payload: dict[str, Any] | None = None
+        if envelope.schemaversion == cls.version and cls.personal_fields:
+            try:
+                typed = _DECODERS[cls].decode(raw)
+            except msgspec.ValidationError:
+                pass  # a sealed value longer than its plaintext may be: read the JSON object
+            else:
+                return ParsedRecord(envelope, cls, None, raw, position, headers, typed)
         if cls.personal_fields or envelope.schemaversion != cls.version:
             decoded = _ANY.decode(raw)
             if not isinstance(decoded, dict):
@@ -384,10 +397,12 @@ def needed_subjects(parsed: Iterable[ParsedRecord | Skipped]) -> set[uuid.UUID]:
     """Subjects whose keys are needed to unseal these records."""
     subjects: set[uuid.UUID] = set()
     for item in parsed:
-        if isinstance(item, ParsedRecord) and item.payload is not None:
-            payload, sealed = item.payload, item.sealed
+        if not isinstance(item, ParsedRecord):
+            continue
+        typed, payload, sealed = item.typed, item.payload, item.sealed
+        if typed is not None or payload is not None:
             for name in item.cls.personal_fields:
-                value = payload.get(name)
+                value = getattr(typed, name) if payload is None else payload.get(name)
                 if isinstance(value, str):
                     try:
                         opened = sealed_bytes(value)
@@ -406,7 +421,9 @@ def finish(
         return parsed
     cls, envelope = parsed.cls, parsed.envelope
     try:
-        if parsed.payload is None:
+        if parsed.typed is not None:
+            event = _unsealed(parsed.typed, envelope.id, parsed.sealed, keys)
+        elif parsed.payload is None:
             event = _DECODERS[cls].decode(parsed.raw)
         else:
             payload = parsed.payload
@@ -430,6 +447,39 @@ def finish(
             parsed.position, "poison", envelope.type, str(exc), parsed.headers, parsed.raw
         )
     return RecordedEvent(envelope, event, parsed.position)
+
+
+def _unsealed(
+    typed: Event, event_id: uuid.UUID, sealed: dict[str, bytes], keys: KeyLookup
+) -> Event:
+    """``typed`` with its personal fields unsealed, each plaintext checked against its type."""
+    opened: dict[str, Any] = {}
+    plain: dict[str, str] = {}
+    for name in typed.personal_fields:
+        value = getattr(typed, name)
+        if isinstance(value, str):
+            raw = sealed.get(value)
+            text = unseal_bytes(keys, event_id, sealed_bytes(value) if raw is None else raw)
+            opened[name] = text
+            if isinstance(text, str):
+                plain[name] = text
+    if plain:
+        msgspec.convert(plain, _PERSONAL[type(typed)])
+    return msgspec.structs.replace(typed, **opened) if opened else typed
+
+
+def _personal_form(cls: type[Event]) -> type[msgspec.Struct]:
+    """The personal fields of ``cls`` alone, with their types: what their plaintexts must fit."""
+    fields = [(f.name, f.type, None) for f in msgspec.structs.fields(cls)]
+    return msgspec.defstruct(
+        f"Personal{cls.__name__}",
+        [field for field in fields if field[0] in cls.personal_fields],
+        kw_only=True,
+        module=__name__,
+    )
+
+
+_PERSONAL: Final = {c: _personal_form(c) for c in EVENT_TYPES.values() if c.personal_fields}
 
 
 async def decode_records(

@@ -22,8 +22,10 @@ from eventstore.codec import (
     stream_placement,
     uuid_text,
 )
+from eventstore.keyring import seal
 from eventstore.metrics import EVENTS_SKIPPED
 from schemas import ERASED, Envelope, Event, InitialMember, MessageSent, new_event_id, utc_now
+from schemas.fields import MESSAGE_BODY_MAX
 from tests.samples import ALICE, PERSONAL_PLAINTEXTS, ROOM, sample_events
 
 LAYOUT = TopicLayout("chat", 4, 8, 1, 1)
@@ -307,3 +309,40 @@ def test_event_ids_and_their_texts_are_the_standard_librarys() -> None:
     env = envelope(event)
     headers = dict(encode_event(event, env, KEYS, LAYOUT).headers)
     assert headers["ce_id"] == str(env.id).encode()
+
+
+def _with_body(plaintext: str) -> Record:
+    """A MessageSent record whose body is ``plaintext`` sealed, whatever its limits say (as a
+    foreign or older writer might have written it)."""
+    event = sample_events()[10]
+    assert isinstance(event, MessageSent)
+    record = written(event)
+    assert record.value is not None
+    payload = msgspec.json.decode(record.value)
+    env = read(record)
+    assert isinstance(env, RecordedEvent)
+    key = KEYS[ALICE]
+    assert key is not None
+    payload["body"] = seal(key, ALICE, env.envelope.id, plaintext)
+    record.value = msgspec.json.encode(payload)
+    return record
+
+
+def test_a_body_whose_sealed_form_outgrows_its_limit_still_decodes() -> None:
+    """Sealed events are read straight into their type when the sealed strings fit the field's
+    limits, and through the JSON object when they do not (a long body grows by a third)."""
+    for length in (1, 200, MESSAGE_BODY_MAX - 10, MESSAGE_BODY_MAX):
+        decoded = read(_with_body("é" * length))
+        assert isinstance(decoded, RecordedEvent), length
+        assert isinstance(decoded.event, MessageSent)
+        assert decoded.event.body == "é" * length
+
+
+def test_a_plaintext_out_of_its_limits_is_poison_on_either_path() -> None:
+    """Unsealed values are checked against their type: an empty body (whose sealed form fits the
+    limits) and an overlong one (whose sealed form does not) are both refused as poison."""
+    for plaintext in ("", "x" * (MESSAGE_BODY_MAX + 1)):
+        decoded = read(_with_body(plaintext))
+        assert isinstance(decoded, Skipped), len(plaintext)
+        assert decoded.reason == "poison"
+        assert "body" in decoded.error
