@@ -87,11 +87,31 @@ def started() -> None:
         gc.freeze()
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on uvloop when available, with the collector tuned (:func:`tune_gc`)."""
+def run(main: Coroutine[Any, Any, T], *, bulk: bool = False) -> T:
+    """Run ``main`` on uvloop when available, with the collector tuned (:func:`tune_gc`;
+    ``bulk`` for a worker that moves records in bulk and keeps no one waiting, such as the
+    archiver)."""
     global _serving
     _serving = True
-    tune_gc()
+    tune_gc(bulk=bulk)
+    return _loop_run(main)
+
+
+def run_command(main: Coroutine[Any, Any, T]) -> T:
+    """Run an operator command that works through the log in bulk (replay, archive verify,
+    restore-log) as a bulk worker runs: on uvloop, collecting young garbage as seldom as
+    :func:`tune_gc` does with ``bulk``. The collector's settings are restored afterwards and
+    nothing is frozen, so a command run inside another program (a test) leaves it as it was.
+    """
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*BULK_GC)
+    try:
+        return _loop_run(main)
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def _loop_run(main: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a Linux dependency of the package

@@ -21,6 +21,7 @@ import msgspec
 from eventstore import EventStoreError, Settings
 from eventstore.archive import Archive, ArchiveConfig, Verification, verify_archive
 from eventstore.objects import s3_client
+from eventstore.runtime import run_command
 from ops.deployment import command_settings
 
 
@@ -64,7 +65,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         settings = command_settings()
         config = command_archive_config(settings, args)
-        result = asyncio.run(verify(settings, config))
+        result = run_command(verify(settings, config))
     except EventStoreError as exc:
         print(f"backbone archive verify: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 from eventstore import EventStore, EventStoreError, Settings, TopicLayout, create_pool
 from eventstore.archive import Archive
 from eventstore.objects import ARCHIVE_BUCKET, s3_client
+from eventstore.runtime import run_command
 from ops.deployment import command_settings
 from projectors.checksum import checksum
 from projectors.errors import ProjectorError
@@ -161,7 +162,7 @@ def summary(result: RebuildResult, *, kept: bool = False) -> str:
 def run_replay(args: argparse.Namespace) -> int:
     reporter = ProgressReporter(as_json=args.json, out=sys.stdout, err=sys.stderr)
     try:
-        result = asyncio.run(
+        result = run_command(
             replay(
                 command_settings(),
                 PROJECTORS[args.projector],

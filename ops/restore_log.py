@@ -82,6 +82,7 @@ from eventstore.archive import (
 )
 from eventstore.epoch import epoch_channel
 from eventstore.objects import s3_client
+from eventstore.runtime import run_command
 from ops.archive_cli import command_archive_config
 from ops.deployment import command_settings
 from schemas.events import StreamKind
@@ -747,7 +748,7 @@ def run_restore(args: argparse.Namespace) -> int:
     try:
         settings = command_settings()
         config = command_archive_config(settings, args)
-        result = asyncio.run(_run(settings, config, finish=args.finish))
+        result = run_command(_run(settings, config, finish=args.finish))
     except RestoreError as exc:
         print(f"backbone restore-log: refused: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from eventstore import runtime
-from eventstore.runtime import BULK_GC, SERVER_GC, run, started, tune_gc
+from eventstore.runtime import BULK_GC, SERVER_GC, run, run_command, started, tune_gc
 
 
 @pytest.fixture
@@ -57,3 +57,36 @@ def test_a_bulk_job_collects_its_young_objects_less_often_than_a_server() -> Non
     assert gc.get_threshold() == BULK_GC
     assert BULK_GC[0] >= 10 * SERVER_GC[0]
     assert gc.get_freeze_count() > 0
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_a_bulk_command_runs_on_uvloop_as_a_bulk_job_and_leaves_the_collector_as_it_was() -> None:
+    """``replay``, ``archive verify`` and ``restore-log`` run in the process that calls them (a
+    test, the CLI): tuned while they run, untouched afterwards, nothing frozen."""
+    gc.unfreeze()
+    before = (1_000_000, 1000, 1000)  # high enough that no collection runs meanwhile
+    gc.set_threshold(*before)
+
+    async def main() -> tuple[str, tuple[int, int, int], int]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return type(loop).__module__, gc.get_threshold(), gc.get_freeze_count()
+
+    module, threshold, frozen = run_command(main())
+    assert module.startswith("uvloop")
+    assert threshold == BULK_GC
+    assert frozen == 0, "a command run inside another program freezes nothing of it"
+    assert gc.get_threshold() == before
+    assert not runtime._serving, "nor does it make that program a tier"
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_a_tier_started_as_a_bulk_worker_collects_as_one() -> None:
+    gc.unfreeze()
+    gc.set_threshold(1_000_000, 1000, 1000)
+
+    async def main() -> tuple[int, int, int]:
+        return gc.get_threshold()
+
+    assert run(main(), bulk=True) == BULK_GC

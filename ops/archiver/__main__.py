@@ -21,7 +21,8 @@ def main() -> int:
         print(f"archiver: {exc}", file=sys.stderr)
         return 2
     try:
-        run_loop(run(settings, config))
+        # Throughput is all an archiver is for: it collects garbage as a bulk worker does.
+        run_loop(run(settings, config), bulk=True)
     except EventStoreError as exc:
         print(f"archiver: {exc}", file=sys.stderr)
         return 1
