@@ -125,6 +125,8 @@ async def test_postgres_answers_with_durable_settings(stack: StackInfo) -> None:
         assert await conn.fetchval("select 1") == 1
         assert await conn.fetchval("show fsync") == "on"
         assert await conn.fetchval("show synchronous_commit") == "on"
+        # bench project reads when each row became visible from the commit times.
+        assert await conn.fetchval("show track_commit_timestamp") == "on"
         assert await conn.fetchval("select rolcreatedb from pg_roles where rolname = current_user")
     finally:
         await conn.close()

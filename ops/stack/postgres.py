@@ -314,6 +314,9 @@ class Postgres:
             "fsync = on\n"
             "synchronous_commit = on\n"
             "full_page_writes = on\n"
+            # Commit times let a benchmark read when each row became visible after the fact,
+            # instead of polling for it (which loaded the machine it was measuring).
+            "track_commit_timestamp = on\n"
             "timezone = 'UTC'\n"
             "log_timezone = 'UTC'\n"
             "log_line_prefix = '%m [%p] %q%u@%d '\n"
