@@ -65,7 +65,7 @@ class PartitionBatcher:
         if self._closed:
             future.set_exception(RuntimeError("the batcher is closed"))
             return future
-        size = _size(record)
+        size = record.size
         if size > self._max_record:
             # Alone in a batch it would be refused by the broker anyway; refused here, it
             # cannot fail records that happened to share its batch.
@@ -166,14 +166,6 @@ class PartitionBatcher:
         for index, future in enumerate(taken):
             if not future.done():
                 future.set_result((partition, base + index))
-
-
-def _size(record: OutgoingRecord) -> int:
-    return (
-        len(record.key)
-        + len(record.value)
-        + sum(len(name) + len(value) for name, value in record.headers)
-    )
 
 
 def _fail(futures: list[asyncio.Future[Acked]], exc: BaseException) -> None:

@@ -72,6 +72,8 @@ class OutgoingRecord(msgspec.Struct, frozen=True):
     timestamp_ms: int
     envelope: Envelope
     event: Event
+    size: int
+    """Bytes of key, value and headers: what counts against Kafka's request limit."""
 
 
 class RecordedEvent(msgspec.Struct, frozen=True):
@@ -140,16 +142,17 @@ def _time_header(time: dt.datetime) -> bytes:
 @functools.lru_cache(maxsize=1024)
 def _constant_headers(
     specversion: str, source: str, type_: str, schemaversion: int, content_type: str
-) -> tuple[tuple[str, bytes], ...]:
+) -> tuple[tuple[tuple[str, bytes], ...], int]:
     # Spec version, source, type, schema version and content type repeat across events: one
-    # cache lookup gives all five.
-    return (
+    # cache lookup gives all five, and their size.
+    headers = (
         ("ce_specversion", specversion.encode()),
         ("ce_source", source.encode()),
         ("ce_type", type_.encode()),
         ("ce_schemaversion", str(schemaversion).encode()),
         (CONTENT_TYPE_HEADER, content_type.encode()),
     )
+    return headers, sum(len(name) + len(value) for name, value in headers)
 
 
 def uuid_text(value: uuid.UUID) -> str:
@@ -160,30 +163,43 @@ def uuid_text(value: uuid.UUID) -> str:
 
 def envelope_headers(envelope: Envelope) -> list[tuple[str, bytes]]:
     """The Kafka headers carrying an envelope (binary content mode)."""
-    spec, source, type_, version, content_type = _constant_headers(
+    return _headers_and_size(envelope)[0]
+
+
+def _headers_and_size(envelope: Envelope) -> tuple[list[tuple[str, bytes]], int]:
+    """:func:`envelope_headers`, with their bytes counted as they are made (a sum over the
+    list afterwards is a Python loop per record)."""
+    (spec, source, type_, version, content_type), size = _constant_headers(
         envelope.specversion,
         envelope.source,
         envelope.type,
         envelope.schemaversion,
         envelope.datacontenttype,
     )
+    event_id = _JSON.encode(envelope.id)[1:-1]
+    subject = envelope.subject.encode()
+    time = _time_header(envelope.time)
     headers = [
         spec,
-        ("ce_id", _JSON.encode(envelope.id)[1:-1]),
+        ("ce_id", event_id),
         source,
         type_,
-        ("ce_subject", envelope.subject.encode()),
-        ("ce_time", _time_header(envelope.time)),
+        ("ce_subject", subject),
+        ("ce_time", time),
         version,
         content_type,
     ]
-    if envelope.actor is not None:
-        headers.append(("ce_actor", envelope.actor.encode()))
-    if envelope.correlationid is not None:
-        headers.append(("ce_correlationid", envelope.correlationid.encode()))
-    if envelope.causationid is not None:
-        headers.append(("ce_causationid", envelope.causationid.encode()))
-    return headers
+    size += 22 + len(event_id) + len(subject) + len(time)  # 22: the three names
+    for name, value in (
+        ("ce_actor", envelope.actor),
+        ("ce_correlationid", envelope.correlationid),
+        ("ce_causationid", envelope.causationid),
+    ):
+        if value is not None:
+            encoded = value.encode()
+            headers.append((name, encoded))
+            size += len(name) + len(encoded)
+    return headers, size
 
 
 def _holds_struct(info: msgspec.inspect.Type) -> bool:
@@ -249,15 +265,17 @@ def encode_event(
     sealed = _sealed(event, envelope, keys) if event.personal_fields else None
     value = _JSON.encode(msgspec.structs.replace(event, **sealed) if sealed else event)
     record_key, partition = stream_placement(event.stream_id, layout.partitions(event.stream))
+    headers, headers_size = _headers_and_size(envelope)
     return OutgoingRecord(
         topic=layout.topic(event.stream),
         partition=partition,
         key=record_key,
         value=value,
-        headers=envelope_headers(envelope),
+        headers=headers,
         timestamp_ms=int(envelope.time.timestamp() * 1000),
         envelope=envelope,
         event=event,
+        size=len(record_key) + len(value) + headers_size,
     )
 
 

@@ -346,3 +346,12 @@ def test_a_plaintext_out_of_its_limits_is_poison_on_either_path() -> None:
         assert isinstance(decoded, Skipped), len(plaintext)
         assert decoded.reason == "poison"
         assert "body" in decoded.error
+
+
+def test_a_records_size_counts_its_key_value_and_every_header() -> None:
+    """The producer refuses a record over Kafka's request limit by this count alone."""
+    for event in sample_events():
+        for extra in ({}, {"causationid": "c" * 300, "actor": None, "correlationid": None}):
+            out = encode_event(event, envelope(event, **extra), KEYS, LAYOUT)
+            headers = sum(len(name) + len(value) for name, value in out.headers)
+            assert out.size == len(out.key) + len(out.value) + headers
