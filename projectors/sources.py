@@ -132,6 +132,15 @@ class Cut(msgspec.Struct, frozen=True):
             return record.offset <= self.offset
         return self.time_ms is None or record.timestamp <= self.time_ms
 
+    def kept(self, partition: Partition, chunk: list[SourceRecord]) -> list[SourceRecord]:
+        """The records of ``chunk`` (in offset order) before the first one past the bound."""
+        if self.time_ms is None and (self.offset is None or partition != self.partition):
+            return chunk  # no bound here: not a method call per record to say so
+        for at, record in enumerate(chunk):
+            if not self.admits(partition, record):
+                return chunk[:at]
+        return chunk
+
 
 async def resolve_cut(until: Until | None, source: RecordSource, store: EventStore) -> Cut:
     """The bound ``until`` resolved against ``source`` (a position becomes its event time)."""
@@ -290,11 +299,7 @@ async def replay_source(
                 continue
             async with contextlib.aclosing(source.chunks(partition, start)) as chunks:
                 async for chunk in chunks:
-                    kept: list[SourceRecord] = []
-                    for record in chunk:
-                        if not cut.admits(partition, record):
-                            break
-                        kept.append(record)
+                    kept = cut.kept(partition, chunk)
                     if kept:
                         items = await decode_records(
                             kept, store.layout, store.epoch, store.keyring.keys_for_read

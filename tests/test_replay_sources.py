@@ -26,7 +26,7 @@ from projectors.checksum import checksum
 from projectors.projector import Projector
 from projectors.rebuild import Rebuild
 from projectors.schema import create_schema, schema_exists
-from projectors.sources import Until
+from projectors.sources import Cut, SourceRecord, Until
 from tests.test_archive import archive_log
 from tests.test_projector_drills import produce, workload
 from tests.test_projector_support import (
@@ -178,3 +178,26 @@ def test_until_needs_into() -> None:
     args = parser.parse_args(["replay", "--until", "1.c.3.42", "--into", "pit", "--from", "s3"])
     assert args.until == Until.parse("1.c.3.42")
     assert args.source == "s3"
+
+
+def test_a_cut_keeps_each_chunk_up_to_the_first_record_past_its_bound() -> None:
+    """No bound keeps every record; a time keeps each partition up to its first later record;
+    a position's partition is kept up to that offset, the others by its event time."""
+    here, there = ("t.conversations", 0), ("t.conversations", 1)
+
+    def chunk(partition: tuple[str, int]) -> list[SourceRecord]:
+        times = [100, 200, 300, 250, 400]  # not monotonic: the first one past the bound cuts
+        return [SourceRecord(*partition, n, t, b"v", []) for n, t in enumerate(times)]
+
+    def offsets(records: list[SourceRecord]) -> list[int]:
+        return [r.offset for r in records]
+
+    everything = chunk(here)
+    assert Cut(None).kept(here, everything) is everything
+    assert offsets(Cut(250).kept(here, chunk(here))) == [0, 1]
+    assert offsets(Cut(50).kept(here, chunk(here))) == []
+    assert offsets(Cut(400).kept(here, chunk(here))) == [0, 1, 2, 3, 4]
+    at_position = Cut(300, here, 3)
+    assert offsets(at_position.kept(here, chunk(here))) == [0, 1, 2, 3]
+    assert offsets(at_position.kept(there, chunk(there))) == [0, 1, 2, 3]
+    assert offsets(Cut(200, here, 3).kept(there, chunk(there))) == [0, 1]
