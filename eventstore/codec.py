@@ -453,10 +453,7 @@ def finish(
             for name in cls.personal_fields:
                 value = payload.get(name)
                 if isinstance(value, str):
-                    raw = sealed.get(value)
-                    opened = unseal_bytes(
-                        keys, envelope.id, sealed_bytes(value) if raw is None else raw
-                    )
+                    opened = _open(value, envelope.id, sealed, keys)
                     payload[name] = opened if isinstance(opened, str) else {"kind": "erased"}
             event = msgspec.convert(payload, cls)
     except (DecodeError, UpcastError, msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -476,14 +473,21 @@ def _unsealed(
     for name in typed.personal_fields:
         value = getattr(typed, name)
         if isinstance(value, str):
-            raw = sealed.get(value)
-            text = unseal_bytes(keys, event_id, sealed_bytes(value) if raw is None else raw)
+            text = _open(value, event_id, sealed, keys)
             opened[name] = text
             if isinstance(text, str):
                 plain[name] = text
     if plain:
         msgspec.convert(plain, _PERSONAL[type(typed)])
     return msgspec.structs.replace(typed, **opened) if opened else typed
+
+
+def _open(
+    value: str, event_id: uuid.UUID, sealed: dict[str, bytes], keys: KeyLookup
+) -> str | Erased:
+    """One sealed value unsealed, its base64 decoded by :func:`needed_subjects` if it was."""
+    raw = sealed.get(value)
+    return unseal_bytes(keys, event_id, sealed_bytes(value) if raw is None else raw)
 
 
 def _personal_form(cls: type[Event]) -> type[msgspec.Struct]:

@@ -264,8 +264,7 @@ async def apply_items(
     await conn.execute(
         _ERASURE_EXCLUSIVE_SQL if erases else _ERASURE_SHARED_SQL, _ERASURE_LOCK_CLASS, schema_name
     )
-    recorded = [i for i in items if isinstance(i, RecordedEvent)]
-    events = [r.event for r in recorded]
+    events = [i.event for i in items if isinstance(i, RecordedEvent)]
     if sum(1 for e in events if creates(e) is not None) >= COPY_FROM_ROWS:
         try:
             async with conn.transaction():  # a savepoint: the caller's transaction goes on

@@ -52,7 +52,8 @@ def new_event_id() -> uuid.UUID:
     """A fresh UUIDv7: time-ordered, so ids sort roughly by creation.
 
     Made by uuid-utils and turned into a :class:`uuid.UUID` by msgspec's parser (in C): a
-    fifth of the cost of ``uuid_utils.compat.uuid7``, once per event written.
+    fifth less than ``uuid_utils.compat.uuid7`` costs (0.96 against 1.23 µs), once per event
+    written.
     """
     return _UUID_JSON.decode(_JSON.encode(str(uuid_utils.uuid7())))
 
