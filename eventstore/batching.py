@@ -49,6 +49,9 @@ class PartitionBatcher:
 
     def __init__(self, producer: AIOKafkaProducer, max_request_size: int) -> None:
         self._producer = producer
+        # Built by the producer's owner inside its loop. Asking asyncio for the running loop
+        # per record costs a getpid() system call on Python 3.11 (its fork check).
+        self._loop = asyncio.get_running_loop()
         self._max_record = max_request_size - _RECORD_OVERHEAD
         self._lanes: dict[tuple[str, int], _Lane] = {}
         self._closed = False
@@ -60,7 +63,7 @@ class PartitionBatcher:
 
     def submit(self, record: OutgoingRecord) -> asyncio.Future[Acked]:
         """Queue ``record``; the future resolves to its (partition, offset) once acknowledged."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future: asyncio.Future[Acked] = loop.create_future()
         if self._closed:
             future.set_exception(RuntimeError("the batcher is closed"))

@@ -37,14 +37,20 @@ class SharedDeadline:
         self._pending: deque[_Pending] = deque()
         self._sweeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def bound(self) -> _Bound:
         return _Bound(self)
 
     def _enter(self) -> _Pending:
-        task = asyncio.current_task()
+        # The task is looked up on the loop of the last use: asking asyncio for the running
+        # loop costs a getpid() system call on Python 3.11, once per bounded block.
+        task = asyncio.current_task(self._loop) if self._loop is not None else None
         if task is None:
-            raise RuntimeError("SharedDeadline is used outside a task")
+            task = asyncio.current_task()
+            if task is None:
+                raise RuntimeError("SharedDeadline is used outside a task")
+            self._loop = task.get_loop()
         # Deadlines and the sweeper both read time.monotonic, whatever the loop's clock.
         entry = _Pending(time.monotonic() + self.timeout, task)
         self._pending.append(entry)

@@ -257,6 +257,20 @@ class EventProducer:
 
         The caller bounds the time (``append`` does). Only unacknowledged records are re-sent.
         """
+        if len(records) == 1 and (batcher := self._batcher) is not None:
+            # One record (a command's event): no bookkeeping lists. A failure that a fresh
+            # producer can cure goes the long way below, which rebuilds and re-sends it.
+            producer, record = self._producer, records[0]
+            if producer is not None and not _sender_dead(producer):
+                try:
+                    partition, offset = await batcher.submit(record)
+                except Exception as exc:  # judged as the long way below judges it
+                    if not self._cured_by_rebuild(exc, producer, batcher):
+                        raise _translate(exc) from exc
+                    await self._rebuild(producer, type(exc).__name__)
+                else:
+                    position = Position(self._epoch, record.event.stream, partition, offset)
+                    return [RecordedEvent(record.envelope, record.event, position)]
         acked: list[RecordedEvent | None] = [None] * len(records)
         pending = list(range(len(records)))
         epoch = self._epoch
@@ -281,8 +295,7 @@ class EventProducer:
             for index, outcome in zip(pending, outcomes, strict=True):
                 record = records[index]
                 if isinstance(outcome, BaseException):
-                    replaced = self._producer is not producer or batcher.closed
-                    if isinstance(outcome, _WEDGED) or replaced or _sender_dead(producer):
+                    if self._cured_by_rebuild(outcome, producer, batcher):
                         wedged = outcome
                         still.append(index)
                         continue
@@ -297,6 +310,14 @@ class EventProducer:
                 await self._rebuild(producer, type(wedged).__name__)
             pending = still
         return acked  # type: ignore[return-value] # every index was filled above
+
+    def _cured_by_rebuild(
+        self, exc: BaseException, producer: AIOKafkaProducer, batcher: PartitionBatcher
+    ) -> bool:
+        """Whether a record that failed with ``exc`` on ``producer`` is to be re-sent on a new
+        producer: the old one is wedged, or it was replaced or closed while the record waited."""
+        replaced = self._producer is not producer or batcher.closed
+        return isinstance(exc, _WEDGED) or replaced or _sender_dead(producer)
 
 
 async def _close(producer: AIOKafkaProducer, grace: float) -> None:

@@ -97,14 +97,17 @@ def run(main: Coroutine[Any, Any, T], *, bulk: bool = False) -> T:
     return _loop_run(main)
 
 
-def run_command(main: Coroutine[Any, Any, T]) -> T:
+def run_command(main: Coroutine[Any, Any, T], *, bulk: bool = True) -> T:
     """Run an operator command that works through the log in bulk (replay, archive verify,
     restore-log) as a bulk worker runs: on uvloop, collecting young garbage as seldom as
     :func:`tune_gc` does with ``bulk``. The collector's settings are restored afterwards and
     nothing is frozen, so a command run inside another program (a test) leaves it as it was.
+
+    ``bulk=False`` collects as a serving tier does instead: what a benchmark of the tiers'
+    own code paths (the producer's appends) runs under.
     """
     thresholds = gc.get_threshold()
-    gc.set_threshold(*BULK_GC)
+    gc.set_threshold(*(BULK_GC if bulk else SERVER_GC))
     try:
         return _loop_run(main)
     finally:

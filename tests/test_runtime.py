@@ -82,6 +82,21 @@ def test_a_bulk_command_runs_on_uvloop_as_a_bulk_job_and_leaves_the_collector_as
 
 
 @pytest.mark.usefixtures("restored_gc")
+def test_a_command_run_as_a_tier_collects_as_a_server_and_leaves_the_collector_as_it_was() -> None:
+    """``bench produce`` runs the producer as the ingest tier runs it."""
+    gc.unfreeze()
+    before = (1_000_000, 1000, 1000)
+    gc.set_threshold(*before)
+
+    async def main() -> tuple[int, int, int]:
+        return gc.get_threshold()
+
+    assert run_command(main(), bulk=False) == SERVER_GC
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.usefixtures("restored_gc")
 def test_a_tier_started_as_a_bulk_worker_collects_as_one() -> None:
     gc.unfreeze()
     gc.set_threshold(1_000_000, 1000, 1000)
