@@ -15,21 +15,22 @@ terms: "ids let it drop duplicates").
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from eventstore import RecordedEvent
 from ingest import checks
-from ingest.context import READ, REDIS, STORE, Principal, append
+from ingest.context import READ, STORE, Principal, append
 from ingest.context import principal as principal_of
 from ingest.http import json_response, path_uuid, read_body
 from ingest.media import completed_by
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
-from ingest.security import admit, guard
+from ingest.security import AUTH, admit, guard
 from schemas import (
     ConversationCreated,
     DirectConversationOpened,
@@ -325,12 +326,13 @@ async def _send(
         )
     if events:
         recorded = await append(request, caller.user_id, events)
-        pipe = request.app[REDIS].pipeline(transaction=False)
+        autopipe = request.app[AUTH].autopipe
+        stored: list[asyncio.Future[Any]] = []
         for event, rec, key in zip(events, recorded, pending, strict=True):
             token = rec.position.token()
             answers[event.client_msg_id] = Accepted(position=token, message_id=event.message_id)
-            pipe.set(key, token, ex=SENT_TTL)
-        await pipe.execute()
+            stored.append(autopipe.execute_command("SET", key, token, "EX", SENT_TTL))
+        await asyncio.gather(*stored)
     return [answers[b.client_msg_id] for b in bodies]
 
 

@@ -25,6 +25,7 @@ from ingest.auth.feed import RevocationFeed
 from ingest.auth.passwords import PasswordHasher
 from ingest.auth.sessions import SessionStore
 from ingest.auth.tokens import AccessTokens, TokenKeys
+from ingest.autopipe import AutoPipeline
 from ingest.config import IngestConfig
 from ingest.context import CONFIG, PRINCIPAL, SETTINGS_KEY, Principal, principal
 from ingest.http import Handler
@@ -48,6 +49,7 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
     limiter: RateLimiter
     logins: LoginGuard
     admission: AsyncScript
+    autopipe: AutoPipeline
     feed: RevocationFeed
 
     @classmethod
@@ -78,6 +80,7 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
             limiter=RateLimiter(redis, namespace=namespace, limits=config.rate_limits),
             logins=LoginGuard(redis, namespace=namespace, policy=config.login_policy),
             admission=redis.register_script(_ADMIT),
+            autopipe=AutoPipeline(redis),
             feed=RevocationFeed(redis, sessions.revocations_channel, api_keys),
         )
 
@@ -88,6 +91,7 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
 
     async def close(self) -> None:
         await self.feed.stop()
+        await self.autopipe.close()
 
 
 AUTH = web.AppKey("auth", AuthService)
@@ -231,7 +235,7 @@ async def admit(
         str(caller.user_id),
         *(counting.args if counting is not None else ()),
     ]
-    reply = await auth.admission(keys=keys, args=args)
+    reply = await auth.autopipe.script(auth.admission, keys, args)
     session, allowed, wait_ms, refusing, role, *claims = reply
     if caller.session_id is not None and not await auth.sessions.is_active_cached(
         caller.session_id, session
