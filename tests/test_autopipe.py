@@ -1,0 +1,108 @@
+"""Automatic pipelining of Redis commands, on the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from eventstore import Settings
+from ingest.autopipe import AutoPipeline
+from ops.stack.ports import ephemeral_port
+
+
+class CountingRedis(Redis):  # type: ignore[misc]
+    """The real client, counting the pipelines made on it."""
+
+    pipelines = 0
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        self.pipelines += 1
+        return super().pipeline(*args, **kwargs)
+
+
+@pytest.fixture
+async def redis(base_settings: Settings) -> AsyncIterator[CountingRedis]:
+    client = CountingRedis.from_url(base_settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+def _key() -> str:
+    return f"t-autopipe-{uuid.uuid4().hex}"
+
+
+async def test_commands_of_one_loop_turn_share_one_pipeline_and_each_gets_its_reply(
+    redis: CountingRedis,
+) -> None:
+    auto = AutoPipeline(redis)
+    keys = [_key() for _ in range(200)]
+    stored = [auto.execute_command("SET", k, str(n), "EX", 60) for n, k in enumerate(keys)]
+    assert await asyncio.gather(*stored) == [True] * 200
+    assert redis.pipelines == 1
+    values = await asyncio.gather(*(auto.execute_command("GET", k) for k in keys))
+    assert values == [str(n).encode() for n in range(200)]
+    assert redis.pipelines == 2
+    await redis.delete(*keys)
+
+
+async def test_more_commands_than_a_pipeline_holds_go_in_several(redis: CountingRedis) -> None:
+    auto = AutoPipeline(redis, max_commands=16)
+    key = _key()
+    replies = await asyncio.gather(*(auto.execute_command("INCR", key) for _ in range(40)))
+    assert sorted(replies) == list(range(1, 41))
+    assert redis.pipelines == 3
+    await redis.delete(key)
+
+
+async def test_a_refused_command_fails_only_its_caller(redis: CountingRedis) -> None:
+    auto = AutoPipeline(redis)
+    text, counter = _key(), _key()
+    await redis.set(text, "not a number", ex=60)
+    good = auto.execute_command("INCR", counter)
+    bad = auto.execute_command("INCR", text)
+    also_good = auto.execute_command("INCR", counter)
+    assert await good == 1
+    with pytest.raises(ResponseError):
+        await bad
+    assert await also_good == 2
+    await redis.delete(text, counter)
+
+
+async def test_a_script_redis_lost_is_loaded_and_run(redis: CountingRedis) -> None:
+    auto = AutoPipeline(redis)
+    script = redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    key = _key()
+    await redis.script_flush()
+    assert await auto.script(script, [key], [5]) == 5  # NOSCRIPT: loaded, then run once
+    assert await auto.script(script, [key], [2]) == 7  # known now: EVALSHA in the pipeline
+    await redis.delete(key)
+
+
+async def test_a_lost_connection_fails_every_caller_of_the_pipeline() -> None:
+    dead = Redis(host="127.0.0.1", port=ephemeral_port(), socket_connect_timeout=1, retry=None)
+    auto = AutoPipeline(dead)
+    calls = [auto.execute_command("GET", _key()) for _ in range(5)]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(o, RedisConnectionError) for o in outcomes), outcomes
+    await auto.close()
+    await dead.aclose()
+
+
+async def test_a_caller_that_stopped_waiting_does_not_disturb_the_others(
+    redis: CountingRedis,
+) -> None:
+    auto = AutoPipeline(redis)
+    key = _key()
+    abandoned = auto.execute_command("INCR", key)
+    kept = auto.execute_command("INCR", key)
+    abandoned.cancel()
+    assert await kept == 2  # the abandoned command was still sent: Redis ran both
+    await auto.close()
+    await redis.delete(key)
