@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 import prometheus_client
 import structlog
 from aiohttp import web
-from redis.asyncio import Redis
 
 from eventstore import EventStore, LogEnds, Settings
+from eventstore.redisclient import redis_client
 from eventstore.runtime import started
 from ingest import authroutes, commands, media, reads
 from ingest.auth.tokens import TokenKeys, load_jwt_keys
@@ -138,7 +138,7 @@ def create_app(
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     store = await EventStore.open(settings, migrate=False)
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_client(settings.redis_url)
     ends = LogEnds(settings)
     try:
         await ends.start()

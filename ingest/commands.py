@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from eventstore import RecordedEvent
+from eventstore.codec import uuid_text
 from ingest import checks
 from ingest.context import READ, STORE, Principal, append
 from ingest.context import principal as principal_of
@@ -59,7 +60,7 @@ from schemas.api import (
     SendBatchBody,
     SendMessageBody,
 )
-from schemas.envelope import new_event_id
+from schemas.envelope import name_based_id, new_event_id
 from schemas.fields import Emoji
 
 T = TypeVar("T")
@@ -72,11 +73,11 @@ SENT_TTL = 7 * 24 * 3600
 
 def message_id_for(sender_id: uuid.UUID, client_msg_id: str) -> uuid.UUID:
     """The id of the message ``sender_id`` sends as ``client_msg_id``: always the same one."""
-    return uuid.uuid5(MESSAGE_NAMESPACE, f"{sender_id}:{client_msg_id}")
+    return name_based_id(MESSAGE_NAMESPACE, f"{uuid_text(sender_id)}:{client_msg_id}")
 
 
 def sent_key(namespace: str, sender_id: uuid.UUID, client_msg_id: str) -> str:
-    return f"{namespace}:sent:{sender_id}:{client_msg_id}"
+    return f"{namespace}:sent:{uuid_text(sender_id)}:{client_msg_id}"
 
 
 DIRECT_NAMESPACE = uuid.UUID("6f3b9d2e-0c41-5a7e-9b8d-2f1e4c6a8b10")

@@ -30,6 +30,7 @@ from eventstore import (
     Settings,
     create_pool,
 )
+from eventstore.redisclient import redis_client
 from eventstore.runtime import serve_member
 from projectors.caches import Caches
 from projectors.metrics import LAG
@@ -124,7 +125,7 @@ async def run(settings: Settings, env: Mapping[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     port = metrics_port(env)
     pool = await create_pool(settings.postgres_dsn)
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_client(settings.redis_url)
     try:
         async with await EventStore.open(settings, pool=pool, with_producer=False) as store:
             await ensure_live_schema(pool)

@@ -8,6 +8,7 @@ header names and their order are fixed here; :mod:`eventstore.codec` builds and 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 import uuid
 
@@ -56,6 +57,17 @@ def new_event_id() -> uuid.UUID:
     written.
     """
     return _UUID_JSON.decode(_JSON.encode(str(uuid_utils.uuid7())))
+
+
+def name_based_id(namespace: uuid.UUID, name: str) -> uuid.UUID:
+    """``uuid.uuid5(namespace, name)``, made in Rust by uuid-utils: a third of the standard
+    library's cost (whose SHA-1 call is cheap, its ``UUID`` constructor not), once per send."""
+    return _UUID_JSON.decode(_JSON.encode(str(uuid_utils.uuid5(_uu(namespace), name))))
+
+
+@functools.lru_cache(maxsize=64)
+def _uu(namespace: uuid.UUID) -> uuid_utils.UUID:
+    return uuid_utils.UUID(bytes=namespace.bytes)
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

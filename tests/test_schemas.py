@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from schemas import ERASED, EVENT_CLASSES, EVENT_TYPES, AnyEvent, MessageSent, UserRegistered
+from schemas.envelope import name_based_id
 from schemas.fields import MESSAGE_BODY_MAX, USERNAME_MAX
 from tests.samples import ALICE, ROOM, sample_events
 
@@ -109,3 +110,11 @@ def test_an_erased_personal_field_decodes_to_the_marker() -> None:
     event = msgspec.convert(payload, UserRegistered)
     assert event.username == ERASED
     assert event.email == ERASED
+
+
+@pytest.mark.parametrize("name", ["", "a", "5b1e-…:client-42", "x" * 300])
+def test_name_based_ids_are_the_standard_uuid5(name: str) -> None:
+    namespace = uuid.uuid4()
+    made = name_based_id(namespace, name)
+    assert type(made) is uuid.UUID
+    assert made == uuid.uuid5(namespace, name)
