@@ -65,7 +65,8 @@ class _WorkingSet:
     """Rows as of the event being projected: prefetched, then updated by each event's ops."""
 
     def __init__(self) -> None:
-        self._rows: dict[str, dict[Key, Row | None]] = defaultdict(dict)
+        self.rows: dict[str, dict[Key, Row | None]] = defaultdict(dict)
+        """Table name -> key -> row (``None``: absent), for every key known so far."""
         self._absent: dict[str, set[Key]] = defaultdict(set)
         """Keys the prefetch found no row for."""
         self._tables: dict[str, Table] = {}
@@ -73,20 +74,20 @@ class _WorkingSet:
 
     def get(self, table: Table, key: Key) -> Row | None:
         try:
-            return self._rows[table.name][key]
+            return self.rows[table.name][key]
         except KeyError:
             raise LookupError(f"{table.name} {key} was not prefetched") from None
 
     def known(self, table: Table, key: Key) -> bool:
-        return key in self._rows[table.name]
+        return key in self.rows[table.name]
 
     def assume_absent(self, table: Table, key: Key) -> None:
         """Take ``key`` as absent without reading it (the insert will find out)."""
-        self._rows[table.name][key] = None
+        self.rows[table.name][key] = None
         self._absent[table.name].add(key)
 
     def load(self, table: Table, keys: Iterable[Key], found: Iterable[Row]) -> None:
-        rows = self._rows[table.name]
+        rows = self.rows[table.name]
         for key in keys:
             rows[key] = None
         for row in found:
@@ -96,7 +97,7 @@ class _WorkingSet:
     def apply(self, table: Table, key: Key, value: Row | None) -> None:
         """Record ``value`` (``None``: deleted) as the row of ``table`` at ``key``."""
         self._tables[table.name] = table
-        self._rows[table.name][key] = value
+        self.rows[table.name][key] = value
         self.changed[table.name][key] = value
 
     def table(self, name: str) -> Table:
@@ -128,13 +129,14 @@ async def _prefetch(
     assume_new: bool,
 ) -> None:
     wanted: dict[Table, dict[Key, None]] = defaultdict(dict)
+    known = work.rows  # per event and need, a lookup here rather than a method call
     for event in events:
         if assume_new and (created := creates(event)) is not None:
             table, key = created
-            if not work.known(table, key) and key not in wanted[table]:
+            if key not in known[table.name] and key not in wanted[table]:
                 work.assume_absent(table, key)
         for table, key in needs(event):
-            if not work.known(table, key):
+            if key not in known[table.name]:
                 wanted[table][key] = None
     for table, keys in wanted.items():
         found = await load_rows(conn, schema_name, table, keys)

@@ -110,40 +110,84 @@ def _text(value: str | Erased | None) -> str | None:
 
 def needs(event: Event) -> list[Need]:
     """The rows ``event``'s projection may read (prefetched in one query per table)."""
-    match event:
-        case UserRegistered() | UserProfileUpdated() | PasswordChanged() | UserErased():
-            return [(schema.USERS, (event.user_id,))]
-        case SessionStarted() | SessionRevoked():
-            return [(schema.SESSIONS, (event.session_id,))]
-        case MediaUploaded():
-            return [(schema.MEDIA, (event.media_id,))]
-        case ConversationCreated() | DirectConversationOpened() | MemberLeft():
-            return [(schema.CONVERSATIONS, (event.conversation_id,)), *_member_needs(event)]
-        case MemberJoined():
-            cid = event.conversation_id
-            return [
-                (schema.CONVERSATIONS, (cid,)),
-                (schema.MEMBERS, (cid, event.user_id)),
-                (schema.READ_MARKERS, (cid, event.user_id)),
-            ]
-        case MemberRoleChanged():
-            return [(schema.MEMBERS, (event.conversation_id, event.user_id))]
-        case MessageSent():
-            cid = event.conversation_id
-            return [
-                (schema.CONVERSATIONS, (cid,)),
-                (schema.MESSAGES, (event.message_id,)),
-                (schema.READ_MARKERS, (cid, event.sender_id)),
-            ]
-        case MessageEdited() | MessageDeleted() | ReactionAdded():
-            return [(schema.MESSAGES, (event.message_id,))]
-        case ReadMarkerMoved():
-            return [
-                (schema.MESSAGES, (event.up_to,)),
-                (schema.READ_MARKERS, (event.conversation_id, event.user_id)),
-            ]
-        case _:
-            return []
+    reads = _NEEDS.get(type(event))
+    return [] if reads is None else reads(event)
+
+
+def _user_needs(
+    event: UserRegistered | UserProfileUpdated | PasswordChanged | UserErased,
+) -> list[Need]:
+    return [(schema.USERS, (event.user_id,))]
+
+
+def _session_needs(event: SessionStarted | SessionRevoked) -> list[Need]:
+    return [(schema.SESSIONS, (event.session_id,))]
+
+
+def _media_needs(event: MediaUploaded) -> list[Need]:
+    return [(schema.MEDIA, (event.media_id,))]
+
+
+def _conversation_needs(
+    event: ConversationCreated | DirectConversationOpened | MemberLeft,
+) -> list[Need]:
+    return [(schema.CONVERSATIONS, (event.conversation_id,)), *_member_needs(event)]
+
+
+def _joined_needs(event: MemberJoined) -> list[Need]:
+    cid = event.conversation_id
+    return [
+        (schema.CONVERSATIONS, (cid,)),
+        (schema.MEMBERS, (cid, event.user_id)),
+        (schema.READ_MARKERS, (cid, event.user_id)),
+    ]
+
+
+def _role_needs(event: MemberRoleChanged) -> list[Need]:
+    return [(schema.MEMBERS, (event.conversation_id, event.user_id))]
+
+
+def _sent_needs(event: MessageSent) -> list[Need]:
+    cid = event.conversation_id
+    return [
+        (schema.CONVERSATIONS, (cid,)),
+        (schema.MESSAGES, (event.message_id,)),
+        (schema.READ_MARKERS, (cid, event.sender_id)),
+    ]
+
+
+def _message_needs(event: MessageEdited | MessageDeleted | ReactionAdded) -> list[Need]:
+    return [(schema.MESSAGES, (event.message_id,))]
+
+
+def _marker_needs(event: ReadMarkerMoved) -> list[Need]:
+    return [
+        (schema.MESSAGES, (event.up_to,)),
+        (schema.READ_MARKERS, (event.conversation_id, event.user_id)),
+    ]
+
+
+# By exact type (a lookup, where a ``match`` tried each class in turn): event classes are
+# final, and a type without reads is absent.
+_NEEDS: dict[type[Event], Callable[[Any], list[Need]]] = {
+    UserRegistered: _user_needs,
+    UserProfileUpdated: _user_needs,
+    PasswordChanged: _user_needs,
+    UserErased: _user_needs,
+    SessionStarted: _session_needs,
+    SessionRevoked: _session_needs,
+    MediaUploaded: _media_needs,
+    ConversationCreated: _conversation_needs,
+    DirectConversationOpened: _conversation_needs,
+    MemberLeft: _conversation_needs,
+    MemberJoined: _joined_needs,
+    MemberRoleChanged: _role_needs,
+    MessageSent: _sent_needs,
+    MessageEdited: _message_needs,
+    MessageDeleted: _message_needs,
+    ReactionAdded: _message_needs,
+    ReadMarkerMoved: _marker_needs,
+}
 
 
 def creates(event: Event) -> Need | None:
