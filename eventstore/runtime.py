@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -22,6 +22,7 @@ from aiohttp import web
 
 from eventstore.consumer import GroupReader
 from eventstore.ends import LogEnds
+from eventstore.errors import ConfigError
 from eventstore.settings import Settings
 
 T = TypeVar("T")
@@ -87,11 +88,38 @@ def started() -> None:
         gc.freeze()
 
 
+NICE_ENV: Final = "BACKBONE_NICE"
+
+
+def scheduling_niceness(env: Mapping[str, str]) -> int:
+    """The niceness ``BACKBONE_NICE`` asks for (0..19; 0 when unset); ConfigError otherwise."""
+    raw = env.get(NICE_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise ConfigError(f"{NICE_ENV} must be an integer from 0 to 19, not {raw!r}")
+    return value
+
+
 def run(main: Coroutine[Any, Any, T], *, bulk: bool = False) -> T:
     """Run ``main`` on uvloop when available, with the collector tuned (:func:`tune_gc`;
     ``bulk`` for a worker that moves records in bulk and keeps no one waiting, such as the
-    archiver)."""
+    archiver).
+
+    A tier started with ``BACKBONE_NICE`` first lowers its own scheduling priority to that
+    niceness (never raises it), before any thread exists, so every thread it makes has it too:
+    ``backbone up`` runs the projectors and the archiver at 10, and on a machine whose cores the
+    tiers share, the ones clients wait on (ingest, fan-out) get the CPU first while those
+    background tiers lag by a few milliseconds more and catch up in the gaps.
+    """
     global _serving
+    niceness = scheduling_niceness(os.environ)
+    if niceness > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
     _serving = True
     tune_gc(bulk=bulk)
     return _loop_run(main)

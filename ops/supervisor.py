@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
+from eventstore.runtime import NICE_ENV
+
 
 class Tier(msgspec.Struct, frozen=True):
     """A tier process: its name, module, how many copies, and what it serves."""
@@ -25,6 +27,9 @@ class Tier(msgspec.Struct, frozen=True):
     args: tuple[str, ...] = ()
     copies: int = 1
     url: str = ""
+    nice: int = 0
+    """Scheduling niceness (``BACKBONE_NICE``): background tiers yield the CPU to the ones
+    clients wait on."""
 
     def available(self) -> bool:
         """Whether the tier is runnable in this checkout (has a ``__main__``)."""
@@ -55,6 +60,8 @@ class Supervisor:
 
     async def _spawn(self, tier: Tier, index: int) -> asyncio.subprocess.Process:
         env = {**self._env, "BACKBONE_WORKER_INDEX": str(index)}
+        if tier.nice:
+            env[NICE_ENV] = str(tier.nice)
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", tier.module, *tier.args, env=env
         )

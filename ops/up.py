@@ -19,11 +19,16 @@ from ops.provision import post_up
 from ops.stack import StackInfo, default_stack_dir, stack_down, stack_status, stack_up
 from ops.supervisor import Supervisor, Tier
 
+BACKGROUND_NICE = 10
+"""Niceness of the background tiers (projectors, archiver)."""
+
 
 def tiers(args: argparse.Namespace) -> list[Tier]:
     """The tiers ``up`` runs, in start order (those whose code exists in this checkout)."""
     declared = [
-        Tier("projectors", "projectors", copies=args.projector_workers),
+        # Projectors and the archiver are background work: they yield the CPU to the tiers
+        # clients wait on (see eventstore.runtime.run).
+        Tier("projectors", "projectors", copies=args.projector_workers, nice=BACKGROUND_NICE),
         Tier(
             "ingest",
             "ingest",
@@ -36,7 +41,7 @@ def tiers(args: argparse.Namespace) -> list[Tier]:
             copies=args.fanout_workers,
             url=f"ws://127.0.0.1:{args.fanout_port}/v1/ws",
         ),
-        Tier("archiver", "ops.archiver", copies=1),
+        Tier("archiver", "ops.archiver", copies=1, nice=BACKGROUND_NICE),
     ]
     return [t for t in declared if t.available()]
 

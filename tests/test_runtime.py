@@ -8,7 +8,17 @@ from collections.abc import Iterator
 import pytest
 
 from eventstore import runtime
-from eventstore.runtime import BULK_GC, SERVER_GC, run, run_command, started, tune_gc
+from eventstore.errors import ConfigError
+from eventstore.runtime import (
+    BULK_GC,
+    NICE_ENV,
+    SERVER_GC,
+    run,
+    run_command,
+    scheduling_niceness,
+    started,
+    tune_gc,
+)
 
 
 @pytest.fixture
@@ -105,3 +115,15 @@ def test_a_tier_started_as_a_bulk_worker_collects_as_one() -> None:
         return gc.get_threshold()
 
     assert run(main(), bulk=True) == BULK_GC
+
+
+@pytest.mark.parametrize(("raw", "niceness"), [("", 0), ("0", 0), (" 10 ", 10), ("19", 19)])
+def test_the_niceness_a_tier_is_asked_for(raw: str, niceness: int) -> None:
+    assert scheduling_niceness({NICE_ENV: raw}) == niceness
+    assert scheduling_niceness({}) == 0
+
+
+@pytest.mark.parametrize("raw", ["-1", "20", "ten", "1.5"])
+def test_a_bad_niceness_stops_the_tier_naming_the_variable(raw: str) -> None:
+    with pytest.raises(ConfigError, match=NICE_ENV):
+        scheduling_niceness({NICE_ENV: raw})

@@ -46,6 +46,7 @@ from aiokafka import AIOKafkaProducer
 
 from eventstore import Settings, TopicLayout, load_settings, provision_topics
 from eventstore.producer import default_producer_factory
+from eventstore.runtime import NICE_ENV
 from ops.bench.project import delete_topics_and_caches
 from ops.bench.report import Figures, figures, table, write_json
 from ops.environment import stack_env
@@ -53,6 +54,7 @@ from ops.provision import migrate_all
 from ops.stack import default_stack_dir, stack_up
 from ops.stack.install import apt_install
 from ops.stack.ports import ephemeral_port
+from ops.up import BACKGROUND_NICE
 from schemas import MessageSent, format_time, new_event_id, utc_now
 
 CONTENT = "x" * 256
@@ -432,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
     with deployment(args) as dep:
         port = dep.env["BACKBONE_INGEST_PORT"]
         base = f"http://127.0.0.1:{port}"
-        dep.spawn("projectors", ["-m", "projectors"])
+        dep.spawn("projectors", ["-m", "projectors"], {NICE_ENV: str(BACKGROUND_NICE)})
         dep.spawn("ingest", ["-m", "ingest"])
         asyncio.run(_wait_ready(base + "/readyz"))
         token, convs = asyncio.run(_prepare_user(base, args.conversations))
