@@ -14,6 +14,7 @@ from redis.exceptions import ResponseError
 
 from eventstore import Settings
 from ingest.autopipe import AutoPipeline
+from ingest.commands import SENDS_NOT_REMEMBERED, _sent_recorded
 from ops.stack.ports import ephemeral_port
 
 
@@ -106,3 +107,16 @@ async def test_a_caller_that_stopped_waiting_does_not_disturb_the_others(
     assert await kept == 2  # the abandoned command was still sent: Redis ran both
     await auto.close()
     await redis.delete(key)
+
+
+async def test_a_send_record_redis_refused_is_counted_and_logged() -> None:
+    """The record of a send is written behind its answer: a failure cannot reach the client
+    (the send is in the log), so it is counted instead."""
+    before = SENDS_NOT_REMEMBERED._value.get()
+    refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    refused.set_exception(RedisConnectionError("gone"))
+    _sent_recorded(refused)
+    stored: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    stored.set_result(True)
+    _sent_recorded(stored)
+    assert SENDS_NOT_REMEMBERED._value.get() == before + 1
