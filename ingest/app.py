@@ -21,6 +21,7 @@ from eventstore.redisclient import redis_client
 from eventstore.runtime import started
 from ingest import authroutes, commands, media, reads
 from ingest.auth.tokens import TokenKeys, load_jwt_keys
+from ingest.autopipe import untimed_sibling
 from ingest.config import IngestConfig
 from ingest.context import CONFIG, ENDS, EXPORTS, READ, REDIS, SETTINGS_KEY, STORE
 from ingest.exports import Exports
@@ -139,6 +140,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     store = await EventStore.open(settings, migrate=False)
     redis = redis_client(settings.redis_url)
+    pipelined = untimed_sibling(redis)
     ends = LogEnds(settings)
     try:
         await ends.start()
@@ -149,7 +151,9 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[READS] = Reads(store.pool, store.layout, store.epoch)
         app[EXPORTS] = Exports(store)
         media.media_client(app)
-        app[AUTH] = AuthService.build(store.pool, redis, settings, app[CONFIG], app[KEYS])
+        app[AUTH] = AuthService.build(
+            store.pool, redis, settings, app[CONFIG], app[KEYS], pipelined=pipelined
+        )
         await app[AUTH].start()
         started()
         log.info("ingest.started")
@@ -162,6 +166,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             await app[EXPORTS].close()
         media.close_media_client(app)
         await ends.stop()
+        await pipelined.aclose()
         await redis.aclose()
         await store.close()
 

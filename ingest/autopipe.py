@@ -22,12 +22,16 @@ import copy
 from collections.abc import Sequence
 from typing import Any, Final
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 MAX_COMMANDS: Final = 512
 """Commands per pipeline at most; more queued in one turn go in further pipelines."""
+TIMEOUT: Final = 5.0
+"""Seconds a pipeline may take (connecting included); redis-py's default socket timeout."""
 
 _Queued = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 
@@ -35,9 +39,12 @@ _Queued = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 class AutoPipeline:
     """Batches the commands given to :meth:`execute_command` and :meth:`script` per loop turn."""
 
-    def __init__(self, redis: Redis, *, max_commands: int = MAX_COMMANDS) -> None:
+    def __init__(
+        self, redis: Redis, *, max_commands: int = MAX_COMMANDS, timeout: float = TIMEOUT
+    ) -> None:
         self._redis = redis
         self._max = max_commands
+        self._timeout = timeout
         self._queue: list[_Queued] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flushing: set[asyncio.Task[None]] = set()
@@ -74,13 +81,21 @@ class AutoPipeline:
         for args, _ in queued:
             pipe.execute_command(*args)
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            # One bound for the whole pipeline. Given a client without a socket timeout (see
+            # untimed_sibling), redis-py arms none per command either: it had armed one per
+            # reply and wrapped every write in a task of its own.
+            async with asyncio.timeout(self._timeout):
+                replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # every caller of this pipeline gets it
-            failure = exc if isinstance(exc, Exception) else ConnectionError("pipeline cancelled")
+            failure: BaseException = exc
+            if isinstance(exc, TimeoutError):
+                failure = RedisTimeoutError(f"Redis did not answer within {self._timeout}s")
+            elif not isinstance(exc, Exception):
+                failure = RedisConnectionError("the pipeline was cancelled")
             for _, future in queued:
                 if not future.done():
                     future.set_exception(copy.copy(failure))
-            if failure is not exc:
+            if not isinstance(exc, Exception):
                 raise
             return
         for (_, future), reply in zip(queued, replies, strict=True):
@@ -95,3 +110,12 @@ class AutoPipeline:
         """Wait for the pipelines in flight (their callers are owed an answer)."""
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
+
+
+def untimed_sibling(redis: Redis) -> Redis:
+    """A client of the same server, with connections of its own and no socket timeout: for an
+    :class:`AutoPipeline`, which bounds each pipeline as a whole. Close it with ``aclose``."""
+    options = {**redis.connection_pool.connection_kwargs, "socket_timeout": None}
+    options["socket_connect_timeout"] = None
+    pool = ConnectionPool(connection_class=redis.connection_pool.connection_class, **options)
+    return Redis.from_pool(pool)

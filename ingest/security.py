@@ -54,8 +54,17 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def build(
-        cls, pool: Pool, redis: Redis, settings: Settings, config: IngestConfig, keys: TokenKeys
+        cls,
+        pool: Pool,
+        redis: Redis,
+        settings: Settings,
+        config: IngestConfig,
+        keys: TokenKeys,
+        *,
+        pipelined: Redis | None = None,
     ) -> AuthService:
+        """The service over ``redis``; the hot path's commands go through ``pipelined`` when
+        given (an :func:`~ingest.autopipe.untimed_sibling` of it, which the caller closes)."""
         namespace = settings.topic_prefix
         hasher = PasswordHasher(cost=config.bcrypt_cost)
         tokens = AccessTokens(
@@ -80,7 +89,7 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
             limiter=RateLimiter(redis, namespace=namespace, limits=config.rate_limits),
             logins=LoginGuard(redis, namespace=namespace, policy=config.login_policy),
             admission=redis.register_script(_ADMIT),
-            autopipe=AutoPipeline(redis),
+            autopipe=AutoPipeline(pipelined or redis),
             feed=RevocationFeed(redis, sessions.revocations_channel, api_keys),
         )
 

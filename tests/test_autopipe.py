@@ -11,9 +11,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventstore import Settings
-from ingest.autopipe import AutoPipeline
+from ingest.autopipe import AutoPipeline, untimed_sibling
 from ingest.commands import SENDS_NOT_REMEMBERED, _sent_recorded
 from ops.stack.ports import ephemeral_port
 
@@ -120,3 +121,41 @@ async def test_a_send_record_redis_refused_is_counted_and_logged() -> None:
     stored.set_result(True)
     _sent_recorded(stored)
     assert SENDS_NOT_REMEMBERED._value.get() == before + 1
+
+
+async def test_a_pipeline_redis_does_not_answer_fails_its_callers_within_the_bound() -> None:
+    """A server that takes the connection and never replies (a hung Redis)."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hung = untimed_sibling(Redis(host="127.0.0.1", port=port, retry=None))
+    auto = AutoPipeline(hung, timeout=0.3)
+    calls = [auto.execute_command("GET", _key()) for _ in range(3)]
+    async with asyncio.timeout(5):
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(o, RedisTimeoutError) for o in outcomes), outcomes
+    await auto.close()
+    await hung.aclose()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_an_untimed_sibling_talks_to_the_same_server_without_a_socket_timeout(
+    redis: CountingRedis,
+) -> None:
+    sibling = untimed_sibling(redis)
+    try:
+        assert sibling.connection_pool.connection_kwargs["socket_timeout"] is None
+        assert sibling.connection_pool is not redis.connection_pool
+        key = _key()
+        auto = AutoPipeline(sibling)
+        assert await auto.execute_command("SET", key, "v", "EX", 60) is True
+        assert await redis.get(key) == b"v"
+        await redis.delete(key)
+    finally:
+        await sibling.aclose()
