@@ -78,9 +78,6 @@ class _WorkingSet:
         except KeyError:
             raise LookupError(f"{table.name} {key} was not prefetched") from None
 
-    def known(self, table: Table, key: Key) -> bool:
-        return key in self.rows[table.name]
-
     def assume_absent(self, table: Table, key: Key) -> None:
         """Take ``key`` as absent without reading it (the insert will find out)."""
         self.rows[table.name][key] = None

@@ -54,7 +54,6 @@ from wsproto.events import Request
 from wsproto.frame_protocol import FrameProtocol
 
 from eventstore import EventStore, Settings, TopicLayout, load_settings, provision_topics
-from eventstore.runtime import NICE_ENV
 from ingest.auth.tokens import AccessTokens, new_jwt_key, parse_jwt_keys
 from ops.bench.ingest import _prepare_user, _Profiler, _wait_ready, deployment
 from ops.bench.project import delete_topics_and_caches
@@ -64,7 +63,6 @@ from ops.environment import stack_settings
 from ops.provision import provision
 from ops.stack import default_stack_dir, stack_up
 from ops.stack.ports import ephemeral_port
-from ops.up import BACKGROUND_NICE
 from schemas import MessageSent, new_event_id, parse_time, utc_now
 
 _EVENT = b'"type":"event"'
@@ -587,7 +585,7 @@ def _latency(args: argparse.Namespace) -> tuple[list[Figures], dict[str, Any]]:
         limits = json.loads(dep.env["BACKBONE_RATE_LIMITS"])
         limits["auth"] = {"per_ip": {"rate": 1e6, "burst": 1_000_000}}
         dep.env["BACKBONE_RATE_LIMITS"] = json.dumps(limits)
-        dep.spawn("projectors", ["-m", "projectors"], {NICE_ENV: str(BACKGROUND_NICE)})
+        dep.spawn_projector()
         dep.spawn("ingest", ["-m", "ingest"])
         dep.spawn("fanout", ["-m", "fanout"], {"BACKBONE_FANOUT_PORT": str(fanout_port)})
         asyncio.run(_wait_ready(base + "/readyz"))

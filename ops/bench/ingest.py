@@ -219,6 +219,10 @@ class Deployment:
         self.procs[name].append(proc)
         return proc.pid
 
+    def spawn_projector(self) -> int:
+        """The projector tier, at the niceness ``backbone up`` gives it."""
+        return self.spawn("projectors", ["-m", "projectors"], {NICE_ENV: str(BACKGROUND_NICE)})
+
     def stop(self, name: str) -> None:
         _terminate(self.procs.pop(name, []))
 
@@ -434,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
     with deployment(args) as dep:
         port = dep.env["BACKBONE_INGEST_PORT"]
         base = f"http://127.0.0.1:{port}"
-        dep.spawn("projectors", ["-m", "projectors"], {NICE_ENV: str(BACKGROUND_NICE)})
+        dep.spawn_projector()
         dep.spawn("ingest", ["-m", "ingest"])
         asyncio.run(_wait_ready(base + "/readyz"))
         token, convs = asyncio.run(_prepare_user(base, args.conversations))
