@@ -110,8 +110,10 @@ class ParsedRecord(msgspec.Struct):
     position: Position
     headers: list[tuple[str, bytes]]
     typed: Event | None = None
-    sealed: dict[str, bytes] = msgspec.field(default_factory=dict)
-    """Sealed values already read by :func:`needed_subjects` (their base64 decoded once)."""
+    sealed: dict[str, tuple[str, bytes]] = msgspec.field(default_factory=dict)
+    """Field name -> (sealed value, its bytes), read by :func:`needed_subjects`: the base64
+    is decoded once. Keyed by the name, not by the value, which would hash the whole value
+    (a kilobyte for a long message body) for nothing."""
 
 
 Decoded = RecordedEvent | Skipped
@@ -426,7 +428,7 @@ def needed_subjects(parsed: Iterable[ParsedRecord | Skipped]) -> set[uuid.UUID]:
                         opened = sealed_bytes(value)
                     except DecodeError:
                         continue  # finish() reports the malformed value as poison
-                    sealed[value] = opened
+                    sealed[name] = (value, opened)
                     subjects.add(subject_of(opened))
     return subjects
 
@@ -453,7 +455,7 @@ def finish(
             for name in cls.personal_fields:
                 value = payload.get(name)
                 if isinstance(value, str):
-                    opened = _open(value, envelope.id, sealed, keys)
+                    opened = _open(name, value, envelope.id, sealed, keys)
                     payload[name] = opened if isinstance(opened, str) else {"kind": "erased"}
             event = msgspec.convert(payload, cls)
     except (DecodeError, UpcastError, msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -465,7 +467,7 @@ def finish(
 
 
 def _unsealed(
-    typed: Event, event_id: uuid.UUID, sealed: dict[str, bytes], keys: KeyLookup
+    typed: Event, event_id: uuid.UUID, sealed: dict[str, tuple[str, bytes]], keys: KeyLookup
 ) -> Event:
     """``typed`` with its personal fields unsealed, each plaintext checked against its type."""
     opened: dict[str, Any] = {}
@@ -473,7 +475,7 @@ def _unsealed(
     for name in typed.personal_fields:
         value = getattr(typed, name)
         if isinstance(value, str):
-            text = _open(value, event_id, sealed, keys)
+            text = _open(name, value, event_id, sealed, keys)
             opened[name] = text
             if isinstance(text, str):
                 plain[name] = text
@@ -483,11 +485,18 @@ def _unsealed(
 
 
 def _open(
-    value: str, event_id: uuid.UUID, sealed: dict[str, bytes], keys: KeyLookup
+    name: str,
+    value: str,
+    event_id: uuid.UUID,
+    sealed: dict[str, tuple[str, bytes]],
+    keys: KeyLookup,
 ) -> str | Erased:
-    """One sealed value unsealed, its base64 decoded by :func:`needed_subjects` if it was."""
-    raw = sealed.get(value)
-    return unseal_bytes(keys, event_id, sealed_bytes(value) if raw is None else raw)
+    """The sealed ``value`` of field ``name`` unsealed, its base64 decoded by
+    :func:`needed_subjects` if it was (an upcaster may have changed the value since: then the
+    value is read again)."""
+    read = sealed.get(name)
+    raw = read[1] if read is not None and read[0] == value else sealed_bytes(value)
+    return unseal_bytes(keys, event_id, raw)
 
 
 def _personal_form(cls: type[Event]) -> type[msgspec.Struct]:

@@ -45,6 +45,7 @@ log = structlog.get_logger(__name__)
 
 KeyLookup = Mapping[uuid.UUID, AESGCM | None]
 """Subject -> its data key, or ``None`` once erased. A subject never keyed is absent."""
+_NEVER_KEYED: Final = object()
 
 
 class _Nonces:
@@ -98,13 +99,13 @@ def unseal_bytes(keys: KeyLookup, event_id: uuid.UUID, raw: bytes) -> str | Eras
     """:func:`unseal` of a value already read by :func:`sealed_bytes` (readers that needed its
     subject first decode the base64 once, not twice)."""
     subject = subject_of(raw)
-    if subject not in keys:
+    key = keys.get(subject, _NEVER_KEYED)  # one lookup: hashing a uuid.UUID runs Python code
+    if key is None:
+        return ERASED
+    if not isinstance(key, AESGCM):  # _NEVER_KEYED
         # Nothing can have been sealed for a subject that never had a key: this value is
         # corrupt, or the key store is not the one this log was written with.
         raise DecodeError(f"no data key was ever made for subject {subject}")
-    key = keys[subject]
-    if key is None:
-        return ERASED
     try:
         return key.decrypt(
             raw[_UUID : _UUID + _NONCE], raw[_UUID + _NONCE :], event_id.bytes

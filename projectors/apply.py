@@ -33,7 +33,7 @@ from eventstore import Connection, Decoded, RecordedEvent, Skipped, TopicLayout
 from eventstore.codec import envelope_headers
 from projectors import schema
 from projectors.metrics import ASSUMED_KEYS_TAKEN, EVENTS
-from projectors.projection import Drop, Put, creates, needs, project
+from projectors.projection import Drop, EraseUser, Put, creates, needs, project
 from projectors.rows import Key, Row
 from projectors.schema import Table, checked_schema_name, in_schema
 from projectors.tables import COPY_FROM_ROWS, delete_rows, insert_rows, load_rows, upsert_rows
@@ -69,8 +69,10 @@ class _WorkingSet:
         """Table name -> key -> row (``None``: absent), for every key known so far."""
         self._absent: dict[str, set[Key]] = defaultdict(set)
         """Keys the prefetch found no row for."""
-        self._tables: dict[str, Table] = {}
+        self.tables: dict[str, Table] = {}
+        """Table name -> table, for every table changed."""
         self.changed: dict[str, dict[Key, Row | None]] = defaultdict(dict)
+        """Table name -> key -> row as the batch leaves it (``None``: deleted)."""
 
     def get(self, table: Table, key: Key) -> Row | None:
         try:
@@ -90,15 +92,6 @@ class _WorkingSet:
         for row in found:
             rows[row.key()] = row
         self._absent[table.name].update(k for k in keys if rows[k] is None)
-
-    def apply(self, table: Table, key: Key, value: Row | None) -> None:
-        """Record ``value`` (``None``: deleted) as the row of ``table`` at ``key``."""
-        self._tables[table.name] = table
-        self.rows[table.name][key] = value
-        self.changed[table.name][key] = value
-
-    def table(self, name: str) -> Table:
-        return self._tables[name]
 
     def writes(self, name: str) -> tuple[list[Key], list[Row], list[Row]]:
         """What changed in table ``name``: keys to delete, new rows (their keys absent at the
@@ -151,12 +144,13 @@ def _key_of(table: Table) -> Callable[[Row], Key]:
     return getter
 
 
-def _note_changes(applied: Applied, table: Table, key: Key) -> None:
-    if table is schema.MEMBERS:
-        applied.membership.add(key[0])
-        applied.member_users.add(key[1])
-    elif table is schema.CONVERSATIONS:
-        applied.conversations.add(key[0])
+def _note_changes(applied: Applied, work: _WorkingSet) -> None:
+    """What the caches need to know of the batch's member and conversation changes (once per
+    batch, from what changed: not per operation)."""
+    for conversation_id, user_id in work.changed.get(schema.MEMBERS.name, ()):
+        applied.membership.add(conversation_id)
+        applied.member_users.add(user_id)
+    applied.conversations.update(key[0] for key in work.changed.get(schema.CONVERSATIONS.name, ()))
 
 
 def _text_headers(headers: Iterable[tuple[str, bytes]]) -> str:
@@ -308,6 +302,7 @@ async def _apply(
     erasures: dict[uuid.UUID, None] = {}
     counts: Counter[tuple[str, str]] = Counter()  # metrics, incremented once per batch
     warnings: list[tuple[str, str]] = []
+    rows, changed, tables = work.rows, work.changed, work.tables
     for item in items:
         if isinstance(item, Skipped):
             if item.reason == "unknown_type":
@@ -330,20 +325,25 @@ async def _apply(
             warnings.append((item.position.token(), error))
             continue
         for op in ops:
-            if isinstance(op, Put):
+            # Inlined _WorkingSet.apply: this loop runs for every operation of a replay.
+            if type(op) is Put:  # the operation classes are final
+                row: Row | None = op.row
                 table = op.row.table
                 key = _key_of(table)(op.row)
-                work.apply(table, key, op.row)
-            elif isinstance(op, Drop):
-                table, key = op.table, op.key
-                work.apply(table, key, None)
+            elif type(op) is Drop:
+                table, key, row = op.table, op.key, None
             else:
+                assert isinstance(op, EraseUser)
                 erasures[op.user_id] = None
                 continue
-            _note_changes(applied, table, key)
+            name = table.name
+            rows[name][key] = row
+            changed[name][key] = row
+            tables[name] = table
         counts["applied", item.envelope.type] += 1
+    _note_changes(applied, work)
     for name in work.changed:
-        table = work.table(name)
+        table = work.tables[name]
         deleted, new, replaced = work.writes(name)
         await delete_rows(conn, schema_name, table, deleted)
         await insert_rows(conn, schema_name, table, new, assumed=assume_new)
