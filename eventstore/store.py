@@ -97,15 +97,21 @@ class EventStore:
         await self.close()
 
     def reader(
-        self, streams: Sequence[StreamKind] = ("user", "conversation"), *, max_records: int = 5000
+        self,
+        streams: Sequence[StreamKind] = ("user", "conversation"),
+        *,
+        max_records: int = 5000,
+        quick_start: bool = False,
     ) -> LogReader:
-        """A group-less reader over ``streams`` (start it with ``start()`` or ``async with``)."""
+        """A group-less reader over ``streams`` (start it with ``start()`` or ``async with``);
+        ``quick_start``: see :class:`LogReader`."""
         return LogReader(
             self.settings,
             streams=streams,
             keys=self.keyring.keys_for_read,
             epoch=self.epoch,
             max_records=max_records,
+            quick_start=quick_start,
         )
 
     def group_reader(

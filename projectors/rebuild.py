@@ -237,7 +237,7 @@ async def replay(
     its stored offsets to the end as of now; ``on_batch`` gets each batch's record count."""
     wanted = store.layout.every_partition() if partitions is None else list(partitions)
     stored = await projector.positions.load(wanted)
-    reader = store.reader(max_records=batch)
+    reader = store.reader(max_records=batch, quick_start=True)
     await reader.start("beginning", dict(stored), partitions=wanted)
     try:
         async for chunk in read_ahead(reader.batches_until_end()):
@@ -392,7 +392,7 @@ class Rebuild:
         async with self._pool.acquire() as guard:
             if not await guard.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK):
                 raise RebuildRunning("another rebuild of this database is running")
-            self._ends = LogEnds(self._store.settings)
+            self._ends = LogEnds(self._store.settings, quick_start=True)
             try:
                 await self._ends.start()
                 return await self._locked_run()
