@@ -16,8 +16,9 @@ carry a swapped-in past forward to the log end again. ``--into`` also works with
 (a model beside the live one). Rerun with the same options to resume; drop the schema when done
 (``DROP SCHEMA <name> CASCADE``).
 
-``checksum`` prints the fingerprint of a read-model schema: equal checksums mean byte-identical
-tables, which is how a rebuild, a restore or a second database is proven equal.
+``checksum`` prints the fingerprint of a read-model schema: equal checksums mean equal tables
+(see :mod:`projectors.checksum`), which is how a rebuild, a restore or a second database is
+proven equal.
 """
 
 from __future__ import annotations

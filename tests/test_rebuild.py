@@ -303,13 +303,11 @@ async def test_the_checksum_does_not_depend_on_key_ranges_or_readers(world: Worl
             columns = ", ".join(
                 f'"{c.name}"' for c in table.columns if c.name not in table.unchecked
             )
-            async with conn.transaction():
-                await conn.execute("SET LOCAL TimeZone = 'UTC'")
-                await conn.execute("SET LOCAL bytea_output = 'hex'")
-                count, whole = await conn.fetchrow(
-                    f"SELECT count(*), bit_xor(hashtextextended(ROW({columns})::text, 0)) "
-                    f"FROM clean.{table.name}"
-                )
+            count, whole = await conn.fetchrow(
+                "SELECT count(*), "
+                f"bit_xor(hashint8extended(hash_record_extended(ROW({columns}), 0), 0)) "
+                f"FROM clean.{table.name}"
+            )
             digest.update(f"{table.name}:{count}:{(whole or 0) & (2**64 - 1):016x}\n".encode())
     async with snapshot_readers(world.store.pool, 3) as readers:
         await readers.own()
@@ -340,6 +338,59 @@ async def test_the_checksum_sees_rows_that_trade_values(world: World) -> None:
         restored = await checksum(conn, "clean")
     assert swapped != before
     assert restored == before
+
+
+# A value of each column type that differs from the one stored (or from NULL): far from any
+# other row's number (unique indexes), a key no other row has.
+_ANOTHER_VALUE = {
+    "uuid": "gen_random_uuid()",
+    "integer": "coalesce({c}, 0) + 1000000007",
+    "bigint": "coalesce({c}, 0) + 1000000007",
+    "text": "coalesce({c}, '') || 'x'",
+    "boolean": "NOT coalesce({c}, false)",
+    "timestamptz": "coalesce({c}, now()) + interval '1 microsecond'",
+    "jsonb": """coalesce({c}, '{{}}'::jsonb) || '{{"changed": true}}'::jsonb""",
+    "bytea": "coalesce({c}, ''::bytea) || '\\x00'::bytea",
+}
+
+
+async def test_a_change_to_any_checked_column_changes_the_checksum(world: World) -> None:
+    """Rows are hashed by each column type's own hash function: for every table holding rows
+    and every column the checksum covers, another value in one row gives another digest, and
+    so does NULL where a value was."""
+    events, _ = workload(rooms=3, users=6, messages=40, seed=11)
+    await produce(world.store, events)
+    before = await clean_checksum(world)
+    seen: set[str] = set()
+    async with world.store.pool.acquire() as conn:
+        for table in TABLES:
+            if not await conn.fetchval(f"SELECT count(*) FROM clean.{table.name}"):
+                continue
+            for column in table.columns:
+                if column.name in table.unchecked:
+                    continue
+                name = column.sql_name
+                changes = [(_ANOTHER_VALUE[column.type].format(c=name), "true")]
+                if column.nullable:
+                    changes.append(("NULL", f"{name} IS NOT NULL"))
+                for value, where in changes:
+                    row = await conn.fetchval(
+                        f"SELECT ctid FROM clean.{table.name} WHERE {where} LIMIT 1"
+                    )
+                    if row is None:
+                        continue  # no row holds a value to take away
+                    async with contextlib.AsyncExitStack() as undo:
+                        changing = conn.transaction()
+                        await changing.start()
+                        undo.push_async_callback(changing.rollback)
+                        await conn.execute(
+                            f"UPDATE clean.{table.name} SET {name} = {value} WHERE ctid = $1",
+                            row,
+                        )
+                        assert await checksum(conn, "clean") != before, (table.name, name, value)
+                    seen.add(column.type)
+        assert await checksum(conn, "clean") == before
+    assert seen >= {"uuid", "integer", "bigint", "text", "boolean", "timestamptz", "jsonb"}
 
 
 async def test_a_failed_checksum_raises_the_database_error_and_frees_its_readers(
