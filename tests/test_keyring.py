@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import uuid
 
@@ -10,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore import EventStore, KeyRing, KeyStoreUnavailable, MasterKey, Settings, SubjectErased
+from eventstore.errors import DecodeError
 from eventstore.keyring import seal, sealed_bytes, unseal
 from schemas import ERASED
 
@@ -118,3 +120,28 @@ def test_no_two_seals_share_a_nonce_not_even_across_a_fork() -> None:
     child_nonces = {from_child[i : i + 12] for i in range(0, len(from_child), 12)}
     parent_nonces = {from_parent[i : i + 12] for i in range(0, len(from_parent), 12)}
     assert not child_nonces & (parent_nonces | nonces)
+
+
+def test_a_sealed_value_is_canonical_base64_and_anything_else_is_refused() -> None:
+    """Seals are standard base64 (padded, no line breaks) after ``pd1:``; reading one accepts
+    that alphabet only: a wrong character, broken or excess padding, a line break, a non-ASCII
+    character, no prefix or too few bytes is a :class:`DecodeError`, never a misread."""
+    key, subject, event = AESGCM(AESGCM.generate_key(256)), uuid.uuid4(), uuid.uuid4()
+    sealed = seal(key, subject, event, "naïve café " * 40)
+    body = sealed.removeprefix("pd1:")
+    assert sealed.startswith("pd1:")
+    assert base64.b64encode(base64.b64decode(body, validate=True)).decode() == body
+    assert sealed_bytes(sealed)[:16] == subject.bytes
+    assert unseal({subject: key}, event, sealed) == "naïve café " * 40
+    damaged = [
+        body,  # no prefix
+        "pd1:" + body[:-4] + "!" + body[-3:],
+        "pd1:" + body[:-1],  # padding cut
+        "pd1:" + body + "=",  # excess padding
+        "pd1:" + body[:8] + "\n" + body[8:],
+        "pd1:" + body[:8] + "é" + body[9:],
+        "pd1:" + base64.b64encode(bytes(40)).decode(),  # too short for subject, nonce and tag
+    ]
+    for value in damaged:
+        with pytest.raises(DecodeError):
+            sealed_bytes(value)
