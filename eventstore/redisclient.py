@@ -9,9 +9,10 @@ already parsed by hiredis.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.connection import Connection
 from redis.connection import HiredisRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
@@ -20,7 +21,8 @@ from redis.utils import HIREDIS_AVAILABLE
 class HiredisPackingConnection(Connection):
     """An asyncio connection that packs commands with hiredis."""
 
-    _packer = HiredisRespSerializer()
+    # Untyped in some redis-py releases, typed in others: called through Any for both.
+    _packer = cast(Any, HiredisRespSerializer)()
 
     def pack_command(self, *args: Any) -> list[bytes]:
         packed: list[bytes] = self._packer.pack(*args)
@@ -32,3 +34,8 @@ def redis_client(url: str, **options: Any) -> Redis:
     if HIREDIS_AVAILABLE:
         options.setdefault("connection_class", HiredisPackingConnection)
     return Redis.from_url(url, **options)
+
+
+async def close_pubsub(pubsub: PubSub) -> None:
+    """``pubsub.aclose()``, which some redis-py releases leave untyped and others type."""
+    await cast(Any, pubsub).aclose()

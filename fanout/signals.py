@@ -32,6 +32,7 @@ import structlog
 from redis.asyncio import Redis
 
 from eventstore.epoch import epoch_channel
+from eventstore.redisclient import close_pubsub
 
 log = structlog.get_logger(__name__)
 
@@ -199,7 +200,7 @@ class Signals:
                 log.warning("fanout.pubsub_lost", exc_info=True)
                 await asyncio.sleep(1.0)
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await close_pubsub(pubsub)
 
 
 def _raise_if_cancelled() -> None:

@@ -29,6 +29,8 @@ import msgspec
 import structlog
 from redis.asyncio import Redis
 
+from eventstore.redisclient import close_pubsub
+
 DEFAULT_HEARTBEAT: Final = 5.0
 """Seconds between PINGs on the subscription; three silent heartbeats mean it is lost."""
 _RETRY_PAUSE: Final = 1.0
@@ -141,7 +143,7 @@ class RevocationFeed:
             finally:
                 self._lost()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await close_pubsub(pubsub)
 
     def _lost(self) -> None:
         if self.live.is_set():
