@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from eventstore.codec import Decoded, KeyFetcher, RecordLike, decode_records
-from eventstore.ends import METADATA_RETRY_MS
+from eventstore.ends import quick_start_options
 from eventstore.errors import EventStoreError, LogUnavailable
 from eventstore.settings import Settings
 from eventstore.topics import TopicLayout
@@ -97,15 +97,13 @@ def _consumer(
     *topics: str,
     instance_id: str | None = None,
     linger_ms: int = 0,
-    retry_backoff_ms: int | None = None,
+    quick_start: bool = False,
 ) -> AIOKafkaConsumer:
     # ``linger_ms``: the broker holds a fetch until that long has passed (or a megabyte is
     # ready) instead of answering as soon as one record is: fewer, larger batches.
-    waiting: dict[str, int] = (
+    waiting = (
         {"fetch_min_bytes": 1024 * 1024, "fetch_max_wait_ms": linger_ms} if linger_ms > 0 else {}
     )
-    if retry_backoff_ms is not None:
-        waiting["retry_backoff_ms"] = retry_backoff_ms
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka_bootstrap,
@@ -120,6 +118,7 @@ def _consumer(
         fetch_max_bytes=16 * 1024 * 1024,
         max_poll_records=None,
         **waiting,
+        **quick_start_options(quick_start),
     )
 
 
@@ -332,12 +331,10 @@ class LogReader:
         max_records: int = 5000,
         quick_start: bool = False,
     ) -> None:
-        """``quick_start``: a reader that runs once to an end (a replay's) asks again for its
-        topics' metadata after :data:`~eventstore.ends.METADATA_RETRY_MS` rather than
-        aiokafka's 100 ms: its first batch comes 0.2 s sooner. Not for a reader that stays
-        (a tail): with Kafka down it would ask that often until it came back."""
+        """``quick_start``: a reader that runs once to an end (a replay's); see
+        :func:`~eventstore.ends.quick_start_options`."""
         self._settings = settings
-        self._retry_backoff_ms = METADATA_RETRY_MS if quick_start else None
+        self._quick_start = quick_start
         self._layout = TopicLayout.from_settings(settings)
         self._streams = streams
         self._keys = keys
@@ -354,7 +351,7 @@ class LogReader:
     ) -> None:
         """Assign every partition (or only ``partitions``, e.g. one worker's share of a
         parallel replay) and position it at ``start_at`` or at ``offsets``."""
-        consumer = _consumer(self._settings, None, retry_backoff_ms=self._retry_backoff_ms)
+        consumer = _consumer(self._settings, None, quick_start=self._quick_start)
         try:
             await consumer.start()
             assigned: list[TopicPartition] = []

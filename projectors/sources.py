@@ -45,7 +45,7 @@ from eventstore import (
 )
 from eventstore.archive import Archive, Manifest
 from eventstore.consumer import Partition
-from eventstore.ends import METADATA_RETRY_MS, end_offsets
+from eventstore.ends import end_offsets, quick_start_options
 from eventstore.objects import s3_client
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
@@ -208,7 +208,7 @@ class KafkaSource:
             enable_auto_commit=False,
             isolation_level="read_committed",
             max_partition_fetch_bytes=4 * 1024 * 1024,
-            retry_backoff_ms=METADATA_RETRY_MS,  # reads to an end: see LogReader's quick_start
+            **quick_start_options(True),  # it reads to an end
         )
         tp = TopicPartition(*partition)
         try:
