@@ -28,13 +28,26 @@ def redact_dsn(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
-    """An asyncpg pool, or :class:`KeyStoreUnavailable` naming the (redacted) DSN."""
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, keep_sessions: bool = False
+) -> Pool:
+    """An asyncpg pool, or :class:`KeyStoreUnavailable` naming the (redacted) DSN.
+
+    ``keep_sessions``: a connection given back is not reset beyond rolling back an open
+    transaction. asyncpg otherwise sends a reset statement (unlock, close cursors, unlisten,
+    reset settings) at every release, a round trip per use; a pool whose users leave no
+    session state behind (transaction-scoped settings and locks only) does not need it.
+    """
+    reset = _keep_session if keep_sessions else None
     try:
         async with asyncio.timeout(15):
-            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, reset=reset)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise KeyStoreUnavailable(
             f"PostgreSQL at {redact_dsn(dsn)} is unreachable: {exc or type(exc).__name__}"
         ) from exc
     return pool
+
+
+async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
+    """A pool's reset that keeps the session (asyncpg has rolled back any transaction)."""

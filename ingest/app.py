@@ -17,11 +17,10 @@ import structlog
 from aiohttp import web
 
 from eventstore import EventStore, LogEnds, Settings
-from eventstore.redisclient import redis_client
+from eventstore.redisclient import redis_client, untimed_sibling
 from eventstore.runtime import started
 from ingest import authroutes, commands, media, reads
 from ingest.auth.tokens import TokenKeys, load_jwt_keys
-from ingest.autopipe import untimed_sibling
 from ingest.config import IngestConfig
 from ingest.context import CONFIG, ENDS, EXPORTS, READ, REDIS, SETTINGS_KEY, STORE
 from ingest.exports import Exports

@@ -22,16 +22,17 @@ import copy
 from collections.abc import Sequence
 from typing import Any, Final
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from eventstore.redisclient import PIPELINE_TIMEOUT, execute_bounded
 
 MAX_COMMANDS: Final = 512
 """Commands per pipeline at most; more queued in one turn go in further pipelines."""
-TIMEOUT: Final = 5.0
-"""Seconds a pipeline may take (connecting included); redis-py's default socket timeout."""
+TIMEOUT: Final = PIPELINE_TIMEOUT
+"""Seconds a pipeline may take (connecting included)."""
 
 _Queued = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 
@@ -81,16 +82,12 @@ class AutoPipeline:
         for args, _ in queued:
             pipe.execute_command(*args)
         try:
-            # One bound for the whole pipeline. Given a client without a socket timeout (see
-            # untimed_sibling), redis-py arms none per command either: it had armed one per
-            # reply and wrapped every write in a task of its own.
-            async with asyncio.timeout(self._timeout):
-                replies = await pipe.execute(raise_on_error=False)
+            # One bound for the whole pipeline, on a client without a socket timeout (see
+            # eventstore.redisclient.untimed_sibling).
+            replies = await execute_bounded(pipe, self._timeout, raise_on_error=False)
         except BaseException as exc:  # every caller of this pipeline gets it
             failure: BaseException = exc
-            if isinstance(exc, TimeoutError):
-                failure = RedisTimeoutError(f"Redis did not answer within {self._timeout}s")
-            elif not isinstance(exc, Exception):
+            if not isinstance(exc, Exception):
                 failure = RedisConnectionError("the pipeline was cancelled")
             for _, future in queued:
                 if not future.done():
@@ -110,12 +107,3 @@ class AutoPipeline:
         """Wait for the pipelines in flight (their callers are owed an answer)."""
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
-
-
-def untimed_sibling(redis: Redis) -> Redis:
-    """A client of the same server, with connections of its own and no socket timeout: for an
-    :class:`AutoPipeline`, which bounds each pipeline as a whole. Close it with ``aclose``."""
-    options = {**redis.connection_pool.connection_kwargs, "socket_timeout": None}
-    options["socket_connect_timeout"] = None
-    pool = ConnectionPool(connection_class=redis.connection_pool.connection_class, **options)
-    return Redis.from_pool(pool)

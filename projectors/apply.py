@@ -8,12 +8,14 @@ that no row written earlier in the same batch can bring an erased value back.
 Items that cannot be applied become dead letters (same transaction): poison records the codec
 could not decode, and events whose projection raised. Unknown types are skipped and counted.
 
-*Assumed keys.* A large batch (a replay's) does not read the rows its new messages would
-replace: a ``MessageSent`` creates its row only if the id is new
-(:func:`~projectors.projection.creates`), and nearly every id is. The batch assumes them absent,
-inside a savepoint, and writes its new rows with ``COPY``, which the primary key refuses if one
-was stored after all; then the savepoint is rolled back and the batch applied again reading
-every key. Either way the outcome is the same; the assumption saves a lookup per message.
+*Assumed keys.* A batch does not read the rows its new messages would replace: a
+``MessageSent`` creates its row only if the id is new (:func:`~projectors.projection.creates`),
+and nearly every id is. The batch assumes them absent, inside a savepoint, and inserts its new
+rows without a conflict clause (``COPY`` for many), which the primary key refuses if one was
+stored after all; then the savepoint is rolled back and the batch applied again reading every
+key. Either way the outcome is the same. The assumption saves a lookup per message: in a live
+batch, the read of the messages table had been most of PostgreSQL's work (and whenever the
+table had grown since its statistics were taken, a sequential scan of it).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from eventstore.codec import envelope_headers
 from projectors import schema
 from projectors.metrics import ASSUMED_KEYS_TAKEN, EVENTS
 from projectors.projection import Drop, EraseUser, Put, creates, needs, project
-from projectors.rows import Key, Row
+from projectors.rows import ConversationRow, Key, Row
 from projectors.schema import Table, checked_schema_name, in_schema
-from projectors.tables import COPY_FROM_ROWS, delete_rows, insert_rows, load_rows, upsert_rows
+from projectors.tables import delete_rows, insert_rows, load_rows, upsert_rows
 from schemas import ConversationEvent, Event, UserErased
 
 log = structlog.get_logger(__name__)
@@ -53,6 +55,9 @@ class Applied(msgspec.Struct):
     """Users whose set of conversations changed."""
     conversations: set[uuid.UUID] = msgspec.field(default_factory=set)
     """Conversations whose summary row changed."""
+    conversation_rows: dict[uuid.UUID, ConversationRow] = msgspec.field(default_factory=dict)
+    """The changed rows of :attr:`conversations` as the projection left them; an erasure's
+    set-based redaction may have changed them since (see :attr:`erased`)."""
     erased: list[uuid.UUID] = msgspec.field(default_factory=list)
     """Users erased by this batch, in log order."""
     redacted_conversations: set[uuid.UUID] = msgspec.field(default_factory=set)
@@ -150,7 +155,10 @@ def _note_changes(applied: Applied, work: _WorkingSet) -> None:
     for conversation_id, user_id in work.changed.get(schema.MEMBERS.name, ()):
         applied.membership.add(conversation_id)
         applied.member_users.add(user_id)
-    applied.conversations.update(key[0] for key in work.changed.get(schema.CONVERSATIONS.name, ()))
+    for (conversation_id,), row in work.changed.get(schema.CONVERSATIONS.name, {}).items():
+        applied.conversations.add(conversation_id)
+        if isinstance(row, ConversationRow):
+            applied.conversation_rows[conversation_id] = row
 
 
 def _text_headers(headers: Iterable[tuple[str, bytes]]) -> str:
@@ -250,7 +258,7 @@ async def apply_items(
     batch shares it, before touching any row: an erasure then never runs beside another batch,
     so the two can neither deadlock on rows nor write over each other.
 
-    A batch creating many rows assumes their keys absent (see the module doc).
+    A batch creating rows assumes their keys absent (see the module doc).
     """
     schema_name = checked_schema_name(schema_name)
     erases = any(isinstance(i, RecordedEvent) and isinstance(i.event, UserErased) for i in items)
@@ -258,7 +266,7 @@ async def apply_items(
         _ERASURE_EXCLUSIVE_SQL if erases else _ERASURE_SHARED_SQL, _ERASURE_LOCK_CLASS, schema_name
     )
     events = [i.event for i in items if isinstance(i, RecordedEvent)]
-    if sum(1 for e in events if creates(e) is not None) >= COPY_FROM_ROWS:
+    if any(creates(e) is not None for e in events):
         try:
             async with conn.transaction():  # a savepoint: the caller's transaction goes on
                 outcome = await _apply(conn, schema_name, layout, items, events, assume_new=True)

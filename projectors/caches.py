@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, cast
 
 import msgspec
 from redis.asyncio import Redis
 from redis.typing import EncodableT
 
-from eventstore import Connection, Pool
+from eventstore import Connection, Pool, RecordedEvent
 from eventstore.cloudevents import frame
+from eventstore.redisclient import execute_bounded
 from projectors.apply import Applied
 from projectors.read.contract import (
     LIVE_SCHEMA,
@@ -77,7 +78,12 @@ _USER_CONVERSATIONS_SQL: Final = (
 
 
 class Caches:
-    """Writes the caches of one namespace (the deployment's topic prefix)."""
+    """Writes the caches of one namespace (the deployment's topic prefix).
+
+    Every round trip is bounded as a whole (:func:`~eventstore.redisclient.execute_bounded`),
+    so ``redis`` may be an :func:`~eventstore.redisclient.untimed_sibling`, which spares
+    redis-py a timer per reply (the worker's is).
+    """
 
     def __init__(self, redis: Redis, namespace: str) -> None:
         self._redis = redis
@@ -87,15 +93,7 @@ class Caches:
         """Bring the caches in line with the batch ``applied`` describes (see module doc)."""
         ns = self.namespace
         pipe = self._redis.pipeline(transaction=True)
-        recent: set[str] = set()
-        for recorded in applied.events:
-            key = recent_key(ns, recorded.event.stream_id)
-            offset = recorded.position.offset
-            pipe.zremrangebyscore(key, offset, offset)
-            pipe.zadd(key, {frame(recorded): offset})
-            recent.add(key)
-        for key in recent:
-            pipe.zremrangebyrank(key, 0, -(RECENT_LIMIT + 1))
+        _write_recent(pipe, ns, applied.events)
         if applied.membership:
             rows = await conn.fetch(
                 in_schema(schema, _MEMBERS_SQL + _SOME), list(applied.membership)
@@ -106,15 +104,20 @@ class Caches:
                 in_schema(schema, _USER_CONVERSATIONS_SQL), list(applied.member_users)
             )
             _replace_user_conversations(pipe, ns, applied.member_users, rows)
-        if applied.conversations:
-            rows = await conn.fetch(
-                in_schema(schema, _SUMMARY_SQL + _SOME), list(applied.conversations)
+        summaries: list[Mapping[str, Any]] = []
+        unread = applied.conversations
+        if not applied.erased:  # an erasure may have redacted rows since the projection
+            summaries.extend(msgspec.structs.asdict(r) for r in applied.conversation_rows.values())
+            unread = unread - applied.conversation_rows.keys()
+        if unread:
+            summaries.extend(
+                await conn.fetch(in_schema(schema, _SUMMARY_SQL + _SOME), list(unread))
             )
-            for row in rows:
-                key = summary_key(ns, row["conversation_id"])
-                pipe.delete(key)
-                pipe.hset(key, mapping=_summary(row))
-        await pipe.execute()
+        for row in summaries:
+            key = summary_key(ns, row["conversation_id"])
+            pipe.delete(key)
+            pipe.hset(key, mapping=_summary(row))
+        await execute_bounded(pipe)
         if applied.erased:
             await self._redact_recent(set(applied.erased), applied.redacted_conversations)
 
@@ -122,16 +125,35 @@ class Caches:
         self, erased: set[uuid.UUID], conversations: Iterable[uuid.UUID]
     ) -> None:
         users = {str(u) for u in erased}
+        keys = [recent_key(self.namespace, c) for c in sorted(conversations)]
+        reads = self._redis.pipeline(transaction=False)
+        for key in keys:
+            reads.zrange(key, 0, -1, withscores=True)
         pipe = self._redis.pipeline(transaction=True)
-        for conversation_id in sorted(conversations):
-            key = recent_key(self.namespace, conversation_id)
-            entries = await self._redis.zrange(key, 0, -1, withscores=True)
+        for key, entries in zip(keys, await execute_bounded(reads), strict=True):
             for raw, score in cast(list[tuple[bytes, float]], entries):
                 rewritten = redact_frame(raw, users)
                 if rewritten is not None:
                     pipe.zremrangebyscore(key, score, score)
                     pipe.zadd(key, {rewritten: score})
-        await pipe.execute()
+        await execute_bounded(pipe)
+
+
+def _write_recent(pipe: Any, ns: str, events: Iterable[RecordedEvent]) -> None:
+    """Each event's frame at its offset in its conversation's recent history, replacing what sat
+    there, then the history trimmed to :data:`RECENT_LIMIT`: per conversation, one removal of
+    the batch's span of offsets and one ``ZADD`` of all its frames. A batch holds every record
+    of its partitions' spans and a conversation lives in one partition, so the only entries in
+    the span are the batch's own events, from an earlier application of the same records."""
+    history: dict[str, dict[EncodableT, float]] = defaultdict(dict)
+    for recorded in events:
+        key = recent_key(ns, recorded.event.stream_id)
+        history[key][frame(recorded)] = recorded.position.offset
+    for key, frames in history.items():
+        offsets = frames.values()
+        pipe.zremrangebyscore(key, min(offsets), max(offsets))
+        pipe.zadd(key, frames)
+        pipe.zremrangebyrank(key, 0, -(RECENT_LIMIT + 1))
 
 
 def redact_frame(raw: bytes, users: set[str]) -> bytes | None:

@@ -43,28 +43,27 @@ async def claim(conn: Connection, schema: str, ranges: Mapping[Partition, Offset
 
     A partition without a row is being applied for the first time: the batch's first offset
     is recorded (the row is created and locked by this transaction). Two members racing on it
-    serialise on the primary key, and the loser sees the winner's offset.
+    serialise on the primary key, and the loser sees the winner's offset. Rows exist after a
+    partition's first batch, so the insert is only tried when the lock found one missing.
     """
     ordered = sorted(ranges.items())  # one lock order for every member: no deadlocks
     topics = [t for (t, _), _ in ordered]
     partitions = [p for (_, p), _ in ordered]
-    firsts = [r.first for _, r in ordered]
-    await conn.execute(
-        in_schema(
-            schema,
-            "INSERT INTO {schema}.offsets (topic, partition, next_offset) "
-            "SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[]) "
-            "ON CONFLICT (topic, partition) DO NOTHING",
-        ),
-        topics,
-        partitions,
-        firsts,
-    )
-    rows = await conn.fetch(
-        in_schema(schema, _STORED_SQL + " ORDER BY o.topic, o.partition FOR UPDATE OF o"),
-        topics,
-        partitions,
-    )
+    locking = in_schema(schema, _STORED_SQL + " ORDER BY o.topic, o.partition FOR UPDATE OF o")
+    rows = await conn.fetch(locking, topics, partitions)
+    if len(rows) < len(ordered):
+        await conn.execute(
+            in_schema(
+                schema,
+                "INSERT INTO {schema}.offsets (topic, partition, next_offset) "
+                "SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[]) "
+                "ON CONFLICT (topic, partition) DO NOTHING",
+            ),
+            topics,
+            partitions,
+            [r.first for _, r in ordered],
+        )
+        rows = await conn.fetch(locking, topics, partitions)
     stored = {(r[0], r[1]): r[2] for r in rows}
     moved = {p: (stored.get(p), r.first) for p, r in ranges.items() if stored.get(p) != r.first}
     if moved:

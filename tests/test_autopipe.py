@@ -14,7 +14,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventstore import Settings
-from ingest.autopipe import AutoPipeline, untimed_sibling
+from eventstore.redisclient import untimed_sibling
+from ingest.autopipe import AutoPipeline
 from ingest.commands import SENDS_NOT_REMEMBERED, _sent_recorded
 from ops.stack.ports import ephemeral_port
 
