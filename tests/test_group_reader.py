@@ -129,7 +129,7 @@ async def test_a_lingering_reader_gets_records_appended_one_by_one_in_few_batche
 
 
 def test_projector_linger_setting() -> None:
-    assert linger_ms({}) == 5
+    assert linger_ms({}) == 20
     assert linger_ms({"BACKBONE_PROJECTOR_LINGER_MS": "0"}) == 0
     with pytest.raises(ConfigError):
         linger_ms({"BACKBONE_PROJECTOR_LINGER_MS": "soon"})
