@@ -45,6 +45,8 @@ async def test_bench_project_writes_its_figures(stack: StackInfo, tmp_path: Path
     assert replay["per_second"] > 0
     assert document["results"][3]["count"] == 40
     assert document["live_p99_ms"] >= document["live_p50_ms"] > 0
+    assert document["live_worker_cpu_us_per_event"] > 0
+    assert 1 <= document["live_events_per_batch"] <= 40
     assert document["replay_vs_copy"] > 0
     # Every bench records how fast this machine ran Python, to compare figures across days.
     assert document["machine"]["reference_loop_ns"] > 0

@@ -48,7 +48,7 @@ from eventstore import Settings, TopicLayout, load_settings, provision_topics
 from eventstore.producer import default_producer_factory
 from eventstore.runtime import NICE_ENV
 from ops.bench.project import delete_topics_and_caches
-from ops.bench.report import Figures, figures, table, write_json
+from ops.bench.report import CpuMeter, Figures, figures, table, write_json
 from ops.environment import stack_env
 from ops.provision import migrate_all
 from ops.stack import default_stack_dir, stack_up
@@ -453,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
         bare_port = ephemeral_port()
         dep.spawn("bare", ["-m", "ops.bench.bare", str(bare_port)])
         _wait_port(bare_port)
-        bare_cpu = _CpuMeter(dep.procs["bare"][0].pid)
+        bare_cpu = CpuMeter(dep.procs["bare"][0].pid)
         bare = run_wrk(
             f"http://127.0.0.1:{bare_port}",
             {**wrk_env, "BENCH_RUN": "bare"},
@@ -472,7 +472,7 @@ def run(args: argparse.Namespace) -> int:
         profiler = None
         if args.profile:
             profiler = _Profiler(dep.procs["ingest"][0].pid, seconds, profile_out)
-        ingest_cpu = _CpuMeter(dep.procs["ingest"][0].pid)
+        ingest_cpu = CpuMeter(dep.procs["ingest"][0].pid)
         one = run_wrk(
             base,
             {**wrk_env, "BENCH_RUN": f"one{uuid.uuid4().hex[:6]}"},
@@ -567,23 +567,6 @@ def run(args: argparse.Namespace) -> int:
     write_json(Path(args.json), "ingest", params, rows, extra)
     print(f"wrote {args.json}")
     return 0
-
-
-class _CpuMeter:
-    """CPU seconds (user + system) a process spends from now on, per request."""
-
-    def __init__(self, pid: int) -> None:
-        self._stat = Path(f"/proc/{pid}/stat")
-        self._start = self._seconds()
-
-    def _seconds(self) -> float:
-        # Fields 14 and 15 (utime, stime), in clock ticks; the command name may hold spaces.
-        fields = self._stat.read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def per(self, requests: int) -> float:
-        """Microseconds of CPU per request since this meter was made."""
-        return round((self._seconds() - self._start) / max(1, requests) * 1e6, 1)
 
 
 class _Profiler:

@@ -17,7 +17,9 @@ One run, the local stack, fresh topics and fresh databases (dropped afterwards):
 4. **live latency**: the projector worker (``python -m projectors``, its own process) running
    on other fresh topics; messages appended at ``--live-rate`` per second; latency from the
    start of each append to the commit that made its row visible (PostgreSQL's commit
-   timestamp, read after the run: nothing polls meanwhile).
+   timestamp, read after the run: nothing polls meanwhile); beside it, the worker's CPU per
+   event and the events per batch (distinct committing transactions), what following a live
+   rate costs.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from eventstore import (
     provision_topics,
 )
 from eventstore.runtime import tune_gc
-from ops.bench.report import Figures, figures, table, write_json
+from ops.bench.report import CpuMeter, Figures, figures, table, write_json
 from ops.environment import stack_env, stack_settings
 from ops.stack import StackInfo, default_stack_dir, stack_up
 from projectors import rebuild
@@ -325,8 +327,11 @@ async def _applied(pool: asyncpg.Pool[asyncpg.Record]) -> dict[tuple[str, int], 
     return {(r[0], r[1]): r[2] for r in rows}
 
 
-async def live_latency(info: StackInfo, base: Settings, count: int, rate: float) -> Figures:
-    """Append ``count`` messages at ``rate``/s with the worker running; append -> applied."""
+async def live_latency(
+    info: StackInfo, base: Settings, count: int, rate: float
+) -> tuple[Figures, dict[str, float]]:
+    """Append ``count`` messages at ``rate``/s with the worker running; append -> applied,
+    and what following them cost the worker: CPU per event, events per batch."""
     async with fresh_deployment(base, "live") as settings, await EventStore.open(settings) as store:
         await ensure_live_schema(store.pool)
         seed = workload(400, seed=7)
@@ -345,19 +350,21 @@ async def live_latency(info: StackInfo, base: Settings, count: int, rate: float)
             stderr=asyncio.subprocess.DEVNULL,
         )
         try:
-            return await _measure_live(store, seed, count, rate)
+            return await _measure_live(store, seed, count, rate, worker.pid)
         finally:
             worker.terminate()
             await worker.wait()
 
 
 _COMMITTED_SQL: Final = (
-    "SELECT message_id, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 "
-    "FROM {schema}.messages WHERE message_id = ANY($1::uuid[])"
+    "SELECT message_id, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8, "
+    "xmin::text FROM {schema}.messages WHERE message_id = ANY($1::uuid[])"
 )
 
 
-async def _measure_live(store: EventStore, seed: Workload, count: int, rate: float) -> Figures:
+async def _measure_live(
+    store: EventStore, seed: Workload, count: int, rate: float, worker_pid: int
+) -> tuple[Figures, dict[str, float]]:
     """Append ``count`` messages at ``rate`` a second; each one's latency runs from the start
     of its append to the commit of the transaction that made its row visible.
 
@@ -393,6 +400,7 @@ async def _measure_live(store: EventStore, seed: Workload, count: int, rate: flo
         key = (store.layout.topic("conversation"), recorded.position.partition)
         written[key] = max(written.get(key, 0), recorded.position.offset + 1)
 
+    worker_cpu = CpuMeter(worker_pid)
     started = time.perf_counter()
     sends = []
     for i in range(count):
@@ -409,11 +417,15 @@ async def _measure_live(store: EventStore, seed: Workload, count: int, rate: flo
         "the live messages",
     )
     seconds = time.perf_counter() - started
+    cpu_per_event = worker_cpu.per(count)
     committed = await pool.fetch(in_schema(LIVE_SCHEMA, _COMMITTED_SQL), list(started_at))
-    latencies = [at - started_at[message_id] for message_id, at in committed]
+    latencies = [at - started_at[message_id] for message_id, at, _ in committed]
     if len(latencies) != count:
         raise RuntimeError(f"{count - len(latencies)} live messages have no row")
-    return figures("live: append -> applied (worker)", latencies, seconds, note=f"{rate:g}/s")
+    per_batch = count / len({transaction for _, _, transaction in committed})
+    cost = {"live_worker_cpu_us_per_event": cpu_per_event, "live_events_per_batch": per_batch}
+    note = f"{rate:g}/s"
+    return figures("live: append -> applied (worker)", latencies, seconds, note=note), cost
 
 
 async def _until(
@@ -436,8 +448,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def measure() -> tuple[list[Figures], dict[str, object]]:
         rows, extra = await replay_and_copy(base, args.events, args.batch, args.workers)
-        rows.append(await live_latency(info, base, args.live_events, args.live_rate))
-        return rows, extra
+        live, cost = await live_latency(info, base, args.live_events, args.live_rate)
+        return [*rows, live], {**extra, **cost}
 
     rows, extra = asyncio.run(measure())
     _, replayed, copied, live = rows
@@ -446,6 +458,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"replay: {replayed.per_second:,.0f} events/s (goal >= {GOAL_REPLAY:,.0f})")
     print(f"replay / raw COPY: {vs_copy:.1%} (goal >= {GOAL_VS_COPY:.0%})")
     print(f"live p99: {live.p99_ms} ms (goal <= {GOAL_LIVE_P99_MS:g} ms)")
+    print(
+        f"live: the worker spent {extra['live_worker_cpu_us_per_event']:,.0f} µs of CPU an event, "
+        f"{extra['live_events_per_batch']:.1f} events a batch"
+    )
     write_json(
         Path(args.json),
         "project",

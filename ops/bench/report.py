@@ -101,3 +101,20 @@ def write_json(
         **(extra or {}),
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+class CpuMeter:
+    """CPU seconds (user + system) a process spends from now on, per unit of work."""
+
+    def __init__(self, pid: int) -> None:
+        self._stat = Path(f"/proc/{pid}/stat")
+        self._start = self._seconds()
+
+    def _seconds(self) -> float:
+        # Fields 14 and 15 (utime, stime), in clock ticks; the command name may hold spaces.
+        fields = self._stat.read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def per(self, units: int) -> float:
+        """Microseconds of CPU per unit (request, event) since this meter was made."""
+        return round((self._seconds() - self._start) / max(1, units) * 1e6, 1)
