@@ -270,6 +270,32 @@ async def test_an_unreachable_database_stops_start_up_naming_it(settings: Settin
     assert "secret" not in str(caught.value), "the password is not printed"
 
 
+@pytest.mark.parametrize("keep_sessions", [False, True])
+async def test_a_pool_keeping_sessions_skips_the_reset_but_not_the_rollback(
+    settings: Settings, keep_sessions: bool
+) -> None:
+    """``keep_sessions``: a released connection keeps its session settings (no reset statement
+    per use), yet a transaction left open is still rolled back; the default resets both."""
+    from eventstore import create_pool
+
+    pool = await create_pool(
+        settings.postgres_dsn, min_size=1, max_size=1, keep_sessions=keep_sessions
+    )
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("SET application_name = 'kept'")
+            await conn.execute("CREATE TEMP TABLE left_open (n int)")
+            await conn.execute("BEGIN")
+            await conn.execute("INSERT INTO left_open VALUES (1)")
+        async with pool.acquire() as conn:
+            kept = await conn.fetchval("SHOW application_name") == "kept"
+            assert kept is keep_sessions
+            if keep_sessions:
+                assert await conn.fetchval("SELECT count(*) FROM left_open") == 0
+    finally:
+        await pool.close()
+
+
 async def test_a_reader_used_again_after_reading_to_the_end_leaves_no_gap(
     store: EventStore,
 ) -> None:

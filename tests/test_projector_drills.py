@@ -128,6 +128,10 @@ class Worker:
                 return float(line.split()[1])
         raise AssertionError("no batch metric")
 
+    async def assigned(self) -> bool:
+        """Whether the worker has been given partitions (its log says so)."""
+        return self._log.exists() and b"reader.assigned" in self._log.read_bytes()
+
     async def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -248,6 +252,9 @@ async def test_two_workers_with_a_rebalance_mid_stream_build_the_same_model(
 
         await wait_for(started, 60, "the first worker is applying")
         await second.start()  # the group rebalances while the first one is mid-stream
+        # The rest arrives once the second holds partitions: a first worker that is quick
+        # enough could otherwise apply the whole log before the rebalance ends.
+        await wait_for(second.assigned, 60, "the second worker was given partitions")
         await produce(store, events[split:])
         end = await log_end(store)
 

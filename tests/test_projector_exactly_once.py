@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 
 from eventstore import Batch, RecordedEvent, create_pool
 from eventstore.consumer import Partition, PositionsMoved
-from projectors.caches import rebuild_caches
+from projectors.caches import rebuild_caches, summary_key
 from projectors.checksum import checksum
 from projectors.dead_letters import list_dead_letters, retry_dead_letter
 from projectors.metrics import EVENTS
@@ -244,6 +244,25 @@ async def test_membership_caches_can_be_dropped_and_rebuilt_from_postgres(world:
     assert {r: await world.redis.hgetall(members_key(world.namespace, r)) for r in rooms} == before
     assert await world.redis.smembers(user_conversations_key(world.namespace, bob)) == convs
     assert len(convs) == len(rooms)
+
+
+async def test_a_summary_a_batch_writes_equals_the_one_rebuilt_from_postgres(world: World) -> None:
+    """A batch writes summaries from the rows it projected, a rebuild from the stored rows:
+    the two must agree field for field (times, counts, last message)."""
+    owner, bob, room = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await world.write(
+        [group(room, owner, bob), message(room, owner, "hi"), message(room, bob, "yo")]
+    )
+    await world.catch_up()
+    key = summary_key(world.namespace, room)
+    written = await world.redis.hgetall(key)
+    assert written[b"message_count"] == b"2"
+    assert written[b"member_count"] == b"2"
+    await world.redis.delete(key)
+
+    await rebuild_caches(world.store.pool, world.redis, world.namespace)
+
+    assert await world.redis.hgetall(key) == written
 
 
 async def test_group_reader_reseeks_when_the_stored_positions_moved(world: World) -> None:
