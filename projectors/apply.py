@@ -10,12 +10,12 @@ could not decode, and events whose projection raised. Unknown types are skipped 
 
 *Assumed keys.* A batch does not read the rows its new messages would replace: a
 ``MessageSent`` creates its row only if the id is new (:func:`~projectors.projection.creates`),
-and nearly every id is. The batch assumes them absent, inside a savepoint, and inserts its new
-rows without a conflict clause (``COPY`` for many), which the primary key refuses if one was
-stored after all; then the savepoint is rolled back and the batch applied again reading every
-key. Either way the outcome is the same. The assumption saves a lookup per message: in a live
-batch, the read of the messages table had been most of PostgreSQL's work (and whenever the
-table had grown since its statistics were taken, a sequential scan of it).
+and nearly every id is. The batch assumes them absent, inside a savepoint, and writes its new
+rows with ``COPY``, which the primary key refuses if one was stored after all; then the
+savepoint is rolled back and the batch applied again reading every key. Either way the outcome
+is the same. The assumption saves a lookup per message: in a live batch, the read of the
+messages table had been most of PostgreSQL's work (and whenever the table had grown since its
+statistics were taken, a sequential scan of it).
 """
 
 from __future__ import annotations

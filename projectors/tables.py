@@ -8,8 +8,11 @@ Large upserts (a replay's batches) go through binary ``COPY`` into a temporary s
 and one ``INSERT ... SELECT ... ON CONFLICT`` from it instead: asyncpg encodes array
 parameters element by element with generic type checks, which cost more than the database's
 own work on a replay; ``COPY`` encodes records directly. Small batches (the live projector's)
-keep the single ``unnest`` statement: a round trip less. Rows the batch found (or assumed)
-absent go straight into the table (:func:`insert_rows`), with no staging and no conflict check.
+keep the single ``unnest`` statement: a round trip less. Rows whose keys the batch assumed
+absent are copied straight into the table (:func:`insert_rows`), with no staging and no
+conflict check, however few: one round trip, and cheaper than an ``unnest`` insert from one
+row up (50 messages: 476 against 596 µs of client CPU, 1.1 against 1.4 ms in all). Many rows
+found absent are copied the same way, inside a savepoint.
 """
 
 from __future__ import annotations
@@ -61,17 +64,11 @@ def load_sql(schema: str, table: Table) -> str:
 
 @functools.cache
 def upsert_sql(schema: str, table: Table) -> str:
-    return f"{insert_sql(schema, table)} {_on_conflict(table)}"
-
-
-@functools.cache
-def insert_sql(schema: str, table: Table) -> str:
-    """Insert rows given as one array per column; a taken key fails the statement."""
     schema = checked_schema_name(schema)
     names = [c.name for c in table.columns]
     return (
         f"INSERT INTO {schema}.{table.name} ({', '.join(_name(n) for n in names)}) "  # noqa: S608 - names from TABLES
-        f"SELECT * FROM unnest({_params(table, names)})"
+        f"SELECT * FROM unnest({_params(table, names)}) {_on_conflict(table)}"
     )
 
 
@@ -164,16 +161,11 @@ async def upsert_rows(conn: Connection, schema: str, table: Table, rows: Sequenc
     if len(rows) >= COPY_FROM_ROWS:
         await _upsert_staged(conn, schema, table, rows)
         return
-    await conn.execute(upsert_sql(schema, table), *_columns(table, rows))
-
-
-def _columns(table: Table, rows: Sequence[Row]) -> list[Sequence[Any]]:
-    """``rows`` as one array per column, the parameters of an ``unnest`` statement."""
     # Row fields are the table's columns in order (a test pins it): transpose, not getattr.
     columns: list[Sequence[Any]] = list(zip(*map(msgspec.structs.astuple, rows), strict=True))
     for i in _json_columns(table):
         columns[i] = [None if v is None else msgspec.json.encode(v).decode() for v in columns[i]]
-    return columns
+    await conn.execute(upsert_sql(schema, table), *columns)
 
 
 async def insert_rows(
@@ -186,18 +178,14 @@ async def insert_rows(
     rows, so nothing does today), the ``COPY`` fails inside a savepoint and the rows are upserted
     instead: the outcome is :func:`upsert_rows`' either way.
 
-    ``assumed``: some keys were assumed absent, never read. Then the rows are inserted with no
-    conflict clause (copied, if many) and a taken key raises
-    :class:`asyncpg.UniqueViolationError` (the caller applies the batch again, reading every
-    key), where an upsert would silently replace the stored row.
+    ``assumed``: some keys were assumed absent, never read. Then the rows are always copied and
+    a taken key raises :class:`asyncpg.UniqueViolationError` (the caller applies the batch
+    again, reading every key), as an upsert would silently replace the stored row.
     """
     if not rows:
         return
     if assumed:
-        if len(rows) < COPY_FROM_ROWS:
-            await conn.execute(insert_sql(schema, table), *_columns(table, rows))
-        else:
-            await _copy(conn, table, rows, table.name, checked_schema_name(schema))
+        await _copy(conn, table, rows, table.name, checked_schema_name(schema))
         return
     if len(rows) < COPY_FROM_ROWS:
         await upsert_rows(conn, schema, table, rows)

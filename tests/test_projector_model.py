@@ -345,14 +345,13 @@ def _assumed_keys_taken() -> float:
     return REGISTRY.get_sample_value("backbone_projector_assumed_keys_taken_total") or 0.0
 
 
-@pytest.mark.parametrize("count", [COPY_FROM_ROWS + 20, 6], ids=["copied", "inserted"])
+@pytest.mark.parametrize("count", [COPY_FROM_ROWS + 20, 6], ids=["large", "small"])
 async def test_a_batch_assumes_its_messages_new_and_a_taken_id_is_left_alone(
     world: World, count: int
 ) -> None:
-    """A batch of ``MessageSent`` does not read their ids: it inserts the rows (copies them, if
-    many) and lets the primary key refuse a taken one. One id stored by an earlier batch (in
-    another conversation) makes the batch start over reading every key: first wins, as
-    always."""
+    """A batch of ``MessageSent``, large or small, does not read their ids: it copies the rows
+    and lets the primary key refuse a taken one. One id stored by an earlier batch (in another
+    conversation) makes the batch start over reading every key: first wins, as always."""
     alice, room = uuid.uuid4(), uuid.uuid4()
     # Both rooms in one partition: "first" is then the log's order for every reader (across
     # partitions it is whichever a reader happens to apply first).
