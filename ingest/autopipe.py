@@ -31,8 +31,6 @@ from eventstore.redisclient import PIPELINE_TIMEOUT, execute_bounded
 
 MAX_COMMANDS: Final = 512
 """Commands per pipeline at most; more queued in one turn go in further pipelines."""
-TIMEOUT: Final = PIPELINE_TIMEOUT
-"""Seconds a pipeline may take (connecting included)."""
 
 _Queued = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 
@@ -41,7 +39,7 @@ class AutoPipeline:
     """Batches the commands given to :meth:`execute_command` and :meth:`script` per loop turn."""
 
     def __init__(
-        self, redis: Redis, *, max_commands: int = MAX_COMMANDS, timeout: float = TIMEOUT
+        self, redis: Redis, *, max_commands: int = MAX_COMMANDS, timeout: float = PIPELINE_TIMEOUT
     ) -> None:
         self._redis = redis
         self._max = max_commands
