@@ -13,6 +13,14 @@ connection fails every command of that pipeline (as it would have failed each al
 caller that stopped waiting is skipped. Nothing is reordered within a request: a request waits
 for one command before it issues the next. Scripts go as ``EVALSHA``; a Redis that does not
 know the script yet (restarted, flushed) makes that call load it and run again on its own.
+
+*Deferred commands.* A command nobody waits for (the record of a send, written behind its
+answer) need not cost a pipeline of its own: :meth:`AutoPipeline.defer` queues it without
+asking for a flush, so it leaves with the next pipeline some caller does wait for, or after
+``defer_ms`` if none comes. Under load that is always the former: the records of the sends one
+Kafka acknowledgement answered rode in a pipeline of their own, and now ride with the next
+admissions (at 2,000 sends a second, ... of the pipelines). Order is still arrival order: a
+command queued after a deferred one goes in the same pipeline, behind it.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from eventstore.redisclient import PIPELINE_TIMEOUT, execute_bounded
 
 MAX_COMMANDS: Final = 512
 """Commands per pipeline at most; more queued in one turn go in further pipelines."""
+DEFER_MS: Final = 2.0
+"""How long a deferred command waits at most for a pipeline to ride with."""
 
 _Queued = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 
@@ -39,23 +49,52 @@ class AutoPipeline:
     """Batches the commands given to :meth:`execute_command` and :meth:`script` per loop turn."""
 
     def __init__(
-        self, redis: Redis, *, max_commands: int = MAX_COMMANDS, timeout: float = PIPELINE_TIMEOUT
+        self,
+        redis: Redis,
+        *,
+        max_commands: int = MAX_COMMANDS,
+        timeout: float = PIPELINE_TIMEOUT,
+        defer_ms: float = DEFER_MS,
     ) -> None:
         self._redis = redis
         self._max = max_commands
         self._timeout = timeout
+        self._defer = defer_ms / 1000
         self._queue: list[_Queued] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flushing: set[asyncio.Task[None]] = set()
+        self._scheduled: asyncio.Handle | None = None
+        """The pending flush: soon (a caller waits), or later (only deferred commands)."""
+        self._soon = False
 
     def execute_command(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command; the future resolves to its reply (or fails with its error)."""
+        """Queue one command; the future resolves to its reply (or fails with its error).
+
+        The pipeline leaves in the next turn of the loop."""
+        future = self._enqueue(args)
+        if not self._soon:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+            self._scheduled = self._bound_loop().call_soon(self._flush)
+            self._soon = True
+        return future
+
+    def defer(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command that nobody awaits at once: it leaves with the next pipeline, or
+        within ``defer_ms`` (see the module doc)."""
+        future = self._enqueue(args)
+        if self._scheduled is None:
+            self._scheduled = self._bound_loop().call_later(self._defer, self._flush)
+        return future
+
+    def _bound_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is None or loop.is_closed():
             loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
-            loop.call_soon(self._flush)
+        return loop
+
+    def _enqueue(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self._bound_loop().create_future()
         self._queue.append((args, future))
         return future
 
@@ -67,6 +106,8 @@ class AutoPipeline:
             return await script(keys=keys, args=args)
 
     def _flush(self) -> None:
+        self._scheduled = None
+        self._soon = False
         queue, self._queue = self._queue, []
         loop = self._loop
         assert loop is not None
@@ -102,6 +143,10 @@ class AutoPipeline:
                 future.set_result(reply)
 
     async def close(self) -> None:
-        """Wait for the pipelines in flight (their callers are owed an answer)."""
+        """Send what is queued, deferred commands too, and wait for the pipelines in flight
+        (their callers are owed an answer)."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._flush()
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)

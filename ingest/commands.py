@@ -14,11 +14,14 @@ terms: "ids let it drop duplicates").
 
 That memory is written behind the answer, not before it: the 202 waits for Kafka's
 acknowledgement (what makes the send durable), not for Redis. The record is queued before the
-response is written and goes out with the next pipeline, so a retry (which needs the answer
-first, then a request of its own) finds it; should Redis refuse it, the send stays answered
-(it is in the log), ``backbone_ingest_sends_not_remembered_total`` counts it, and a retry of
-it appends a second copy with the same ``message_id``, as above. Waiting for it had cost a
-third of a send's latency at half the maximum rate.
+response is written and leaves with the next pipeline (a deferred command of
+:mod:`ingest.autopipe`, at most ``DEFER_MS`` later), so a retry to the same process (which
+needs the answer first, then a request of its own, whose admission queues behind the record)
+finds it, and so does one to another process unless it comes within those milliseconds. Should
+Redis refuse it, the send stays answered (it is in the log),
+``backbone_ingest_sends_not_remembered_total`` counts it, and a retry of it appends a second
+copy with the same ``message_id``, as above. Waiting for it had cost a third of a send's
+latency at half the maximum rate.
 """
 
 from __future__ import annotations
@@ -348,10 +351,8 @@ async def _send(
             token = rec.position.token()
             answers[event.client_msg_id] = Accepted(position=token, message_id=event.message_id)
             # Written behind the answer (see the module doc): queued before the response is,
-            # it leaves for Redis in the next turn of the loop, ahead of any retry.
-            autopipe.execute_command("SET", key, token, "EX", SENT_TTL).add_done_callback(
-                _sent_recorded
-            )
+            # it rides with the next pipeline, ahead of any retry's admission.
+            autopipe.defer("SET", key, token, "EX", SENT_TTL).add_done_callback(_sent_recorded)
     return [answers[b.client_msg_id] for b in bodies]
 
 

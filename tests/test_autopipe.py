@@ -111,6 +111,43 @@ async def test_a_caller_that_stopped_waiting_does_not_disturb_the_others(
     await redis.delete(key)
 
 
+async def test_a_deferred_command_rides_with_the_next_pipeline_ahead_of_later_commands(
+    redis: CountingRedis,
+) -> None:
+    auto = AutoPipeline(redis, defer_ms=60_000)  # nothing but a waiting caller sends it
+    key = _key()
+    stored = auto.defer("SET", key, "v", "EX", 60)
+    for _ in range(5):
+        await asyncio.sleep(0)  # several turns of the loop: no pipeline of its own
+    assert redis.pipelines == 0
+    assert not stored.done()
+    assert await redis.get(key) is None
+    assert await auto.execute_command("GET", key) == b"v"  # queued behind it, same pipeline
+    assert stored.result() is True
+    assert redis.pipelines == 1
+    await redis.delete(key)
+
+
+async def test_a_deferred_command_alone_leaves_within_its_bound(redis: CountingRedis) -> None:
+    auto = AutoPipeline(redis, defer_ms=5)
+    key = _key()
+    async with asyncio.timeout(5):
+        assert await auto.defer("SET", key, "v", "EX", 60) is True
+    assert redis.pipelines == 1
+    assert await redis.get(key) == b"v"
+    await redis.delete(key)
+
+
+async def test_closing_sends_the_deferred_commands(redis: CountingRedis) -> None:
+    auto = AutoPipeline(redis, defer_ms=60_000)
+    keys = [_key() for _ in range(3)]
+    stored = [auto.defer("SET", k, "v", "EX", 60) for k in keys]
+    await auto.close()
+    assert [f.result() for f in stored] == [True] * 3
+    assert await redis.mget(keys) == [b"v"] * 3
+    await redis.delete(*keys)
+
+
 async def test_a_send_record_redis_refused_is_counted_and_logged() -> None:
     """The record of a send is written behind its answer: a failure cannot reach the client
     (the send is in the log), so it is counted instead."""
