@@ -7,6 +7,9 @@ for Prometheus, and turns every failure into problem+json (never a stack trace).
 
 from __future__ import annotations
 
+import itertools
+import os
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -49,7 +52,22 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
     if 0 < len(given) <= 64 and set(given) <= _REQUEST_ID_OK:
         return given
-    return uuid.uuid4().hex
+    return f"{_PROCESS_ID}{next(_serial):016x}"
+
+
+# Fresh request ids: 64 random bits drawn once per process, then a counter (32 hex digits, as
+# a UUID's). Unique across processes and restarts without a random draw (a system call) per
+# request; they need not be unguessable, only distinct.
+_PROCESS_ID = secrets.token_hex(8)
+_serial = itertools.count()
+
+
+def _new_process_id() -> None:
+    global _PROCESS_ID
+    _PROCESS_ID = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_new_process_id)  # a forked worker draws its own
 
 
 def _route_name(request: web.Request) -> str:
@@ -69,10 +87,24 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
     elapsed = time.perf_counter() - started
-    LATENCY.labels(route, request.method).observe(elapsed)
-    REQUESTS.labels(route, request.method, str(response.status)).inc()
+    method = request.method
+    timer = _timers.get((route, method))
+    if timer is None:
+        timer = _timers[route, method] = LATENCY.labels(route, method)
+    timer.observe(elapsed)
+    status = response.status
+    counter = _counters.get((route, method, status))
+    if counter is None:
+        counter = _counters[route, method, status] = REQUESTS.labels(route, method, str(status))
+    counter.inc()
     response.headers["X-Request-Id"] = request_id
     return response
+
+
+# The labelled children, looked up once: ``labels()`` validates, locks and builds its key on
+# every call. Routes, methods and statuses are few (unmatched paths share one route name).
+_timers: dict[tuple[str, str], Any] = {}
+_counters: dict[tuple[str, str, int], Any] = {}
 
 
 async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:

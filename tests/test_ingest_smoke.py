@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import ingest.http
 from eventstore import RecordedEvent
 from tests.system_fixtures import System
 
@@ -64,3 +67,27 @@ async def test_request_id_is_the_events_correlation_id_and_metrics_count(system:
     ready = await api.call("GET", "/readyz")
     assert ready.status == 200
     assert ready.body["checks"] == {"postgres": "ok", "redis": "ok", "kafka": "ok"}
+
+
+async def test_fresh_request_ids_are_distinct(system: System) -> None:
+    api = system.api
+    ids = [(await api.call("GET", "/healthz")).headers["X-Request-Id"] for _ in range(3)]
+    assert len(set(ids)) == 3
+    assert all(len(i) == 32 and set(i) <= set("0123456789abcdef") for i in ids)
+    assert {i[:16] for i in ids} == {ingest.http._PROCESS_ID}
+
+
+def test_a_forked_process_draws_its_own_request_id_prefix() -> None:
+    prefix = ingest.http._PROCESS_ID
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child reports its prefix and leaves at once
+        os.write(writer, ingest.http._PROCESS_ID.encode())
+        os._exit(0)
+    os.close(writer)
+    _, status = os.waitpid(child, 0)
+    theirs = os.read(reader, 64).decode()
+    os.close(reader)
+    assert status == 0
+    assert len(theirs) == 16
+    assert theirs != prefix
