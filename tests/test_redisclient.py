@@ -15,6 +15,9 @@ COMMANDS = [
     ("EVALSHA", "0" * 40, 2, "k:one", "k:two", "1", 2, 0.25, "ünïcode"),
     ("CONFIG GET", "maxmemory"),
     ("HSET", b"hash", "field", b"\x00\xff binary"),
+    ("SET", "view", memoryview(b"from a view")),
+    ("SET", "array", bytearray(b"from an array")),
+    ("CLIENT SETINFO", "LIB-NAME", "redis-py"),
 ]
 
 
