@@ -41,7 +41,7 @@ class HiredisPackingConnection(Connection):
         first = args[0]
         if isinstance(first, str) and " " not in first:
             # hiredis directly: the serializer first passes every argument through a Python
-            # generator (bytes of a memoryview), a third of its time for the admission script.
+            # generator (bytes of a memoryview), two thirds of its time for the admission script.
             try:
                 return [_pack(args)]
             except TypeError:  # a memoryview or bytearray: the serializer converts it

@@ -102,7 +102,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 # The labelled children, looked up once: ``labels()`` validates, locks and builds its key on
-# every call. Routes, methods and statuses are few (unmatched paths share one route name).
+# every call. One entry per child the metrics hold anyway (unmatched paths share one route).
 _timers: dict[tuple[str, str], Any] = {}
 _counters: dict[tuple[str, str, int], Any] = {}
 
