@@ -223,6 +223,7 @@ def _ms(now: float | None) -> str:
     return "" if now is None else repr(now * 1000)
 
 
+@functools.lru_cache(maxsize=65536)  # parsing an address is most of a request's limit cost
 def ip_key(ip: str) -> str:
     """What an address is counted as: itself for IPv4, its /64 for IPv6."""
     try:
@@ -232,6 +233,13 @@ def ip_key(ip: str) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
+
+
+@functools.lru_cache(maxsize=256)
+def _gcra_args(limit: Limit) -> tuple[str, str]:
+    """The script's arguments for ``limit``: the emission interval and the window (ms)."""
+    interval = 1000 / limit.rate
+    return repr(interval), repr(interval * limit.burst)
 
 
 class RateLimiter:
@@ -272,10 +280,9 @@ class RateLimiter:
         ):
             if limit is None or subject is None:
                 continue
-            interval = 1000 / limit.rate
             keys.append(f"{self.namespace}:rl:{endpoint_class}:{scope}:{subject}")
             scopes.append(scope)
-            args += [repr(interval), repr(interval * limit.burst)]
+            args += _gcra_args(limit)
         if not keys:
             return None
         return Counting(endpoint_class, tuple(keys), tuple(args), tuple(scopes))
