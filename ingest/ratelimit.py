@@ -223,7 +223,7 @@ def _ms(now: float | None) -> str:
     return "" if now is None else repr(now * 1000)
 
 
-@functools.lru_cache(maxsize=65536)  # parsing an address is most of a request's limit cost
+@functools.lru_cache(maxsize=4096)  # as _parse_address: the same few peers send every request
 def ip_key(ip: str) -> str:
     """What an address is counted as: itself for IPv4, its /64 for IPv6."""
     try:
