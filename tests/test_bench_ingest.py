@@ -6,13 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import cast
 
-from eventstore import Settings
 from ops.bench.cores import CoreSplit
-from ops.bench.ingest import Deployment, WrkResult
+from ops.bench.ingest import WrkResult
 from ops.cli import main
 from ops.stack import StackInfo
 
@@ -99,27 +96,3 @@ def test_core_split_puts_the_subject_alone_and_restores_every_mask() -> None:
         for proc in (subject, other):
             proc.kill()
             proc.wait()
-
-
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-
-
-def test_deployment_pauses_a_tier_for_the_block_only(tmp_path: Path) -> None:
-    dep = Deployment({**os.environ}, cast(Settings, None), tmp_path)
-    dep.spawn("projectors", ["-c", "import time; time.sleep(60)"])
-    (proc,) = dep.procs["projectors"]
-
-    def until(stopped: bool, what: str) -> None:
-        deadline = time.monotonic() + 10  # a signal is delivered a moment after kill()
-        while (_state(proc.pid) == "T") != stopped:
-            assert time.monotonic() < deadline, what
-            time.sleep(0.01)
-
-    try:
-        with dep.paused("projectors"):
-            until(True, "the tier was not stopped")
-        until(False, "the tier was not let go on")
-        assert proc.poll() is None
-    finally:
-        dep.stop_all()

@@ -26,12 +26,13 @@ process got 0.8-0.9 of its core, shared with whichever server landed beside it. 
 leaves every process free to run anywhere.
 
 The projector runs first, to build the membership cache that sends are checked against, and
-is then stopped (``SIGSTOP``) for every subject but the second half-rate one, as the tiers
-not under test (fan-out, archiver) do not run either. Following a thousand sends a second, it
+is then stopped (gracefully, as ``backbone down`` stops it) for every subject but the second
+half-rate one, for which it is started again, as the tiers not under test (fan-out, archiver)
+do not run either. Following a thousand sends a second, it
 puts its own work, PostgreSQL's and its Kafka fetches on the core Kafka and Redis answer the
 sends from: in alternating runs the half-rate p99 was 39.5-46.9 ms with it following and
 11.0-15.5 ms without. The second half-rate subject keeps that cost in view; it starts once
-the projector has caught up with the sends of the subjects before.
+the restarted projector has caught up with the sends of the subjects before.
 
 ``--profile`` samples the single ingest process with py-spy during its first round of subject
 3 and prints where its time goes (self time per function).
@@ -260,19 +261,6 @@ class Deployment:
         """The projector tier, at the niceness ``backbone up`` gives it."""
         return self.spawn("projectors", ["-m", "projectors"], {NICE_ENV: str(BACKGROUND_NICE)})
 
-    @contextlib.contextmanager
-    def paused(self, name: str) -> Iterator[None]:
-        """The processes ``name`` stopped (``SIGSTOP``) for the block, then let go on."""
-        procs = list(self.procs.get(name, ()))
-        for proc in procs:
-            proc.send_signal(signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGCONT)
-
     def stop(self, name: str) -> None:
         _terminate(self.procs.pop(name, []))
 
@@ -293,12 +281,18 @@ def _terminate(procs: Sequence[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-async def _caught_up(settings: Settings, within: float = 300.0) -> None:
+async def _caught_up(dep: Deployment, within: float = 300.0) -> None:
     """Wait until the projector has applied everything in the log so far."""
     deadline = time.monotonic() + within
-    while (await projector_status(settings)).lag > 0:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench ingest: the projector did not catch up within {within:g} s")
+    while (lag := (await projector_status(dep.settings)).lag) > 0:
+        (proc,) = dep.procs["projectors"]
+        log = dep.workdir / f"projectors-{len(dep.procs['projectors']) - 1}.log"
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise SystemExit(
+                f"bench ingest: the projector (exit code {proc.poll()}) did not catch up "
+                f"within {within:g} s: {lag} records behind; its log ends:\n{tail}"
+            )
         await asyncio.sleep(0.1)
 
 
@@ -515,57 +509,57 @@ def run(args: argparse.Namespace) -> int:
 
         # The projector has built the membership cache the sends are checked against; it is
         # stopped while ingest is measured, but for one subject (see the module doc).
-        with dep.paused("projectors"):
-            # 1 and 3: the framework's ceiling and ingest at its maximum rate, in alternating
-            # rounds, so that both meet the same spells of a busy host (see the module doc).
-            bare_port = ephemeral_port()
-            dep.spawn("bare", ["-m", "ops.bench.bare", str(bare_port)])
-            _wait_port(bare_port)
-            bare_pid = dep.procs["bare"][0].pid
-            ingest_pid = dep.procs["ingest"][0].pid
-            bare_cpu, ingest_cpu = CpuMeter(bare_pid), CpuMeter(ingest_pid)
-            round_seconds = max(1.0, seconds / args.rounds)
-            profile_out = dep.workdir / "profile.txt"
-            profiler = None
-            bare_runs: list[WrkResult] = []
-            one_runs: list[WrkResult] = []
-            for n in range(args.rounds):
-                with split(bare_pid):
-                    bare_runs.append(
-                        run_wrk(
-                            f"http://127.0.0.1:{bare_port}",
-                            {**wrk_env, "BENCH_RUN": f"bare{n}"},
-                            seconds=round_seconds,
-                            connections=conns,
-                        )
+        dep.stop("projectors")
+        # 1 and 3: the framework's ceiling and ingest at its maximum rate, in alternating
+        # rounds, so that both meet the same spells of a busy host (see the module doc).
+        bare_port = ephemeral_port()
+        dep.spawn("bare", ["-m", "ops.bench.bare", str(bare_port)])
+        _wait_port(bare_port)
+        bare_pid = dep.procs["bare"][0].pid
+        ingest_pid = dep.procs["ingest"][0].pid
+        bare_cpu, ingest_cpu = CpuMeter(bare_pid), CpuMeter(ingest_pid)
+        round_seconds = max(1.0, seconds / args.rounds)
+        profile_out = dep.workdir / "profile.txt"
+        profiler = None
+        bare_runs: list[WrkResult] = []
+        one_runs: list[WrkResult] = []
+        for n in range(args.rounds):
+            with split(bare_pid):
+                bare_runs.append(
+                    run_wrk(
+                        f"http://127.0.0.1:{bare_port}",
+                        {**wrk_env, "BENCH_RUN": f"bare{n}"},
+                        seconds=round_seconds,
+                        connections=conns,
                     )
-                if args.profile and profiler is None:
-                    profiler = _Profiler(ingest_pid, round_seconds, profile_out)
-                with split(ingest_pid):
-                    one_runs.append(
-                        run_wrk(
-                            base,
-                            {**wrk_env, "BENCH_RUN": f"one{n}{uuid.uuid4().hex[:6]}"},
-                            seconds=round_seconds,
-                            connections=conns,
-                        )
+                )
+            if args.profile and profiler is None:
+                profiler = _Profiler(ingest_pid, round_seconds, profile_out)
+            with split(ingest_pid):
+                one_runs.append(
+                    run_wrk(
+                        base,
+                        {**wrk_env, "BENCH_RUN": f"one{n}{uuid.uuid4().hex[:6]}"},
+                        seconds=round_seconds,
+                        connections=conns,
                     )
-            bare, one = WrkResult.combined(bare_runs), WrkResult.combined(one_runs)
-            cpu["bare"] = bare_cpu.per(bare.requests)
-            cpu["ingest"] = ingest_cpu.per(one.requests)
-            dep.stop("bare")
-            extra["round_ratios"] = [
-                round(o.rate / b.rate, 3) if b.rate else None
-                for b, o in zip(bare_runs, one_runs, strict=True)
-            ]
-            rows.append(_figures("bare aiohttp: JWT + decode (ceiling)", bare))
+                )
+        bare, one = WrkResult.combined(bare_runs), WrkResult.combined(one_runs)
+        cpu["bare"] = bare_cpu.per(bare.requests)
+        cpu["ingest"] = ingest_cpu.per(one.requests)
+        dep.stop("bare")
+        extra["round_ratios"] = [
+            round(o.rate / b.rate, 3) if b.rate else None
+            for b, o in zip(bare_runs, one_runs, strict=True)
+        ]
+        rows.append(_figures("bare aiohttp: JWT + decode (ceiling)", bare))
 
-            # 2. Raw Kafka at the same acks.
-            rows.append(asyncio.run(_raw_kafka(dep.settings, args.raw_events, conns)))
+        # 2. Raw Kafka at the same acks.
+        rows.append(asyncio.run(_raw_kafka(dep.settings, args.raw_events, conns)))
 
-            rows.append(_figures("ingest x1: max rate", one, note="everything on"))
-            if profiler is not None:
-                extra["profile_self_time_pct"] = profiler.result()
+        rows.append(_figures("ingest x1: max rate", one, note="everything on"))
+        if profiler is not None:
+            extra["profile_self_time_pct"] = profiler.result()
 
         # 4. Half the maximum rate, paced, for latency: ingest alone, then with the projector
         # following the sends once it has caught up with those of the subjects before.
@@ -586,10 +580,10 @@ def run(args: argparse.Namespace) -> int:
                     connections=paced_conns,
                 )
 
-        with dep.paused("projectors"):
-            half = half_rate("half")
+        half = half_rate("half")
         rows.append(_figures("ingest x1: half max rate", half, note=f"target {rate:.0f}/s"))
-        asyncio.run(_caught_up(dep.settings))
+        dep.spawn_projector()
+        asyncio.run(_caught_up(dep))
         following = half_rate("follow")
         rows.append(
             _figures(
@@ -599,47 +593,47 @@ def run(args: argparse.Namespace) -> int:
             )
         )
 
-        with dep.paused("projectors"):
-            # 5. The batch path.
-            with split(ingest_pid):
-                batch = run_wrk(
-                    base,
-                    {
-                        **wrk_env,
-                        "BENCH_RUN": f"batch{uuid.uuid4().hex[:6]}",
-                        "BENCH_BATCH": str(args.batch),
-                    },
-                    seconds=seconds,
-                    connections=16,
-                )
-            rows.append(
-                _figures(
-                    f"ingest x1: batch path, {args.batch}/request",
-                    batch,
-                    per=args.batch,
-                    note="messages",
-                )
-            )
-
-            # 6. Two processes on one port.
-            dep.spawn("ingest", ["-m", "ingest"])
-            asyncio.run(_wait_ready(base + "/readyz"))
-            two = run_wrk(
+        dep.stop("projectors")
+        # 5. The batch path.
+        with split(ingest_pid):
+            batch = run_wrk(
                 base,
-                {**wrk_env, "BENCH_RUN": f"two{uuid.uuid4().hex[:6]}"},
+                {
+                    **wrk_env,
+                    "BENCH_RUN": f"batch{uuid.uuid4().hex[:6]}",
+                    "BENCH_BATCH": str(args.batch),
+                },
                 seconds=seconds,
-                connections=conns,
+                connections=16,
             )
-            both = _figures("ingest x2: max rate (total)", two, note="everything on")
-            rows.append(both)
-            rows.append(
-                msgspec.structs.replace(
-                    both,
-                    name="ingest x2: per process",
-                    count=both.count // 2,
-                    per_second=round(both.per_second / 2, 1),
-                )
+        rows.append(
+            _figures(
+                f"ingest x1: batch path, {args.batch}/request",
+                batch,
+                per=args.batch,
+                note="messages",
             )
+        )
+
+        # 6. Two processes on one port.
+        dep.spawn("ingest", ["-m", "ingest"])
+        asyncio.run(_wait_ready(base + "/readyz"))
+        two = run_wrk(
+            base,
+            {**wrk_env, "BENCH_RUN": f"two{uuid.uuid4().hex[:6]}"},
+            seconds=seconds,
+            connections=conns,
+        )
+        both = _figures("ingest x2: max rate (total)", two, note="everything on")
+        rows.append(both)
+        rows.append(
+            msgspec.structs.replace(
+                both,
+                name="ingest x2: per process",
+                count=both.count // 2,
+                per_second=round(both.per_second / 2, 1),
+            )
+        )
 
     ceiling = rows[0].per_second
     single = rows[2].per_second
