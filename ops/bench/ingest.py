@@ -25,14 +25,14 @@ ceiling is measured "with wrk on the other core", and left to the scheduler the 
 process got 0.8-0.9 of its core, shared with whichever server landed beside it. ``--no-split``
 leaves every process free to run anywhere.
 
-The projector runs first, to build the membership cache that sends are checked against, and
-is then stopped (gracefully, as ``backbone down`` stops it) for every subject but the second
+The projector runs first, to build the membership cache that sends are checked against, and is
+then stopped (gracefully: SIGTERM, after its batch in flight) for every subject but the second
 half-rate one, for which it is started again, as the tiers not under test (fan-out, archiver)
-do not run either. Following a thousand sends a second, it
-puts its own work, PostgreSQL's and its Kafka fetches on the core Kafka and Redis answer the
-sends from: in alternating runs the half-rate p99 was 39.5-46.9 ms with it following and
-11.0-15.5 ms without. The second half-rate subject keeps that cost in view; it starts once
-the restarted projector has caught up with the sends of the subjects before.
+do not run either. Following a thousand sends a second, it puts its own work, PostgreSQL's and
+its Kafka fetches on the core Kafka and Redis answer the sends from: in alternating runs the
+half-rate p99 was 39.5-46.9 ms with it following and 11.0-15.5 ms without. The second half-rate
+subject keeps that cost in view; it starts once the restarted projector has caught up with the
+sends of the subjects before.
 
 ``--profile`` samples the single ingest process with py-spy during its first round of subject
 3 and prints where its time goes (self time per function).
