@@ -74,6 +74,9 @@ def test_core_split_puts_the_subject_alone_and_restores_every_mask() -> None:
     subject = subprocess.Popen(sleeper)
     # Another process below the bench (as wrk, a projector or a server's backend would be).
     other = subprocess.Popen(sleeper)
+    # A process narrowed before the block gets its own mask back, not every core.
+    narrowed = {min(everything)}
+    os.sched_setaffinity(other.pid, narrowed)
     try:
         split = CoreSplit(subject.pid, [os.getpid()])
         with split():
@@ -90,8 +93,9 @@ def test_core_split_puts_the_subject_alone_and_restores_every_mask() -> None:
                     late.wait()
             else:
                 assert not split.active
-        for pid in (subject.pid, other.pid, os.getpid()):
+        for pid in (subject.pid, os.getpid()):
             assert _affinity(pid) == everything
+        assert _affinity(other.pid) == narrowed
     finally:
         for proc in (subject, other):
             proc.kill()

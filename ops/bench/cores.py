@@ -9,7 +9,8 @@ length of a block, the subject's threads may run only on the last core, and ever
 the other processes the bench answers for (the stack's servers, the bench itself with the
 load generator and tier processes it spawns) only on the remaining cores. New processes and
 threads inherit the mask of their parent, so a PostgreSQL backend or a ``wrk`` started inside
-the block lands on the right side too. The masks are widened again on the way out.
+the block lands on the right side too. On the way out every thread gets back the mask it had
+(one started inside the block gets every core the bench may use).
 """
 
 from __future__ import annotations
@@ -60,11 +61,21 @@ def _threads(pid: int) -> list[int]:
         return []
 
 
-def _pin(pids: Iterable[int], cores: set[int]) -> None:
+def _pin(pids: Iterable[int], cores: set[int], saved: dict[int, set[int]]) -> None:
+    """Every thread of ``pids`` on ``cores``; the mask each had first is kept in ``saved``."""
     for pid in pids:
         for tid in _threads(pid):
-            with contextlib.suppress(OSError):  # exited meanwhile
+            with contextlib.suppress(OSError):  # exited meanwhile, or not ours to move
+                saved.setdefault(tid, os.sched_getaffinity(tid))
                 os.sched_setaffinity(tid, cores)
+
+
+def _restore(pids: Iterable[int], saved: dict[int, set[int]], default: set[int]) -> None:
+    """Every thread of ``pids`` back on the mask it had (``default``: started meanwhile)."""
+    for pid in pids:
+        for tid in _threads(pid):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, saved.get(tid, default))
 
 
 def stack_pids(data_dir: Path) -> list[int]:
@@ -96,12 +107,13 @@ class CoreSplit:
         if not self.active:
             yield
             return
-        _pin([self.subject], self.subject_cores)
-        _pin(self._everyone_else(), self.other_cores)
+        saved: dict[int, set[int]] = {}
+        _pin([self.subject], self.subject_cores, saved)
+        _pin(self._everyone_else(), self.other_cores, saved)
         try:
             yield
         finally:
-            _pin(self._everyone_else() | {self.subject}, self.all)
+            _restore(self._everyone_else() | {self.subject}, saved, self.all)
 
     def describe(self) -> str:
         if not self.active:
