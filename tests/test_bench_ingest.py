@@ -43,6 +43,7 @@ def test_bench_ingest_writes_every_subject(stack: StackInfo, tmp_path: Path) -> 
     assert single["count"] > 0
     assert "non-2xx" in single["note"]
     assert document["ratio_vs_bare"] > 0
+    assert document["params"]["split"] is True
     assert len(document["round_ratios"]) == 2
     assert all(r > 0 for r in document["round_ratios"])
 

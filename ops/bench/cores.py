@@ -114,10 +114,3 @@ class CoreSplit:
             yield
         finally:
             _restore(self._everyone_else() | {self.subject}, saved, self.all)
-
-    def describe(self) -> str:
-        if not self.active:
-            return "not split (one core)"
-        subject = ",".join(map(str, sorted(self.subject_cores)))
-        rest = ",".join(map(str, sorted(self.other_cores)))
-        return f"subject on core {subject}; load generator and servers on {rest}"

@@ -660,6 +660,8 @@ def run(args: argparse.Namespace) -> int:
         "conversations": args.conversations,
         "content_bytes": len(CONTENT),
         "batch": args.batch,
+        "rounds": args.rounds,
+        "split": not args.no_split,
     }
     write_json(Path(args.json), "ingest", params, rows, extra)
     print(f"wrote {args.json}")
