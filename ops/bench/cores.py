@@ -41,9 +41,9 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def descendants(roots: Iterable[int]) -> set[int]:
-    """``roots`` and every process below them."""
-    tree = _children()
+def descendants(roots: Iterable[int], tree: dict[int, list[int]] | None = None) -> set[int]:
+    """``roots`` and every process below them (in ``tree``, default: as /proc shows it now)."""
+    tree = _children() if tree is None else tree
     found: set[int] = set()
     pending = list(roots)
     while pending:
@@ -100,7 +100,8 @@ class CoreSplit:
         return bool(self.other_cores)
 
     def _everyone_else(self) -> set[int]:
-        return descendants(self.others) - descendants([self.subject])
+        tree = _children()  # one walk of /proc for both
+        return descendants(self.others, tree) - descendants([self.subject], tree)
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:

@@ -66,18 +66,18 @@ import asyncpg
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from eventstore import Settings, TopicLayout, load_settings, provision_topics
+from eventstore import Settings, TopicLayout, create_pool, load_settings, provision_topics
+from eventstore.ends import end_offsets
 from eventstore.producer import default_producer_factory
 from eventstore.runtime import NICE_ENV
 from ops.bench.cores import CoreSplit, stack_pids
-from ops.bench.project import delete_topics_and_caches
+from ops.bench.project import applied_offsets, delete_topics_and_caches
 from ops.bench.report import CpuMeter, Figures, figures, table, write_json
 from ops.environment import stack_env
 from ops.provision import migrate_all
 from ops.stack import default_stack_dir, stack_up
 from ops.stack.install import apt_install
 from ops.stack.ports import ephemeral_port
-from ops.status import projector_status
 from ops.up import BACKGROUND_NICE
 from schemas import MessageSent, format_time, new_event_id, utc_now
 
@@ -244,9 +244,11 @@ class Deployment:
         self.settings = settings
         self.workdir = workdir
         self.procs: dict[str, list[subprocess.Popen[bytes]]] = collections.defaultdict(list)
+        self.logs: dict[int, Path] = {}
+        """Pid -> the log of that process (a process started again gets a log of its own)."""
 
     def spawn(self, name: str, argv: Sequence[str], extra: Mapping[str, str] | None = None) -> int:
-        log_path = self.workdir / f"{name}-{len(self.procs[name])}.log"
+        log_path = self.workdir / f"{name}-{len(self.logs)}.log"
         with open(log_path, "wb") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(
                 [sys.executable, *argv],
@@ -255,6 +257,7 @@ class Deployment:
                 stderr=subprocess.STDOUT,
             )
         self.procs[name].append(proc)
+        self.logs[proc.pid] = log_path
         return proc.pid
 
     def spawn_projector(self) -> int:
@@ -282,18 +285,29 @@ def _terminate(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 async def _caught_up(dep: Deployment, within: float = 300.0) -> None:
-    """Wait until the projector has applied everything in the log so far."""
+    """Wait until the projector has applied everything in the log so far (nothing is sent
+    meanwhile, so the log's end is read once)."""
+    (proc,) = dep.procs["projectors"]
+    layout = TopicLayout.from_settings(dep.settings)
+    ends = await end_offsets(dep.settings, layout.every_partition())
     deadline = time.monotonic() + within
-    while (lag := (await projector_status(dep.settings)).lag) > 0:
-        (proc,) = dep.procs["projectors"]
-        log = dep.workdir / f"projectors-{len(dep.procs['projectors']) - 1}.log"
-        if proc.poll() is not None or time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise SystemExit(
-                f"bench ingest: the projector (exit code {proc.poll()}) did not catch up "
-                f"within {within:g} s: {lag} records behind; its log ends:\n{tail}"
-            )
-        await asyncio.sleep(0.1)
+    pool = await create_pool(dep.settings.postgres_dsn, min_size=1, max_size=1)
+    try:
+        while True:
+            applied = await applied_offsets(pool)
+            behind = sum(max(end - applied.get(p, 0), 0) for p, end in ends.items())
+            if not behind:
+                return
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = dep.logs[proc.pid]
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                raise SystemExit(
+                    f"bench ingest: the projector (exit code {proc.poll()}) did not catch up "
+                    f"within {within:g} s: {behind} records behind; its log ends:\n{tail}"
+                )
+            await asyncio.sleep(0.1)
+    finally:
+        await pool.close()
 
 
 async def _wait_ready(url: str, within: float = 60.0) -> None:

@@ -322,7 +322,8 @@ async def replay_and_copy(
     return [write, replayed, copied], {"rows": rows}
 
 
-async def _applied(pool: asyncpg.Pool[asyncpg.Record]) -> dict[tuple[str, int], int]:
+async def applied_offsets(pool: asyncpg.Pool[asyncpg.Record]) -> dict[tuple[str, int], int]:
+    """The live projector's next offset per partition, as stored with its read model."""
     rows = await pool.fetch(in_schema(LIVE_SCHEMA, _APPLIED_SQL))
     return {(r[0], r[1]): r[2] for r in rows}
 
@@ -436,7 +437,7 @@ async def _until(
 ) -> None:
     """Wait until the worker's stored offsets satisfy ``done`` (checked every 20 ms)."""
     deadline = time.monotonic() + within
-    while not done(await _applied(pool)):
+    while not done(await applied_offsets(pool)):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the projector worker did not apply {what} within {within:g} s")
         await asyncio.sleep(0.02)
