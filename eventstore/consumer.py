@@ -431,25 +431,33 @@ class LogReader:
         trimmed: set[TopicPartition] = set()
         try:
             while remaining:
-                records = await consumer.getmany(
-                    timeout_ms=timeout_ms, max_records=self._max_records
-                )
-                kept: dict[TopicPartition, Sequence[RecordLike]] = {}
-                for tp, recs in records.items():
-                    end = target[(tp.topic, tp.partition)]
-                    if recs and recs[-1].offset >= end:
-                        trimmed.add(tp)
-                        recs = [r for r in recs if r.offset < end]
-                    kept[tp] = recs
+                # A batch may take several fetches: one holds at most ``fetch_max_bytes``
+                # (some 20,000 records of a chat log), and ``max_records`` may ask for more.
+                kept: dict[TopicPartition, list[RecordLike]] = {}
+                count = 0
+                while remaining and count < self._max_records:
+                    records = await consumer.getmany(
+                        timeout_ms=timeout_ms, max_records=self._max_records - count
+                    )
+                    for tp, recs in records.items():
+                        end = target[(tp.topic, tp.partition)]
+                        if recs and recs[-1].offset >= end:
+                            trimmed.add(tp)
+                            recs = [r for r in recs if r.offset < end]
+                        if recs:
+                            kept.setdefault(tp, []).extend(recs)
+                            count += len(recs)
+                    for p in list(remaining):
+                        if await self._position(p) >= target[p]:
+                            remaining.discard(p)
+                            tp = TopicPartition(*p)
+                            consumer.pause(tp)
+                            paused.add(tp)
+                    if not records:
+                        break  # nothing arrived within the timeout: hand over what there is
                 batch = await _decode(kept, self._layout, self._epoch, self._keys)
                 if batch.items:
                     yield batch
-                for p in list(remaining):
-                    if await self._position(p) >= target[p]:
-                        remaining.discard(p)
-                        tp = TopicPartition(*p)
-                        consumer.pause(tp)
-                        paused.add(tp)
         finally:
             # Unless the reader was stopped meanwhile (then the consumer is closed).
             if self._consumer is not None:

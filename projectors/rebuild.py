@@ -111,8 +111,13 @@ log = structlog.get_logger(__name__)
 # One rebuild at a time per database (session-level advisory lock; value is "rebuild!").
 _REBUILD_LOCK: Final = 0x72656275696C6421
 _VERSION_COMMENT: Final = f"backbone read model v{READ_MODEL_VERSION}"
-# A build pass goes to worker processes from this many batches of records to apply.
+# A build pass goes to worker processes from this many batches of records to apply, or from
+# _PARALLEL_RECORDS records if that is fewer (starting the workers costs about a second).
 _PARALLEL_BATCHES: Final = 10
+_PARALLEL_RECORDS: Final = 200_000
+# Build passes go on until one finds fewer records than a batch or than this, whichever is
+# fewer: the swap's own pass, which the live projector waits for, stays short.
+_SWAP_PASS_RECORDS: Final = 20_000
 
 
 _MAX_BUILD_PASSES: Final = 6
@@ -207,6 +212,17 @@ class ReplayShare(msgspec.Struct, frozen=True):
 
 
 _SHARE = msgspec.msgpack.Decoder(ReplayShare)
+
+
+def goes_parallel(remaining: Mapping[Partition, int], batch: int) -> bool:
+    """Whether a build pass with ``remaining`` records to apply is worth worker processes:
+    from ten batches, or from ``_PARALLEL_RECORDS`` if that is fewer."""
+    return sum(remaining.values()) >= min(_PARALLEL_BATCHES * batch, _PARALLEL_RECORDS)
+
+
+def swap_pass_bound(batch: int) -> int:
+    """Build passes go on until one applies fewer records than this."""
+    return min(batch, _SWAP_PASS_RECORDS)
 
 
 def replay_shares(remaining: Mapping[Partition, int], workers: int) -> list[list[Partition]]:
@@ -406,11 +422,11 @@ class Rebuild:
             # A rebuild that died between its swap and the drop left this behind.
             await self._pool.execute(f"DROP SCHEMA {leftover} CASCADE")
         resumed = await self._prepare_shadow()
-        # Passes until one finds less than a batch to do, so that the swap's own pass (run
-        # while the live projector waits at the lock) is short. Bounded: when writes outpace
-        # this process, the swap's pass takes the remainder, so a replay always finishes.
+        # Passes until one finds little to do (swap_pass_bound), so that the swap's own pass
+        # (run while the live projector waits at the lock) is short. Bounded: when writes
+        # outpace this process, the swap's pass takes the remainder, so a replay finishes.
         for _ in range(_MAX_BUILD_PASSES):
-            if await self._catch_up("build") < self._batch:
+            if await self._catch_up("build") < swap_pass_bound(self._batch):
                 break
         async with self._pool.acquire() as conn:
             await finish_build(conn, self.shadow)
@@ -504,8 +520,7 @@ class Rebuild:
 
         # Starting the workers costs about a second: only a long pass is worth it (and short
         # passes while writes go on must stay short, or they would never get below a batch).
-        parallel = sum(remaining.values()) >= _PARALLEL_BATCHES * self._batch
-        if phase == "build" and self._workers > 1 and parallel:
+        if phase == "build" and self._workers > 1 and goes_parallel(remaining, self._batch):
             await replay_in_workers(
                 self._store.settings,
                 self.shadow,

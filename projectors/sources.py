@@ -57,10 +57,13 @@ class ReplaySourceError(ProjectorError):
     """A replay source or bound that cannot be used (a foreign position, no such record)."""
 
 
-REPLAY_BATCH: Final = 20_000
+REPLAY_BATCH: Final = 100_000
 """Records per replay batch (one transaction). A batch reads and rewrites each conversation's
 summary and read-marker rows once however many of its messages it holds, so larger batches do
-less of that per event: a million-event replay went 10 % faster at 20,000 than at 5,000."""
+less of that per event: a million-event replay went 10 % faster at 20,000 than at 5,000, and
+at 100,000 the worker's CPU per applied event fell by a quarter and PostgreSQL's by a third
+against 20,000 (a batch takes several fetches from 20,000 up; see
+:meth:`~eventstore.consumer.LogReader.batches_until_end`)."""
 
 
 class SourceRecord(msgspec.Struct, frozen=True):

@@ -355,3 +355,37 @@ async def test_a_reader_used_again_after_reading_to_the_end_leaves_no_gap(
     assert [n for kind, n in seen if kind == "room"] == list(range(1300))
     for partition, found in offsets.items():
         assert found == list(range(found[0], found[0] + len(found))), partition
+
+
+async def test_a_batch_takes_several_fetches_up_to_max_records(store: EventStore) -> None:
+    """A fetch holds at most 4 MB of a partition; a batch goes on fetching until it holds
+    ``max_records`` (a replay's batches are larger than one fetch), never more, in log order."""
+    room, sender = uuid.uuid4(), uuid.uuid4()
+    messages = [
+        MessageSent(
+            conversation_id=room,
+            message_id=uuid.uuid4(),
+            sender_id=sender,
+            client_msg_id=f"m{n}",
+            body=f"message {n} ".ljust(4000, "x"),
+        )
+        for n in range(1300)
+    ]
+    for start in range(0, len(messages), 100):  # about 7 MB in the room's partition
+        await store.producer.append(messages[start : start + 100])
+
+    async def batch_sizes(max_records: int) -> list[int]:
+        sizes: list[int] = []
+        sent: list[str] = []
+        async with store.reader(max_records=max_records) as reader:
+            async for batch in reader.batches_until_end(timeout_ms=10_000):
+                sizes.append(len(batch.items))
+                for item in batch.items:
+                    assert isinstance(item, RecordedEvent)
+                    assert isinstance(item.event, MessageSent)
+                    sent.append(item.event.client_msg_id)
+        assert sent == [m.client_msg_id for m in messages]
+        return sizes
+
+    assert await batch_sizes(10_000) == [1300]
+    assert await batch_sizes(500) == [500, 500, 300]

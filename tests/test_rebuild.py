@@ -21,7 +21,15 @@ from projectors.checksum import checksum, snapshot_readers
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA, ReadSide, members_key
 from projectors.read.queries import Reads
-from projectors.rebuild import Progress, Rebuild, RebuildRunning, shadow_schema
+from projectors.rebuild import (
+    Progress,
+    Rebuild,
+    RebuildRunning,
+    goes_parallel,
+    replay_shares,
+    shadow_schema,
+    swap_pass_bound,
+)
 from projectors.schema import (
     READ_MODEL_VERSION,
     TABLES,
@@ -29,6 +37,7 @@ from projectors.schema import (
     finish_build,
     schema_exists,
 )
+from projectors.sources import REPLAY_BATCH
 from projectors.worker import group_id
 from schemas import ConversationCreated, Event, UserErased
 from tests.test_projector_drills import produce, workload
@@ -402,3 +411,25 @@ async def test_a_failed_checksum_raises_the_database_error_and_frees_its_readers
             await readers.checksum("no_such_model")
     async with world.store.pool.acquire() as conn:
         assert await conn.fetchval("SELECT 1") == 1  # back in the pool, idle
+
+
+def test_build_passes_go_to_workers_from_ten_batches_or_200k_records() -> None:
+    """Starting workers costs about a second: small passes stay in the rebuilding process. With
+    the default batch (100,000 records), a pass of 200,000 records is already worth workers."""
+    assert goes_parallel({("c", 0): 999, ("c", 1): 1}, batch=100)
+    assert not goes_parallel({("c", 0): 998, ("c", 1): 1}, batch=100)
+    assert goes_parallel({("c", 0): 150_000, ("c", 1): 50_000}, batch=REPLAY_BATCH)
+    assert not goes_parallel({("c", 0): 199_999}, batch=REPLAY_BATCH)
+
+
+def test_the_swap_pass_stays_short_whatever_the_batch() -> None:
+    """The build passes end once one applies fewer than 20,000 records (or than a batch, if
+    smaller): the swap's own pass, which the live projector waits for, is at most that."""
+    assert swap_pass_bound(300) == 300
+    assert swap_pass_bound(REPLAY_BATCH) == 20_000
+
+
+def test_replay_shares_deal_out_partitions_by_their_work() -> None:
+    remaining = {("c", 0): 500, ("c", 1): 400, ("c", 2): 300, ("u", 0): 200}
+    assert replay_shares(remaining, 2) == [[("c", 0), ("u", 0)], [("c", 1), ("c", 2)]]
+    assert replay_shares(remaining, 8) == [[("c", 0)], [("c", 1)], [("c", 2)], [("u", 0)]]
