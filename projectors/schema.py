@@ -68,6 +68,11 @@ class Table(msgspec.Struct, frozen=True, cache_hash=True):
     rows by them); a build creates the others once its rows are in (:func:`finish_build`)."""
     # Columns left out of the checksum: wall-clock bookkeeping that a replay cannot reproduce.
     unchecked: tuple[str, ...] = ()
+    fillfactor: int = 100
+    """Percent of each heap page filled by inserts. Below 100 for tables whose rows are
+    rewritten over and over (a conversation's summary, a read marker: once per batch that holds
+    a message of theirs): the new version then fits on the page of the old one, so the update is
+    HOT and writes no index entry, and the page's dead versions are pruned in place."""
 
     def column(self, name: str) -> Column:
         for column in self.columns:
@@ -121,6 +126,7 @@ CONVERSATIONS = Table(
     ("conversation_id",),
     indexes=(("creator_id",),),
     build_indexes=(("creator_id",),),
+    fillfactor=50,
 )
 MEMBERS = Table(
     "members",
@@ -180,6 +186,7 @@ READ_MARKERS = Table(
         _c("moved_at", "timestamptz"),
     ),
     ("conversation_id", "user_id"),
+    fillfactor=50,
 )
 MEDIA = Table(
     "media",
@@ -284,7 +291,10 @@ def table_ddl(schema: str, table: Table, *, build: bool = False) -> list[str]:
     schema = checked_schema_name(schema)
     cols = [f"{c.sql_name} {c.type}{'' if c.nullable else ' NOT NULL'}" for c in table.columns]
     cols.append(f"PRIMARY KEY ({_columns(table.primary_key)})")
-    statements = [f"CREATE TABLE {schema}.{table.name} (\n    " + ",\n    ".join(cols) + "\n)"]
+    storage = f" WITH (fillfactor = {table.fillfactor})" if table.fillfactor < 100 else ""
+    statements = [
+        f"CREATE TABLE {schema}.{table.name} (\n    " + ",\n    ".join(cols) + f"\n){storage}"
+    ]
     return statements + index_ddl(schema, table, build=build)
 
 

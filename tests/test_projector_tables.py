@@ -9,8 +9,8 @@ import asyncpg
 import msgspec
 
 from eventstore import Settings
-from projectors.rows import UserRow
-from projectors.schema import USERS, create_schema
+from projectors.rows import ReadMarkerRow, UserRow
+from projectors.schema import READ_MARKERS, USERS, create_schema
 from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, upsert_rows
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
@@ -93,6 +93,36 @@ async def test_inserting_new_rows_copies_them_and_a_taken_key_falls_back_to_upse
             r.user_id: msgspec.structs.replace(r, status="after") for r in first[:-1] + taken
         }
         assert stored == expected
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
+
+
+async def test_rewritten_rows_are_updated_in_place(base_settings: Settings) -> None:
+    """Read markers (and conversation summaries) are rewritten by every batch that moves them;
+    their tables leave room on each page, so a rewrite is a HOT update: no new index entry."""
+    schema = f"tables_hot_{uuid.uuid4().hex[:8]}"
+    room = uuid.uuid4()
+
+    def marker(n: int, seq: int) -> ReadMarkerRow:
+        return ReadMarkerRow(room, uuid.UUID(int=n + 1), None, None, seq, NOW)
+
+    conn = await asyncpg.connect(base_settings.postgres_dsn)
+    try:
+        await create_schema(conn, schema, build=True)
+        count = 3000  # some 40 pages
+        await insert_rows(conn, schema, READ_MARKERS, [marker(n, 1) for n in range(count)])
+        async with conn.transaction():
+            await upsert_rows(conn, schema, READ_MARKERS, [marker(n, 2) for n in range(count)])
+            hot = await conn.fetchval(
+                "SELECT pg_stat_get_xact_tuples_hot_updated($1::regclass)",
+                f"{schema}.read_markers",
+            )
+        assert hot == count
+        options = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", f"{schema}.conversations"
+        )
+        assert options == ["fillfactor=50"]
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.close()
