@@ -64,38 +64,6 @@ class Applied(msgspec.Struct):
     """Conversations holding content of an erased user (recent history to rewrite)."""
     failures: list[str] = msgspec.field(default_factory=list)
     """The error of every item dead-lettered by this batch."""
-    markers: dict[Key, Row | None] = msgspec.field(default_factory=dict)
-    """Every read marker the batch read or wrote, as the batch leaves it (``None``: absent),
-    for :class:`Carried`."""
-
-
-class Carried:
-    """Read markers as committed by earlier batches of one replay pass, so that a batch does not
-    read them again (:meth:`projectors.projector.Projector.carrying`).
-
-    Only while nothing but this process writes its partitions' rows, as in a replay pass (every
-    other writer of a shadow schema owns other partitions). A conversation's markers live in its
-    partition, and erasure leaves markers alone (they hold no personal value): nothing else can
-    change them. A batch of a replay rewrites the marker of every sender it holds; reading them
-    back had been the largest query of a replay batch.
-    """
-
-    LIMIT = 2_000_000
-    """Markers kept at most; past it the carry starts again empty (then fills from reads)."""
-
-    def __init__(self) -> None:
-        self.rows: dict[Key, Row] = {}
-
-    def committed(self, applied: Applied) -> None:
-        """Take what a committed batch left (call after its commit, never before)."""
-        rows = self.rows
-        for key, row in applied.markers.items():
-            if row is None:
-                rows.pop(key, None)
-            else:
-                rows[key] = row
-        if len(rows) > self.LIMIT:
-            rows.clear()
 
 
 class _WorkingSet:
@@ -154,12 +122,9 @@ async def _prefetch(
     events: Sequence[Event],
     *,
     assume_new: bool,
-    carried: Carried | None,
 ) -> None:
     wanted: dict[Table, dict[Key, None]] = defaultdict(dict)
     known = work.rows  # per event and need, a lookup here rather than a method call
-    if carried is not None:
-        known[schema.READ_MARKERS.name].update(carried.rows)  # stored, so not absent
     for event in events:
         if assume_new and (created := creates(event)) is not None:
             table, key = created
@@ -281,12 +246,7 @@ async def _erase(conn: Connection, schema_name: str, user_id: uuid.UUID, applied
 
 
 async def apply_items(
-    conn: Connection,
-    schema_name: str,
-    layout: TopicLayout,
-    items: Sequence[Decoded],
-    *,
-    carried: Carried | None = None,
+    conn: Connection, schema_name: str, layout: TopicLayout, items: Sequence[Decoded]
 ) -> Applied:
     """Apply ``items`` (log order per partition) to ``schema_name``; return what changed.
 
@@ -298,8 +258,7 @@ async def apply_items(
     batch shares it, before touching any row: an erasure then never runs beside another batch,
     so the two can neither deadlock on rows nor write over each other.
 
-    A batch creating rows assumes their keys absent (see the module doc). ``carried``: read
-    markers known from earlier batches, not read again (see :class:`Carried`).
+    A batch creating rows assumes their keys absent (see the module doc).
     """
     schema_name = checked_schema_name(schema_name)
     erases = any(isinstance(i, RecordedEvent) and isinstance(i.event, UserErased) for i in items)
@@ -310,18 +269,13 @@ async def apply_items(
     if any(creates(e) is not None for e in events):
         try:
             async with conn.transaction():  # a savepoint: the caller's transaction goes on
-                outcome = await _apply(
-                    conn, schema_name, layout, items, events, assume_new=True, carried=carried
-                )
+                outcome = await _apply(conn, schema_name, layout, items, events, assume_new=True)
         except asyncpg.UniqueViolationError:
             ASSUMED_KEYS_TAKEN.inc()
             log.info("projector.assumed_key_taken", items=len(items))
         else:
             return outcome.counted()
-    outcome = await _apply(
-        conn, schema_name, layout, items, events, assume_new=False, carried=carried
-    )
-    return outcome.counted()
+    return (await _apply(conn, schema_name, layout, items, events, assume_new=False)).counted()
 
 
 class _Attempt(msgspec.Struct):
@@ -348,11 +302,10 @@ async def _apply(
     events: Sequence[Event],
     *,
     assume_new: bool,
-    carried: Carried | None,
 ) -> _Attempt:
     applied = Applied()
     work = _WorkingSet()
-    await _prefetch(conn, schema_name, work, events, assume_new=assume_new, carried=carried)
+    await _prefetch(conn, schema_name, work, events, assume_new=assume_new)
     letters: list[tuple[Any, ...]] = []
     erasures: dict[uuid.UUID, None] = {}
     counts: Counter[tuple[str, str]] = Counter()  # metrics, incremented once per batch
@@ -407,6 +360,4 @@ async def _apply(
     for user_id in erasures:
         await _erase(conn, schema_name, user_id, applied)
         applied.erased.append(user_id)
-    if carried is not None:
-        applied.markers = rows[schema.READ_MARKERS.name]
     return _Attempt(applied, counts, warnings)

@@ -9,15 +9,14 @@ stored offsets; after the commit, the stored offsets say it is done.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import structlog
 
 from eventstore import Batch, OffsetRange, Pool, RecordedEvent, TopicLayout
 from eventstore.consumer import Partition, PositionsMoved
-from projectors.apply import Applied, Carried, apply_items
+from projectors.apply import Applied, apply_items
 from projectors.caches import Caches
 from projectors.metrics import BATCH_EVENTS, BATCH_SECONDS, LAST_APPLIED, POSITIONS_MOVED
 from projectors.offsets import StoredPositions, advance, claim
@@ -54,18 +53,6 @@ class Projector:
         self.positions = StoredPositions(pool, self.schema)
         self.applied: dict[Partition, int] = {}
         """Next offset to apply per partition, as of the last batch this process committed."""
-        self._carried: Carried | None = None
-
-    @contextlib.contextmanager
-    def carrying(self) -> Iterator[None]:
-        """Within, each batch hands the read markers it leaves to the next, which does not read
-        them again (:class:`~projectors.apply.Carried`). For a replay pass only: nothing else
-        may write the partitions this projector applies meanwhile."""
-        self._carried = Carried()
-        try:
-            yield
-        finally:
-            self._carried = None
 
     async def handle(self, batch: Batch) -> None:
         """Apply ``batch`` exactly once, or raise :class:`PositionsMoved` having changed nothing."""
@@ -80,15 +67,10 @@ class Projector:
             except PositionsMoved:
                 POSITIONS_MOVED.inc()
                 raise
-            carried = self._carried
-            applied = await apply_items(
-                conn, self.schema, self._layout, batch.items, carried=carried
-            )
+            applied = await apply_items(conn, self.schema, self._layout, batch.items)
             if self._caches is not None:
                 await self._caches.write(conn, self.schema, applied)
             await advance(conn, self.schema, batch.ranges)
-        if carried is not None:
-            carried.committed(applied)
         self._committed(batch.ranges, applied, len(batch.items), time.perf_counter() - started)
 
     def _committed(

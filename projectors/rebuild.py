@@ -256,11 +256,9 @@ async def replay(
     reader = store.reader(max_records=batch, quick_start=True)
     await reader.start("beginning", dict(stored), partitions=wanted)
     try:
-        # This process alone applies these partitions until the pass ends.
-        with projector.carrying():
-            async for chunk in read_ahead(reader.batches_until_end()):
-                await projector.handle(chunk)
-                on_batch(sum(span.next - span.first for span in chunk.ranges.values()))
+        async for chunk in read_ahead(reader.batches_until_end()):
+            await projector.handle(chunk)
+            on_batch(sum(span.next - span.first for span in chunk.ranges.values()))
     finally:
         await reader.stop()
 

@@ -313,12 +313,10 @@ async def replay_source(
                     if len(kept) < len(chunk):
                         break
 
-    # This process alone applies these partitions until the pass ends.
     async with contextlib.aclosing(batches()) as ahead:
-        with projector.carrying():
-            async for batch in read_ahead(ahead):
-                await projector.handle(batch)
-                on_batch(sum(span.next - span.first for span in batch.ranges.values()))
+        async for batch in read_ahead(ahead):
+            await projector.handle(batch)
+            on_batch(sum(span.next - span.first for span in batch.ranges.values()))
 
 
 async def _next(batches: AsyncIterator[Batch]) -> Batch | None:

@@ -11,14 +11,12 @@ import contextlib
 import hashlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from eventstore import Connection, EventStore, GroupReader, Pool, create_pool, stream_placement
-from projectors import apply as apply_module
-from projectors import rebuild
+from eventstore import EventStore, GroupReader, Pool, create_pool, stream_placement
 from projectors.checksum import checksum, snapshot_readers
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA, ReadSide, members_key
@@ -32,12 +30,9 @@ from projectors.rebuild import (
     shadow_schema,
     swap_pass_bound,
 )
-from projectors.rows import Row
 from projectors.schema import (
-    READ_MARKERS,
     READ_MODEL_VERSION,
     TABLES,
-    Table,
     create_schema,
     finish_build,
     schema_exists,
@@ -438,38 +433,3 @@ def test_replay_shares_deal_out_partitions_by_their_work() -> None:
     remaining = {("c", 0): 500, ("c", 1): 400, ("c", 2): 300, ("u", 0): 200}
     assert replay_shares(remaining, 2) == [[("c", 0), ("u", 0)], [("c", 1), ("c", 2)]]
     assert replay_shares(remaining, 8) == [[("c", 0)], [("c", 1)], [("c", 2)], [("u", 0)]]
-
-
-async def test_a_replay_pass_reads_each_read_marker_once_and_equals_a_clean_pass(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The batches of one replay pass hand the read markers they leave to the next
-    (:class:`projectors.apply.Carried`): however many batches move a marker, it is read from the
-    database once, and the model is the one a clean pass builds."""
-    events, _ = workload(rooms=6, users=12, messages=1200, seed=5)
-    await produce(world.store, events)
-    read: list[tuple[object, ...]] = []
-    load_rows = apply_module.load_rows
-
-    async def recording(
-        conn: Connection, schema: str, table: Table, keys: Iterable[tuple[object, ...]]
-    ) -> list[Row]:
-        wanted = list(keys)
-        if table == READ_MARKERS:
-            read.extend(wanted)
-        return await load_rows(conn, schema, table, wanted)
-
-    monkeypatch.setattr(apply_module, "load_rows", recording)
-    async with world.store.pool.acquire() as conn:
-        await create_schema(conn, "carried", build=True)
-    projector = Projector(world.store.pool, world.store.layout, schema="carried")
-    batches: list[int] = []
-    await rebuild.replay(world.store, projector, 100, batches.append)
-    monkeypatch.undo()
-    assert len(batches) > 10
-    assert read
-    assert len(read) == len(set(read))
-    async with world.store.pool.acquire() as conn:
-        await finish_build(conn, "carried")
-        carried = await checksum(conn, "carried")
-    assert carried == await clean_checksum(world)
