@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 from ops.bench.project import workload
+from ops.bench.report import GroupCpuMeter
 from ops.cli import main
 from ops.stack import StackInfo
 from schemas import ConversationCreated, MessageSent, UserRegistered
@@ -48,5 +52,22 @@ async def test_bench_project_writes_its_figures(stack: StackInfo, tmp_path: Path
     assert document["live_worker_cpu_us_per_event"] > 0
     assert 1 <= document["live_events_per_batch"] <= 40
     assert document["replay_vs_copy"] > 0
+    assert document["replay_python_cpu_us_per_event"] > 0
+    assert document["replay_postgres_cpu_us_per_event"] > 0
     # Every bench records how fast this machine ran Python, to compare figures across days.
     assert document["machine"]["reference_loop_ns"] > 0
+
+
+def test_a_group_cpu_meter_counts_processes_that_exit_within_it(tmp_path: Path) -> None:
+    """PostgreSQL's backends come and go with connections: a process that starts and exits
+    inside the block still counts (all but its last sampling interval at most)."""
+    burner = tmp_path / "burnmeter"  # the process's command name: nothing else is called that
+    burner.symlink_to(sys.executable)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with GroupCpuMeter(lambda name: name == "burnmeter", interval=0.02) as meter:
+        subprocess.run([str(burner), "-c", "sum(range(30_000_000))"], check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spent = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert spent > 0.2
+    assert spent - 0.1 <= meter.seconds <= spent + 0.02
+    assert meter.per(1000) == round(meter.seconds / 1000 * 1e6, 1)

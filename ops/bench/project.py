@@ -9,7 +9,8 @@ One run, the local stack, fresh topics and fresh databases (dropped afterwards):
 2. **replay**: from offset 0 into a fresh read model, the partitions dealt out to ``--workers``
    processes, each a :class:`~projectors.projector.Projector` over a group-less
    :class:`~eventstore.LogReader`, exactly as ``backbone replay`` builds its shadow (no caches,
-   the secondary indexes built at the end, within the time), in events per second;
+   the secondary indexes built at the end, within the time), in events per second, with the
+   CPU each event cost the replaying processes (Python) and PostgreSQL's processes;
 3. **raw COPY**: the rows that replay produced, read back and written into the same tables of
    another fresh schema with ``COPY`` (asyncpg ``copy_records_to_table``), the deferred indexes
    built after them as the replay builds its own; the reference is those events divided by
@@ -29,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import random
+import resource
 import sys
 import time
 import uuid
@@ -50,7 +52,7 @@ from eventstore import (
     provision_topics,
 )
 from eventstore.runtime import tune_gc
-from ops.bench.report import CpuMeter, Figures, figures, table, write_json
+from ops.bench.report import CpuMeter, Figures, GroupCpuMeter, figures, table, write_json
 from ops.environment import stack_env, stack_settings
 from ops.stack import StackInfo, default_stack_dir, stack_up
 from projectors import rebuild
@@ -230,8 +232,17 @@ async def delete_topics_and_caches(settings: Settings) -> None:
         await redis.aclose()
 
 
-async def replay(store: EventStore, schema: str, batch: int, workers: int) -> tuple[int, float]:
-    """Project the whole log into a fresh ``schema``; (records, seconds).
+class ReplayCost(msgspec.Struct, frozen=True):
+    """CPU per replayed event: the replaying processes' Python, PostgreSQL's processes."""
+
+    python_us: float
+    postgres_us: float
+
+
+async def replay(
+    store: EventStore, schema: str, batch: int, workers: int
+) -> tuple[int, float, ReplayCost]:
+    """Project the whole log into a fresh ``schema``; (records, seconds, CPU per event).
 
     With ``workers`` > 1 the partitions are dealt out to that many worker processes, as
     ``backbone replay`` builds its shadow (:func:`projectors.rebuild.replay_in_workers`); the
@@ -248,6 +259,8 @@ async def replay(store: EventStore, schema: str, batch: int, workers: int) -> tu
     # The generated workload stays alive in this process: keep the collector off it, and
     # collect as a replay worker does.
     tune_gc()
+    postgres = GroupCpuMeter(lambda name: name.startswith("postgres")).__enter__()
+    children, own = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
     started = time.perf_counter()
     if workers > 1:
         ends = await rebuild.log_ends(store)
@@ -260,7 +273,16 @@ async def replay(store: EventStore, schema: str, batch: int, workers: int) -> tu
         await rebuild.replay(store, projector, batch, count)
     async with store.pool.acquire() as conn:
         await finish_build(conn, schema)  # the model is usable once its indexes are there
-    return records, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    postgres.__exit__()
+    python = (
+        time.process_time()
+        - own
+        + sum(getattr(ended, f) - getattr(children, f) for f in ("ru_utime", "ru_stime"))
+    )
+    cost = ReplayCost(round(python / max(records, 1) * 1e6, 1), postgres.per(records))
+    return records, seconds, cost
 
 
 async def raw_copy(store: EventStore, source: str, target: str) -> tuple[int, float]:
@@ -296,7 +318,7 @@ async def replay_and_copy(
         print(f"bench project: writing {len(generated.events):,} events", file=sys.stderr)
         write_seconds = await write_events(store, generated.events)
         print(f"bench project: written in {write_seconds:.1f} s; replaying", file=sys.stderr)
-        records, replay_seconds = await replay(store, LIVE_SCHEMA, batch, workers)
+        records, replay_seconds, cost = await replay(store, LIVE_SCHEMA, batch, workers)
         print(f"bench project: replayed in {replay_seconds:.1f} s; COPY", file=sys.stderr)
         rows, copy_seconds = await raw_copy(store, LIVE_SCHEMA, "copyref")
     replayed = Figures(
@@ -319,7 +341,11 @@ async def replay_and_copy(
         seconds=round(write_seconds, 3),
         per_second=round(records / write_seconds, 1),
     )
-    return [write, replayed, copied], {"rows": rows}
+    return [write, replayed, copied], {
+        "rows": rows,
+        "replay_python_cpu_us_per_event": cost.python_us,
+        "replay_postgres_cpu_us_per_event": cost.postgres_us,
+    }
 
 
 async def applied_offsets(pool: asyncpg.Pool[asyncpg.Record]) -> dict[tuple[str, int], int]:
@@ -458,6 +484,10 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows))
     print(f"replay: {replayed.per_second:,.0f} events/s (goal >= {GOAL_REPLAY:,.0f})")
     print(f"replay / raw COPY: {vs_copy:.1%} (goal >= {GOAL_VS_COPY:.0%})")
+    print(
+        f"replay: {extra['replay_python_cpu_us_per_event']:,.1f} µs of Python CPU an event "
+        f"(the replaying processes), PostgreSQL {extra['replay_postgres_cpu_us_per_event']:,.1f}"
+    )
     print(f"live p99: {live.p99_ms} ms (goal <= {GOAL_LIVE_P99_MS:g} ms)")
     print(
         f"live: the worker spent {extra['live_worker_cpu_us_per_event']:,.0f} µs of CPU an event, "

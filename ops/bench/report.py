@@ -6,8 +6,9 @@ import datetime as dt
 import json
 import os
 import platform
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,65 @@ class CpuMeter:
         self._start = self._seconds()
 
     def _seconds(self) -> float:
-        # Fields 14 and 15 (utime, stime), in clock ticks; the command name may hold spaces.
-        fields = self._stat.read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_ticks(self._stat.read_text()) / os.sysconf("SC_CLK_TCK")
 
     def per(self, units: int) -> float:
         """Microseconds of CPU per unit (request, event) since this meter was made."""
         return round((self._seconds() - self._start) / max(1, units) * 1e6, 1)
+
+
+def _cpu_ticks(stat: str) -> int:
+    # Fields 14 and 15 (utime, stime), in clock ticks; the command name may hold spaces.
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class GroupCpuMeter:
+    """CPU seconds that a group of processes spends while it runs (a ``with`` block), processes
+    that start or exit meanwhile included: PostgreSQL's backends come and go with connections,
+    and an exited process's time would vanish from a reading at the end. ``member`` picks the
+    processes by command name; a thread reads them every ``interval`` seconds and keeps each
+    one's last reading, so a process's last ``interval`` before it exits may be missed."""
+
+    def __init__(self, member: Callable[[str], bool], interval: float = 0.1) -> None:
+        self._member = member
+        self._interval = interval
+        self._start: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self.seconds = 0.0
+
+    def _read(self) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # exited meanwhile
+                continue
+            if self._member(stat[stat.find("(") + 1 : stat.rfind(")")]):
+                found[int(entry.name)] = _cpu_ticks(stat)
+        return found
+
+    def _follow(self) -> None:
+        while not self._done.wait(self._interval):
+            self._last.update(self._read())
+
+    def __enter__(self) -> GroupCpuMeter:
+        self._start = self._read()
+        self._last = dict(self._start)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self._last.update(self._read())
+        ticks = sum(last - self._start.get(pid, 0) for pid, last in self._last.items())
+        self.seconds = ticks / os.sysconf("SC_CLK_TCK")
+
+    def per(self, units: int) -> float:
+        """Microseconds of CPU per unit (event) over the block."""
+        return round(self.seconds / max(1, units) * 1e6, 1)
