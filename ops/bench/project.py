@@ -259,28 +259,27 @@ async def replay(
     # The generated workload stays alive in this process: keep the collector off it, and
     # collect as a replay worker does.
     tune_gc()
-    postgres = GroupCpuMeter(lambda name: name.startswith("postgres")).__enter__()
-    children, own = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
-    started = time.perf_counter()
-    if workers > 1:
-        ends = await rebuild.log_ends(store)
-        shares = rebuild.replay_shares({p: end for p, end in ends.items() if end}, workers)
-        await rebuild.replay_in_workers(store.settings, schema, shares, batch, count)
-    else:
-        projector = Projector(
-            store.pool, store.layout, schema=schema, caches=None, durable_commits=False
-        )
-        await rebuild.replay(store, projector, batch, count)
-    async with store.pool.acquire() as conn:
-        await finish_build(conn, schema)  # the model is usable once its indexes are there
-    seconds = time.perf_counter() - started
-    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
-    postgres.__exit__()
-    python = (
-        time.process_time()
-        - own
-        + sum(getattr(ended, f) - getattr(children, f) for f in ("ru_utime", "ru_stime"))
-    )
+
+    def children_cpu() -> float:
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return used.ru_utime + used.ru_stime
+
+    with GroupCpuMeter(lambda name: name.startswith("postgres")) as postgres:
+        python = -(children_cpu() + time.process_time())
+        started = time.perf_counter()
+        if workers > 1:
+            ends = await rebuild.log_ends(store)
+            shares = rebuild.replay_shares({p: end for p, end in ends.items() if end}, workers)
+            await rebuild.replay_in_workers(store.settings, schema, shares, batch, count)
+        else:
+            projector = Projector(
+                store.pool, store.layout, schema=schema, caches=None, durable_commits=False
+            )
+            await rebuild.replay(store, projector, batch, count)
+        async with store.pool.acquire() as conn:
+            await finish_build(conn, schema)  # the model is usable once its indexes are there
+        seconds = time.perf_counter() - started
+        python += children_cpu() + time.process_time()
     cost = ReplayCost(round(python / max(records, 1) * 1e6, 1), postgres.per(records))
     return records, seconds, cost
 
