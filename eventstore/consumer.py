@@ -329,10 +329,12 @@ class LogReader:
         keys: KeyFetcher,
         epoch: int,
         max_records: int = 5000,
+        max_bytes: int | None = None,
         quick_start: bool = False,
     ) -> None:
         """``quick_start``: a reader that runs once to an end (a replay's); see
-        :func:`~eventstore.ends.quick_start_options`."""
+        :func:`~eventstore.ends.quick_start_options`. ``max_bytes``: see
+        :meth:`batches_until_end`."""
         self._settings = settings
         self._quick_start = quick_start
         self._layout = TopicLayout.from_settings(settings)
@@ -340,6 +342,7 @@ class LogReader:
         self._keys = keys
         self._epoch = epoch
         self._max_records = max_records
+        self._max_bytes = max_bytes
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(
@@ -412,6 +415,12 @@ class LogReader:
     async def batches_until_end(self, timeout_ms: int = 500) -> AsyncIterator[Batch]:
         """Batches up to the end offsets as they stand when this is called, then stop.
 
+        A batch takes fetches until it holds ``max_records`` records or, with ``max_bytes``, that
+        many bytes of record values or more: a fetch holds at most ``max_partition_fetch_bytes``
+        of one partition, so a batch never holds more than ``max_bytes`` plus one fetch. (A
+        decoded record takes some ten times its bytes in memory: the byte bound keeps a
+        replay's batches of large events as small in memory as its batches of small ones.)
+
         The reader can be used on afterwards (another ``batches_until_end``, ``next_batch``):
         a partition that reached its end is paused, so nothing past the end is fetched for it,
         and any records past the end that were fetched before (and dropped here) are fetched
@@ -434,7 +443,8 @@ class LogReader:
                 # A batch may take several fetches: one holds at most ``fetch_max_bytes``
                 # (some 20,000 records of a chat log), and ``max_records`` may ask for more.
                 kept: dict[TopicPartition, list[RecordLike]] = {}
-                count = 0
+                count = size = 0
+                max_bytes = self._max_bytes
                 while remaining and count < self._max_records:
                     records = await consumer.getmany(
                         timeout_ms=timeout_ms, max_records=self._max_records - count
@@ -447,6 +457,8 @@ class LogReader:
                         if recs:
                             kept.setdefault(tp, []).extend(recs)
                             count += len(recs)
+                            if max_bytes is not None:
+                                size += sum(r.serialized_value_size for r in recs)
                     for p in list(remaining):
                         if await self._position(p) >= target[p]:
                             remaining.discard(p)
@@ -455,6 +467,8 @@ class LogReader:
                             paused.add(tp)
                     if not records:
                         break  # nothing arrived within the timeout: hand over what there is
+                    if max_bytes is not None and size >= max_bytes:
+                        break
                 batch = await _decode(kept, self._layout, self._epoch, self._keys)
                 if batch.items:
                     yield batch

@@ -101,16 +101,18 @@ class EventStore:
         streams: Sequence[StreamKind] = ("user", "conversation"),
         *,
         max_records: int = 5000,
+        max_bytes: int | None = None,
         quick_start: bool = False,
     ) -> LogReader:
         """A group-less reader over ``streams`` (start it with ``start()`` or ``async with``);
-        ``quick_start``: see :class:`LogReader`."""
+        ``max_bytes``, ``quick_start``: see :class:`LogReader`."""
         return LogReader(
             self.settings,
             streams=streams,
             keys=self.keyring.keys_for_read,
             epoch=self.epoch,
             max_records=max_records,
+            max_bytes=max_bytes,
             quick_start=quick_start,
         )
 

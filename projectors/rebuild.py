@@ -95,6 +95,7 @@ from projectors.schema import (
 )
 from projectors.sources import (
     REPLAY_BATCH,
+    REPLAY_BATCH_BYTES,
     Cut,
     KafkaSource,
     RecordSource,
@@ -253,7 +254,7 @@ async def replay(
     its stored offsets to the end as of now; ``on_batch`` gets each batch's record count."""
     wanted = store.layout.every_partition() if partitions is None else list(partitions)
     stored = await projector.positions.load(wanted)
-    reader = store.reader(max_records=batch, quick_start=True)
+    reader = store.reader(max_records=batch, max_bytes=REPLAY_BATCH_BYTES, quick_start=True)
     await reader.start("beginning", dict(stored), partitions=wanted)
     try:
         async for chunk in read_ahead(reader.batches_until_end()):

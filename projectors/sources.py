@@ -65,6 +65,13 @@ at 100,000 the worker's CPU per applied event fell by a quarter and PostgreSQL's
 against 20,000 (a batch takes several fetches from 20,000 up; see
 :meth:`~eventstore.consumer.LogReader.batches_until_end`)."""
 
+REPLAY_BATCH_BYTES: Final = 64 * 1024 * 1024
+"""Bytes of record values after which a replay batch takes no further fetch (it then holds at
+most this plus one fetch). A decoded record takes some ten times its value's bytes, and a
+replay holds two batches (one applied, one read ahead): :data:`REPLAY_BATCH` records of the
+bench's chat log (about 470 bytes a value, 47 MB) stay under this bound and take a worker to about
+640 MB; without it, a log of 4 KB messages would take several gigabytes per worker."""
+
 
 class SourceRecord(msgspec.Struct, frozen=True):
     """One raw record of a source (a :class:`~eventstore.codec.RecordLike`)."""

@@ -359,7 +359,8 @@ async def test_a_reader_used_again_after_reading_to_the_end_leaves_no_gap(
 
 async def test_a_batch_takes_several_fetches_up_to_max_records(store: EventStore) -> None:
     """A fetch holds at most 4 MB of a partition; a batch goes on fetching until it holds
-    ``max_records`` (a replay's batches are larger than one fetch), never more, in log order."""
+    ``max_records`` (a replay's batches are larger than one fetch), never more, in log order,
+    or until it holds ``max_bytes`` of record values."""
     room, sender = uuid.uuid4(), uuid.uuid4()
     messages = [
         MessageSent(
@@ -374,10 +375,10 @@ async def test_a_batch_takes_several_fetches_up_to_max_records(store: EventStore
     for start in range(0, len(messages), 100):  # about 7 MB in the room's partition
         await store.producer.append(messages[start : start + 100])
 
-    async def batch_sizes(max_records: int) -> list[int]:
+    async def batch_sizes(max_records: int, max_bytes: int | None = None) -> list[int]:
         sizes: list[int] = []
         sent: list[str] = []
-        async with store.reader(max_records=max_records) as reader:
+        async with store.reader(max_records=max_records, max_bytes=max_bytes) as reader:
             async for batch in reader.batches_until_end(timeout_ms=10_000):
                 sizes.append(len(batch.items))
                 for item in batch.items:
@@ -389,3 +390,9 @@ async def test_a_batch_takes_several_fetches_up_to_max_records(store: EventStore
 
     assert await batch_sizes(10_000) == [1300]
     assert await batch_sizes(500) == [500, 500, 300]
+    # A byte bound ends a batch at the fetch that reaches it: one fetch (4 MB, about 1,000 of
+    # these records) per batch here, however many records were asked for.
+    by_bytes = await batch_sizes(10_000, max_bytes=1_000_000)
+    assert len(by_bytes) >= 2
+    assert max(by_bytes) * 4000 <= 1_000_000 + 4 * 1024 * 1024
+    assert await batch_sizes(10_000, max_bytes=100_000_000) == [1300]
