@@ -10,9 +10,9 @@ archive prefix (``bench/<topic prefix>``, its objects deleted afterwards):
    runs) from offset 0 until every partition's chain reaches the log end;
 3. **verify**: ``archive verify`` over the result (every body fetched, hashed and decoded);
 4. **rebuild from Kafka** and **from S3**: :func:`ops.replay.replay`, which ``backbone replay
-   --from kafka|s3`` runs: a shadow schema built from offset 0 (from Kafka by ``--workers``
-   processes; from the archive in this process, segment by segment), swapped in, the Redis
-   caches rebuilt. Each source gets a target schema of its own (``rebuilt_kafka``,
+   --from kafka|s3`` runs: a shadow schema built from offset 0 (its long build pass by
+   ``--workers`` processes, from Kafka or from the archive segment by segment), swapped in,
+   the Redis caches rebuilt. Each source gets a target schema of its own (``rebuilt_kafka``,
    ``rebuilt_s3``); the time is the wall time of the whole call.
 
 The two rebuilt models must have equal checksums, the offsets of all events written and one
@@ -204,8 +204,9 @@ async def bench(
                 client.close()
     segments = sum(c.segments for c in result.chains)
     note = f"{segments} segments, verify ok={result.ok}"
-    # Rebuild deals a build pass out to worker processes only when it is long enough.
-    how = {"kafka": f"workers: {workers or 'one per CPU'} for long passes", "s3": "one process"}
+    # Rebuild deals a build pass out to worker processes only when it is long enough, from
+    # either source; the shorter passes run in the calling process.
+    how = f"workers: {workers or 'one per CPU'} for long passes"
     rows = [
         _row("write (EventProducer, 1 KB events)", events, wrote),
         _row("archive to S3 (one archiver)", events, archived, note),
@@ -216,7 +217,7 @@ async def bench(
             f"rebuild from {source} (backbone replay)",
             done.result.records,
             done.seconds,
-            f"{how[source]}, batch {batch}, checksum {done.result.checksum[:12]}",
+            f"{how}, batch {batch}, checksum {done.result.checksum[:12]}",
         )
         for source, done in rebuilt.items()
     ]
