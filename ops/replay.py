@@ -268,7 +268,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--workers",
         type=_positive,
         default=None,
-        help="processes applying the log in the build passes (default: one per CPU)",
+        help="processes applying the log in the build passes (default: one per CPU and one more)",
     )
     parser.add_argument(
         "--from",

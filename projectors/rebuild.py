@@ -31,7 +31,8 @@ compare-and-set either matches the new offsets or raises
 :class:`~eventstore.consumer.PositionsMoved`, and the reader seeks to the new model's
 positions: nothing is lost or applied twice.
 
-The build passes run in worker processes (``workers``, default: one per CPU): the partitions
+The build passes run in worker processes (``workers``, default: :func:`default_workers`, one
+per CPU and one more): the partitions
 are dealt out by how many records each still has to apply, and every worker reads its share
 with a :class:`~eventstore.LogReader` of its own and applies it with a
 :class:`~projectors.projector.Projector` of its own into the same shadow. Decoding is CPU work
@@ -119,6 +120,17 @@ _PARALLEL_RECORDS: Final = 200_000
 # Build passes go on until one finds fewer records than a batch or than this, whichever is
 # fewer: the swap's own pass, which the live projector waits for, stays short.
 _SWAP_PASS_RECORDS: Final = 20_000
+
+
+def default_workers() -> int:
+    """Processes of a rebuild's build passes unless told: one per CPU, and one more.
+
+    A worker waits for PostgreSQL while its batch is written; with one worker per CPU a core
+    then idles, with one more it decodes the next worker's batch meanwhile. Alternating
+    million-event replays on 2 CPUs: 3 workers beat 2 in 5 pairs of 5 (+11 % on average);
+    4 and 6 did no better than 3.
+    """
+    return (os.cpu_count() or 1) + 1
 
 
 _MAX_BUILD_PASSES: Final = 6
@@ -370,7 +382,8 @@ class Rebuild:
         until: Until | None = None,
         into: str | None = None,
     ) -> None:
-        """``workers``: processes of the build passes (default: one per CPU; 1: this one).
+        """``workers``: processes of the build passes (default: :func:`default_workers`; 1:
+        this one).
 
         ``source`` (default: the log), ``until`` (default: the end), ``into`` (default: swap
         into ``live``): see the module doc.
@@ -390,7 +403,7 @@ class Rebuild:
         self._namespace = namespace or store.settings.topic_prefix
         self._batch = batch
         self._on_progress = on_progress
-        self._workers = max(workers or os.cpu_count() or 1, 1)
+        self._workers = max(workers or default_workers(), 1)
         self._projector = Projector(
             self._pool, store.layout, schema=self.shadow, caches=None, durable_commits=False
         )

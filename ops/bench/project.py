@@ -533,8 +533,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
-        help="replay processes, partitions dealt out among them (default: one per CPU)",
+        default=rebuild.default_workers(),
+        help="replay processes, partitions dealt out among them (default: one per CPU and "
+        "one more, as backbone replay)",
     )
     parser.add_argument("--live-events", type=int, default=2000)
     parser.add_argument("--live-rate", type=float, default=200.0, help="appends per second")

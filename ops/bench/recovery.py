@@ -45,7 +45,7 @@ from ops.bench.report import Figures, table, write_json
 from ops.environment import stack_settings
 from ops.replay import ProgressReporter, replay
 from ops.stack import default_stack_dir, stack_up
-from projectors.rebuild import RebuildResult
+from projectors.rebuild import RebuildResult, default_workers
 from projectors.schema import in_schema
 from projectors.sources import REPLAY_BATCH
 from schemas import ConversationCreated, Event, MessageSent, UserRegistered
@@ -206,7 +206,7 @@ async def bench(
     note = f"{segments} segments, verify ok={result.ok}"
     # Rebuild deals a build pass out to worker processes only when it is long enough, from
     # either source; the shorter passes run in the calling process.
-    how = f"workers: {workers or 'one per CPU'} for long passes"
+    how = f"workers: {workers or default_workers()} for long passes"
     rows = [
         _row("write (EventProducer, 1 KB events)", events, wrote),
         _row("archive to S3 (one archiver)", events, archived, note),
@@ -333,7 +333,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--workers",
         type=int,
         default=None,
-        help="processes of the rebuild from Kafka (default: one per CPU, as backbone replay)",
+        help="processes of the rebuild's long passes (default: as backbone replay)",
     )
     parser.add_argument("--json", default="bench-results/recovery.json", metavar="PATH")
     parser.set_defaults(func=run)
