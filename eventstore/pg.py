@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,7 +30,12 @@ def redact_dsn(dsn: str) -> str:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, keep_sessions: bool = False
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    keep_sessions: bool = False,
+    server_settings: Mapping[str, str] | None = None,
 ) -> Pool:
     """An asyncpg pool, or :class:`KeyStoreUnavailable` naming the (redacted) DSN.
 
@@ -37,11 +43,18 @@ async def create_pool(
     transaction. asyncpg otherwise sends a reset statement (unlock, close cursors, unlisten,
     reset settings) at every release, a round trip per use; a pool whose users leave no
     session state behind (transaction-scoped settings and locks only) does not need it.
+    ``server_settings``: PostgreSQL settings of every connection (sent when it opens).
     """
     reset = _keep_session if keep_sessions else None
     try:
         async with asyncio.timeout(15):
-            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, reset=reset)
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                reset=reset,
+                server_settings=dict(server_settings) if server_settings else None,
+            )
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise KeyStoreUnavailable(
             f"PostgreSQL at {redact_dsn(dsn)} is unreachable: {exc or type(exc).__name__}"

@@ -45,6 +45,13 @@ DEFAULT_LINGER_MS: Final = 20
 METRICS_HOST_VARIABLE: Final = "BACKBONE_PROJECTOR_METRICS_HOST"
 WORKER_INDEX_VARIABLE: Final = "BACKBONE_WORKER_INDEX"
 _LAG_INTERVAL: Final = 5.0
+BATCH_SERVER_SETTINGS: Final = {"idle_in_transaction_session_timeout": "10s"}
+"""PostgreSQL ends a batch's transaction that waits on this worker for 10 s, the group
+session's length (aiokafka's default): a worker stopped inside a batch (a VM pause, SIGSTOP)
+holds its partitions' offsets rows locked, and the member the group gives those partitions to
+would wait on them for as long as the stop lasts. Between two statements a batch computes for
+milliseconds. The stopped worker, once resumed, finds its connection closed: its batch
+committed nothing, and it exits for its supervisor to start it again."""
 
 
 def group_id(settings: Settings) -> str:
@@ -130,7 +137,9 @@ async def run(settings: Settings, env: Mapping[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     port = metrics_port(env)
     # Batches use transaction-scoped settings and locks only: no reset round trip per batch.
-    pool = await create_pool(settings.postgres_dsn, keep_sessions=True)
+    pool = await create_pool(
+        settings.postgres_dsn, keep_sessions=True, server_settings=BATCH_SERVER_SETTINGS
+    )
     redis = redis_client(settings.redis_url)
     untimed = untimed_sibling(redis)  # for the caches, which bound each pipeline as a whole
     try:

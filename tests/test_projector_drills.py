@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -25,7 +26,14 @@ from projectors.checksum import checksum
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA
 from projectors.schema import ensure_live_schema
-from schemas import Event, MemberJoined, MessageEdited, ReactionAdded, ReadMarkerMoved
+from schemas import (
+    ConversationCreated,
+    Event,
+    MemberJoined,
+    MessageEdited,
+    ReactionAdded,
+    ReadMarkerMoved,
+)
 from tests.store_fixtures import fresh_database, isolated
 from tests.test_projector_support import (
     catch_up,
@@ -274,5 +282,123 @@ async def test_two_workers_with_a_rebalance_mid_stream_build_the_same_model(
                 await worker.kill()
     count = await store.pool.fetchval("SELECT count(*) FROM chat.messages")
     assert count == sent
+    assert await store.pool.fetchval("SELECT count(*) FROM chat.dead_letters") == 0
+    await assert_equals_clean_replay(settings, store)
+
+
+def assigned_partitions(log: Path) -> list[int]:
+    """The partition count of each assignment a worker logged, in order."""
+    counts: list[int] = []
+    if log.exists():
+        for line in log.read_text(errors="replace").splitlines():
+            if "reader.assigned" in line:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    counts.append(int(json.loads(line)["partitions"]))
+    return counts
+
+
+_OPEN_TRANSACTIONS_SQL = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND state = 'idle in transaction' AND xact_start < now() - interval '200 milliseconds'"
+)
+
+
+async def freeze_inside_a_batch(worker: Worker, pool: Pool) -> None:
+    """SIGSTOP ``worker`` at an instant when it holds a batch's transaction open (its offsets
+    rows locked): stopped there, it leaves a transaction idle and aging. Retried at other
+    instants until one lands inside a batch."""
+    assert worker.proc is not None
+    rng = random.Random(3)
+    for _ in range(200):
+        worker.proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(0.3)
+        if await pool.fetchval(_OPEN_TRANSACTIONS_SQL):
+            return
+        worker.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(rng.uniform(0.001, 0.03))
+    raise AssertionError("the worker was never stopped inside a batch")
+
+
+async def test_a_worker_frozen_past_its_session_is_replaced_and_rejoins(
+    drill: tuple[Settings, EventStore], tmp_path: Path
+) -> None:
+    """SIGSTOP (a VM pause, a debugger) outlasts the group session while the worker may be in
+    the middle of a batch: the other worker takes every partition over and applies what arrives
+    meanwhile; after SIGCONT the frozen one's batch in flight changes nothing, it works again,
+    and the read model equals a clean single pass."""
+    settings, store = drill
+    events, sent = workload(rooms=200, users=100, messages=30_000, seed=17)
+    split = len(events) // 2
+    first = Worker(settings, tmp_path / "first.log", index=0)
+    second = Worker(settings, tmp_path / "second.log", index=1)
+    every = settings.user_partitions + settings.conversation_partitions
+    assert first.proc is None
+    try:
+        await first.start()
+        await second.start()
+        await produce(store, events[:split])
+
+        async def both_hold_partitions() -> bool:
+            a, b = assigned_partitions(first._log), assigned_partitions(second._log)
+            return bool(a and b and a[-1] and b[-1] and a[-1] + b[-1] == every)
+
+        await wait_for(both_hold_partitions, 60, "the two workers share the partitions")
+
+        async def applying() -> bool:
+            return await applied_total(store.pool) >= split // 4
+
+        await wait_for(applying, 60, "the workers are applying")
+        # The rest arrives while the first is stopped inside one of the batches it applies.
+        rest = asyncio.create_task(produce(store, events[split:], chunk=200))
+        try:
+            await freeze_inside_a_batch(first, store.pool)
+        finally:
+            await rest
+        end = await log_end(store)
+
+        async def second_holds_all() -> bool:
+            found = assigned_partitions(second._log)
+            return bool(found) and found[-1] == every
+
+        await wait_for(second_holds_all, 60, "the second worker took every partition over")
+
+        async def finished() -> bool:
+            return await applied_total(store.pool) >= end
+
+        await wait_for(finished, 120, "the second worker applied the whole log")
+        # Resumed, the first finds its batch's connection closed by PostgreSQL: the batch
+        # committed nothing, and the worker exits for its supervisor to start it again.
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGCONT)
+        async with asyncio.timeout(60):
+            assert await first.proc.wait() != 0
+        assert b"connection is closed" in first._log.read_bytes()
+        assert await applied_total(store.pool) == end, "nothing applied twice meanwhile"
+        before = len(assigned_partitions(first._log))
+        await first.start()  # as the supervisor does
+
+        async def first_rejoined() -> bool:
+            found = assigned_partitions(first._log)
+            return len(found) > before and found[-1] > 0
+
+        await wait_for(first_rejoined, 60, "the restarted worker rejoined and holds partitions")
+        # The group goes on with the two: messages sent now are applied once too.
+        rooms = [
+            (e.conversation_id, e.creator_id) for e in events if isinstance(e, ConversationCreated)
+        ]
+        tail = [message(*rooms[n % len(rooms)], f"after {n}", uuid.uuid4()) for n in range(2000)]
+        await produce(store, tail)
+        sent += len(tail)
+        end = await log_end(store)
+        await wait_for(finished, 60, "the two workers applied the messages sent after")
+        assert await second.stop() == 0
+        assert await first.stop() == 0
+    finally:
+        for worker in (first, second):
+            if worker.proc is not None and worker.proc.returncode is None:
+                worker.proc.send_signal(signal.SIGCONT)
+                await worker.kill()
+    assert await store.pool.fetchval("SELECT count(*) FROM chat.messages") == sent
+    assert await store.pool.fetchval("SELECT sum(message_count) FROM chat.conversations") == sent
     assert await store.pool.fetchval("SELECT count(*) FROM chat.dead_letters") == 0
     await assert_equals_clean_replay(settings, store)
