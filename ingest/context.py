@@ -10,6 +10,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from eventstore import EventStore, LogEnds, RecordedEvent, Settings
+from eventstore.codec import uuid_text
 from ingest.config import IngestConfig
 from ingest.exports import Exports
 from ingest.http import REQUEST_ID
@@ -56,5 +57,5 @@ async def append(
     """Write ``events`` stamped with ``actor`` and the request id (their correlation id);
     return them once Kafka acknowledged them."""
     return await request.app[STORE].producer.append(
-        events, actor=str(actor), correlation_id=request[REQUEST_ID]
+        events, actor=uuid_text(actor), correlation_id=request[REQUEST_ID]
     )

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from eventstore import Pool, Settings
+from eventstore.codec import uuid_text
 from ingest.auth.accounts import Accounts
 from ingest.auth.apikeys import ApiKeys
 from ingest.auth.errors import InvalidApiKey, InvalidToken
@@ -241,7 +242,7 @@ async def admit(
         "1" if caller.session_id is not None else "0",
         str(len(counting.keys)) if counting is not None else "0",
         "1" if conversation_id is not None else "0",
-        str(caller.user_id),
+        uuid_text(caller.user_id),
         *(counting.args if counting is not None else ()),
     ]
     reply = await auth.autopipe.script(auth.admission, keys, args)

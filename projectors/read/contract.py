@@ -25,6 +25,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from eventstore import Pool
+from eventstore.codec import uuid_text
 
 LIVE_SCHEMA = "chat"
 """The schema the live read model is served from (a rebuild swaps a new one in by name)."""
@@ -33,7 +34,9 @@ Partition = tuple[str, int]
 
 
 def members_key(namespace: str, conversation_id: uuid.UUID | str) -> str:
-    return f"{namespace}:members:{conversation_id}"
+    # uuid_text: formatting a UUID into an f-string costs five times as much, once per send.
+    text = conversation_id if isinstance(conversation_id, str) else uuid_text(conversation_id)
+    return f"{namespace}:members:{text}"
 
 
 def user_conversations_key(namespace: str, user_id: uuid.UUID | str) -> str:
