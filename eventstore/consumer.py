@@ -418,8 +418,9 @@ class LogReader:
         A batch takes fetches until it holds ``max_records`` records or, with ``max_bytes``, that
         many bytes of record values or more: a fetch holds at most ``max_partition_fetch_bytes``
         of one partition, so a batch never holds more than ``max_bytes`` plus one fetch. (A
-        decoded record takes some ten times its bytes in memory: the byte bound keeps a
-        replay's batches of large events as small in memory as its batches of small ones.)
+        decoded record takes several times its bytes in memory: the byte bound keeps a
+        replay's batches of large events about as small in memory as its batches of small
+        ones.)
 
         The reader can be used on afterwards (another ``batches_until_end``, ``next_batch``):
         a partition that reached its end is paused, so nothing past the end is fetched for it,

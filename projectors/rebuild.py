@@ -32,8 +32,8 @@ compare-and-set either matches the new offsets or raises
 positions: nothing is lost or applied twice.
 
 The build passes run in worker processes (``workers``, default: :func:`default_workers`, one
-per CPU and one more): the partitions
-are dealt out by how many records each still has to apply, and every worker reads its share
+per CPU and one more): the partitions are dealt out by how many records each still has to
+apply, and every worker reads its share
 with a :class:`~eventstore.LogReader` of its own and applies it with a
 :class:`~projectors.projector.Projector` of its own into the same shadow. Decoding is CPU work
 in Python, so one process cannot use a second core. Workers never claim the same partition

@@ -67,10 +67,11 @@ against 20,000 (a batch takes several fetches from 20,000 up; see
 
 REPLAY_BATCH_BYTES: Final = 64 * 1024 * 1024
 """Bytes of record values after which a replay batch takes no further fetch (it then holds at
-most this plus one fetch). A decoded record takes some ten times its value's bytes, and a
+most this plus one fetch). A decoded record takes several times its value's bytes, and a
 replay holds two batches (one applied, one read ahead): :data:`REPLAY_BATCH` records of the
-bench's chat log (about 470 bytes a value, 47 MB) stay under this bound and take a worker to about
-640 MB; without it, a log of 4 KB messages would take several gigabytes per worker."""
+bench's chat log (about 470 bytes a value, 47 MB a batch) stay under this bound and take a
+worker to about 640 MB; without it, a log of 4 KB messages would take several gigabytes per
+worker."""
 
 
 class SourceRecord(msgspec.Struct, frozen=True):
