@@ -111,11 +111,11 @@ class Worker:
             "BACKBONE_WORKER_INDEX": str(index),
             "BACKBONE_PROJECTOR_METRICS_PORT": str(self.port),
         }
-        self._log = log
+        self.log = log
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        with self._log.open("ab") as log:
+        with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "projectors", env=self._env, stdout=log, stderr=log
             )
@@ -138,7 +138,17 @@ class Worker:
 
     async def assigned(self) -> bool:
         """Whether the worker has been given partitions (its log says so)."""
-        return self._log.exists() and b"reader.assigned" in self._log.read_bytes()
+        return bool(self.assignments())
+
+    def assignments(self) -> list[int]:
+        """The partition count of each assignment the worker logged, in order."""
+        counts: list[int] = []
+        if self.log.exists():
+            for line in self.log.read_text(errors="replace").splitlines():
+                if "reader.assigned" in line:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        counts.append(int(json.loads(line)["partitions"]))
+        return counts
 
     async def kill(self) -> None:
         assert self.proc is not None
@@ -286,17 +296,6 @@ async def test_two_workers_with_a_rebalance_mid_stream_build_the_same_model(
     await assert_equals_clean_replay(settings, store)
 
 
-def assigned_partitions(log: Path) -> list[int]:
-    """The partition count of each assignment a worker logged, in order."""
-    counts: list[int] = []
-    if log.exists():
-        for line in log.read_text(errors="replace").splitlines():
-            if "reader.assigned" in line:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    counts.append(int(json.loads(line)["partitions"]))
-    return counts
-
-
 _OPEN_TRANSACTIONS_SQL = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
     "AND state = 'idle in transaction' AND xact_start < now() - interval '200 milliseconds'"
@@ -332,14 +331,13 @@ async def test_a_worker_frozen_past_its_session_is_replaced_and_rejoins(
     first = Worker(settings, tmp_path / "first.log", index=0)
     second = Worker(settings, tmp_path / "second.log", index=1)
     every = settings.user_partitions + settings.conversation_partitions
-    assert first.proc is None
     try:
         await first.start()
         await second.start()
         await produce(store, events[:split])
 
         async def both_hold_partitions() -> bool:
-            a, b = assigned_partitions(first._log), assigned_partitions(second._log)
+            a, b = first.assignments(), second.assignments()
             return bool(a and b and a[-1] and b[-1] and a[-1] + b[-1] == every)
 
         await wait_for(both_hold_partitions, 60, "the two workers share the partitions")
@@ -357,7 +355,7 @@ async def test_a_worker_frozen_past_its_session_is_replaced_and_rejoins(
         end = await log_end(store)
 
         async def second_holds_all() -> bool:
-            found = assigned_partitions(second._log)
+            found = second.assignments()
             return bool(found) and found[-1] == every
 
         await wait_for(second_holds_all, 60, "the second worker took every partition over")
@@ -374,13 +372,13 @@ async def test_a_worker_frozen_past_its_session_is_replaced_and_rejoins(
             assert await first.proc.wait() != 0
         # asyncpg words it by where the worker stood ("the underlying connection is closed",
         # or another operation "in progress" on it): either way a database error ended it.
-        assert b"asyncpg.exceptions" in first._log.read_bytes().rsplit(b"Traceback", 1)[-1]
+        assert b"asyncpg.exceptions" in first.log.read_bytes().rsplit(b"Traceback", 1)[-1]
         assert await applied_total(store.pool) == end, "nothing applied twice meanwhile"
-        before = len(assigned_partitions(first._log))
+        before = len(first.assignments())
         await first.start()  # as the supervisor does
 
         async def first_rejoined() -> bool:
-            found = assigned_partitions(first._log)
+            found = first.assignments()
             return len(found) > before and found[-1] > 0
 
         await wait_for(first_rejoined, 60, "the restarted worker rejoined and holds partitions")
