@@ -33,15 +33,15 @@ positions: nothing is lost or applied twice.
 
 The build passes run in worker processes (``workers``, default: :func:`default_workers`, one
 per CPU and one more): the partitions are dealt out by how many records each still has to
-apply, and every worker reads its share
-with a :class:`~eventstore.LogReader` of its own and applies it with a
-:class:`~projectors.projector.Projector` of its own into the same shadow. Decoding is CPU work
-in Python, so one process cannot use a second core. Workers never claim the same partition
-(offsets are rows per partition); what their batches write is disjoint too (user streams write
-users, sessions and media; a conversation's rows live in its own partition), except an erasure,
-which redacts rows of every table: :func:`~projectors.apply.apply_items` serialises batches
-holding one against every other batch of the schema, so they can neither deadlock nor undo each
-other's writes. The swap's own pass is short and runs in this process.
+apply, and every worker reads its share with a :class:`~eventstore.LogReader` of its own and
+applies it with a :class:`~projectors.projector.Projector` of its own into the same shadow.
+Decoding is CPU work in Python, so one process cannot use a second core. Workers never claim
+the same partition (offsets are rows per partition); what their batches write is disjoint too
+(user streams write users, sessions and media; a conversation's rows live in its own
+partition), except an erasure, which redacts rows of every table:
+:func:`~projectors.apply.apply_items` serialises batches holding one against every other batch
+of the schema, so they can neither deadlock nor undo each other's writes. The swap's own pass
+is short and runs in this process.
 
 A rebuild never touches the fan-out tier: fan-out reads Kafka from the live end, not the read
 model, and a rebuild writes nothing to Kafka, so no event is pushed again. The recent-history
