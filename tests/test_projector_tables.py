@@ -8,10 +8,11 @@ import uuid
 import asyncpg
 import msgspec
 
-from eventstore import Settings
-from projectors.rows import ReadMarkerRow, UserRow
-from projectors.schema import READ_MARKERS, USERS, create_schema
-from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, upsert_rows
+from eventstore import Settings, TopicLayout
+from projectors.apply import apply_items
+from projectors.rows import MessageRow, ReadMarkerRow, UserRow
+from projectors.schema import MESSAGES, READ_MARKERS, USERS, create_schema
+from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, load_sql, upsert_rows
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -123,6 +124,43 @@ async def test_rewritten_rows_are_updated_in_place(base_settings: Settings) -> N
             "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", f"{schema}.conversations"
         )
         assert options == ["fillfactor=50"]
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
+
+
+async def test_a_batch_reads_a_few_thousand_messages_by_index_from_a_large_table(
+    base_settings: Settings,
+) -> None:
+    """A batch's key reads (``= ANY`` of thousands of keys) must not scan the messages table:
+    under PostgreSQL's default random_page_cost they did, up to some 200,000 rows."""
+    schema = f"tables_plan_{uuid.uuid4().hex[:8]}"
+    room, sender = uuid.uuid4(), uuid.uuid4()
+
+    def message(n: int) -> MessageRow:
+        return MessageRow(
+            uuid.uuid4(), room, 0, n, n + 1, sender, f"c{n}", "text", "x" * 40, None, None, NOW
+        )
+
+    conn = await asyncpg.connect(base_settings.postgres_dsn)
+    try:
+        await create_schema(conn, schema, build=True)
+        rows = [message(n) for n in range(60_000)]
+        await insert_rows(conn, schema, MESSAGES, rows)
+        await conn.execute(f"ANALYZE {schema}.messages")
+        keys = [(row.message_id,) for row in rows[::60]]  # 1,000 keys
+        async with conn.transaction():
+            await apply_items(
+                conn, schema, TopicLayout.from_settings(base_settings), []
+            )  # what every batch sets up
+            plan = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    f"EXPLAIN {load_sql(schema, MESSAGES)}", [key for (key,) in keys]
+                )
+            )
+        assert "Seq Scan" not in plan, plan
+        assert len(await load_rows(conn, schema, MESSAGES, keys)) == len(keys)
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.close()
