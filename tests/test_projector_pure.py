@@ -11,7 +11,7 @@ from eventstore import Position, RecordedEvent
 from projectors import schema
 from projectors.errors import ProjectionError
 from projectors.projection import Put, needs, project
-from projectors.rows import ConversationRow, Key, MessageRow, Row
+from projectors.rows import ConversationRow, Key, MessageRow, ReadMarkerRow, Row
 from schemas import ERASED, Envelope, Event, MessageEdited, MessageSent
 
 ROOM, ALICE, MESSAGE = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
@@ -26,6 +26,19 @@ class Rows:
 
     def get(self, table: schema.Table, key: Key) -> Row | None:
         return self.rows.get((table.name, key))
+
+
+class Prefetched(Rows):
+    """Like the working set: only the rows ``needs`` named can be read (``LookupError``)."""
+
+    def __init__(self, event: Event, *rows: Row) -> None:
+        super().__init__(*rows)
+        self.named = {(table.name, key) for table, key in needs(event)}
+
+    def get(self, table: schema.Table, key: Key) -> Row | None:
+        if (table.name, key) not in self.named:
+            raise LookupError(f"{table.name} {key} was not prefetched")
+        return super().get(table, key)
 
 
 def recorded(event: Event, offset: int = 7) -> RecordedEvent:
@@ -88,8 +101,15 @@ def test_an_erased_body_is_stored_as_null() -> None:
 
 
 def test_needs_name_every_row_a_projection_reads() -> None:
-    assert needs(sent()) == [
-        (schema.CONVERSATIONS, (ROOM,)),
-        (schema.MESSAGES, (MESSAGE,)),
-        (schema.READ_MARKERS, (ROOM, ALICE)),
-    ]
+    assert needs(sent()) == [(schema.CONVERSATIONS, (ROOM,)), (schema.MESSAGES, (MESSAGE,))]
+
+
+def test_a_message_moves_its_senders_marker_to_it_without_reading_the_marker() -> None:
+    ops = project(recorded(sent()), Prefetched(sent(), room(message_count=4)))
+    (marker,) = [op.row for op in ops if isinstance(op, Put) and isinstance(op.row, ReadMarkerRow)]
+    assert (marker.user_id, marker.up_to, marker.up_to_seq, marker.up_to_offset) == (
+        ALICE,
+        MESSAGE,
+        5,
+        7,
+    )
