@@ -280,6 +280,7 @@ async def replay(
             await finish_build(conn, schema)  # the model is usable once its indexes are there
         seconds = time.perf_counter() - started
         python += children_cpu() + time.process_time()
+    python -= postgres.own_seconds  # the meter's thread is this process's, not the replay's
     cost = ReplayCost(round(python / max(records, 1) * 1e6, 1), postgres.per(records))
     return records, seconds, cost
 
