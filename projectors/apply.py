@@ -94,8 +94,9 @@ class _WorkingSet:
         rows = self.rows[table.name]
         for key in keys:
             rows[key] = None
+        key_of = _key_of(table)
         for row in found:
-            rows[row.key()] = row
+            rows[key_of(row)] = row
         self._absent[table.name].update(k for k in keys if rows[k] is None)
 
     def writes(self, name: str) -> tuple[list[Key], list[Row], list[Row]]:
