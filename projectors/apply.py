@@ -66,7 +66,7 @@ class Applied(msgspec.Struct):
     """The error of every item dead-lettered by this batch."""
 
 
-_UNCHANGED: Final[Any] = object()
+_MISSING: Final[Any] = object()
 
 
 class _WorkingSet:
@@ -74,14 +74,15 @@ class _WorkingSet:
     made of them.
 
     An operation is stored once, in :attr:`changed`; a read looks there first, then among the
-    prefetched rows. (Each store hashes a key of :class:`uuid.UUID` values, whose hash runs in
-    Python: storing every operation in both had been 7 % of a replay worker's time.)"""
+    prefetched rows. Each store hashes a key of :class:`uuid.UUID` values, whose hash runs in
+    Python: storing every operation in both places had taken 7 % of a replay worker's profile
+    samples. Which keys were absent is read off the prefetched rows (``None``), not kept apart.
+    """
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[Key, Row | None]] = defaultdict(dict)
-        """Table name -> key -> row as prefetched (``None``: absent), for every key read."""
-        self._absent: dict[str, set[Key]] = defaultdict(set)
-        """Keys the prefetch found no row for."""
+        """Table name -> key -> row as prefetched (``None``: absent, or assumed absent), for
+        every key read."""
         self.tables: dict[str, Table] = {}
         """Table name -> table, for every table changed."""
         self.changed: dict[str, dict[Key, Row | None]] = defaultdict(dict)
@@ -91,8 +92,8 @@ class _WorkingSet:
         name = table.name
         changed = self.changed.get(name)  # not [name]: a read must not add the table
         if changed is not None:
-            row = changed.get(key, _UNCHANGED)
-            if row is not _UNCHANGED:
+            row = changed.get(key, _MISSING)
+            if row is not _MISSING:
                 return row  # type: ignore[no-any-return]
         try:
             return self.rows[name][key]
@@ -102,7 +103,6 @@ class _WorkingSet:
     def assume_absent(self, table: Table, key: Key) -> None:
         """Take ``key`` as absent without reading it (the insert will find out)."""
         self.rows[table.name][key] = None
-        self._absent[table.name].add(key)
 
     def load(self, table: Table, keys: Iterable[Key], found: Iterable[Row]) -> None:
         rows = self.rows[table.name]
@@ -111,19 +111,18 @@ class _WorkingSet:
         key_of = _key_of(table)
         for row in found:
             rows[key_of(row)] = row
-        self._absent[table.name].update(k for k in keys if rows[k] is None)
 
     def writes(self, name: str) -> tuple[list[Key], list[Row], list[Row]]:
         """What changed in table ``name``: keys to delete, new rows (their keys absent at the
-        prefetch), replacements (every other row)."""
+        prefetch), replacements (every other row: found, or never read)."""
         deleted: list[Key] = []
         new: list[Row] = []
         replaced: list[Row] = []
-        absent = self._absent[name]
+        prefetched = self.rows[name]
         for key, value in self.changed[name].items():
             if value is None:
                 deleted.append(key)
-            elif key in absent:
+            elif prefetched.get(key, _MISSING) is None:
                 new.append(value)
             else:
                 replaced.append(value)
