@@ -67,6 +67,7 @@ class Applied(msgspec.Struct):
 
 
 _MISSING: Final[Any] = object()
+_TABLE_NAMED: Final = {table.name: table for table in schema.TABLES}
 
 
 class _WorkingSet:
@@ -83,8 +84,6 @@ class _WorkingSet:
         self.rows: dict[str, dict[Key, Row | None]] = defaultdict(dict)
         """Table name -> key -> row as prefetched (``None``: absent, or assumed absent), for
         every key read."""
-        self.tables: dict[str, Table] = {}
-        """Table name -> table, for every table changed."""
         self.changed: dict[str, dict[Key, Row | None]] = defaultdict(dict)
         """Table name -> key -> row as the batch leaves it (``None``: deleted)."""
 
@@ -341,7 +340,7 @@ async def _apply(
     erasures: dict[uuid.UUID, None] = {}
     counts: Counter[tuple[str, str]] = Counter()  # metrics, incremented once per batch
     warnings: list[tuple[str, str]] = []
-    changed, tables = work.changed, work.tables
+    changed = work.changed
     applied_types: list[str] = []
     for item in items:
         if isinstance(item, Skipped):
@@ -376,15 +375,13 @@ async def _apply(
                 assert isinstance(op, EraseUser)
                 erasures[op.user_id] = None
                 continue
-            name = table.name
-            changed[name][key] = row
-            tables[name] = table
+            changed[table.name][key] = row
         applied_types.append(item.envelope.type)
     for type_, count in Counter(applied_types).items():  # counted in C, not per event
         counts["applied", type_] += count
     _note_changes(applied, work)
     for name in work.changed:
-        table = work.tables[name]
+        table = _TABLE_NAMED[name]
         deleted, new, replaced = work.writes(name)
         await delete_rows(conn, schema_name, table, deleted)
         await insert_rows(conn, schema_name, table, new, assumed=assume_new)
