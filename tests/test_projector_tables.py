@@ -149,10 +149,9 @@ async def test_a_batch_reads_a_few_thousand_messages_by_index_from_a_large_table
         await insert_rows(conn, schema, MESSAGES, rows)
         await conn.execute(f"ANALYZE {schema}.messages")
         keys = [(row.message_id,) for row in rows[::60]]  # 1,000 keys
+        layout = TopicLayout.from_settings(base_settings)
         async with conn.transaction():
-            await apply_items(
-                conn, schema, TopicLayout.from_settings(base_settings), []
-            )  # what every batch sets up
+            await apply_items(conn, schema, layout, [])  # what every batch sets up first
             plan = "\n".join(
                 r[0]
                 for r in await conn.fetch(
