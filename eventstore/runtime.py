@@ -15,15 +15,17 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
-from aiohttp import web
 
 from eventstore.consumer import GroupReader
 from eventstore.ends import LogEnds
 from eventstore.errors import ConfigError
 from eventstore.settings import Settings
+
+if TYPE_CHECKING:  # imported where served: a replay worker or CLI command never loads aiohttp
+    from aiohttp import web
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -169,6 +171,8 @@ async def serve_member(
     health routes) is served on ``host:port`` when ``port`` is set; ``track_lag`` runs beside
     the reader with a log-end reader of its own. Logs ``<name>.started`` and ``<name>.stopped``.
     """
+    from aiohttp import web
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, reader.stop)

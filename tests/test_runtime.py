@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -127,3 +129,14 @@ def test_the_niceness_a_tier_is_asked_for(raw: str, niceness: int) -> None:
 def test_a_bad_niceness_stops_the_tier_naming_the_variable(raw: str) -> None:
     with pytest.raises(ConfigError, match=NICE_ENV):
         scheduling_niceness({NICE_ENV: raw})
+
+
+def test_a_replay_worker_starts_without_the_http_stack() -> None:
+    # Each replay worker process imports its entry module once per rebuild: aiohttp took a
+    # fifth of that import's CPU, for a server the worker never runs.
+    probe = (
+        "import sys; import projectors.rebuild; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
