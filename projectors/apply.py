@@ -288,14 +288,15 @@ async def apply_items(
     A batch creating rows assumes their keys absent (see the module doc).
     """
     schema_name = checked_schema_name(schema_name)
-    erases = any(isinstance(i, RecordedEvent) and isinstance(i.event, UserErased) for i in items)
+    events = [i.event for i in items if isinstance(i, RecordedEvent)]
+    # The batch's distinct event types (in C), not a test per item in Python.
+    erases = any(issubclass(kind, UserErased) for kind in set(map(type, events)))
     await conn.execute(
         _ERASURE_EXCLUSIVE_SQL if erases else _ERASURE_SHARED_SQL,
         _ERASURE_LOCK_CLASS,
         schema_name,
         _BATCH_PLANNER,
     )
-    events = [i.event for i in items if isinstance(i, RecordedEvent)]
     if any(creates(e) is not None for e in events):
         try:
             async with conn.transaction():  # a savepoint: the caller's transaction goes on

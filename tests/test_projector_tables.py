@@ -8,11 +8,12 @@ import uuid
 import asyncpg
 import msgspec
 
-from eventstore import Settings, TopicLayout
-from projectors.apply import apply_items
+from eventstore import Position, RecordedEvent, Settings, TopicLayout
+from projectors.apply import _ERASURE_LOCK_CLASS, apply_items
 from projectors.rows import MessageRow, ReadMarkerRow, UserRow
 from projectors.schema import MESSAGES, READ_MARKERS, USERS, create_schema
 from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, load_sql, upsert_rows
+from schemas import Envelope, Event, UserErased, UserRegistered
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -163,3 +164,42 @@ async def test_a_batch_reads_a_few_thousand_messages_by_index_from_a_large_table
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await conn.close()
+
+
+async def test_a_batch_holding_an_erasure_locks_out_every_other_batch_of_its_schema(
+    base_settings: Settings,
+) -> None:
+    """An erasure redacts rows of every partition: its batch takes the schema's erasure lock
+    alone, while other batches (group members, replay workers) share it with each other."""
+    schema = f"tables_lock_{uuid.uuid4().hex[:8]}"
+    layout = TopicLayout.from_settings(base_settings)
+    alice = uuid.uuid4()
+
+    def item(event: Event, offset: int) -> RecordedEvent:
+        envelope = Envelope(
+            id=uuid.uuid4(), source="urn:t", type=event.type_name(), subject=str(alice), time=NOW
+        )
+        return RecordedEvent(envelope, event, Position(1, "user", 0, offset))
+
+    registered = item(UserRegistered(user_id=alice, username="alice", email="a@t.test"), 0)
+    erased = item(UserErased(user_id=alice), 1)
+    lock = (_ERASURE_LOCK_CLASS, schema)
+    conn = await asyncpg.connect(base_settings.postgres_dsn)
+    other = await asyncpg.connect(base_settings.postgres_dsn)
+    try:
+        await create_schema(conn, schema)
+        for items, shared, alone in (([registered], True, False), ([erased], False, False)):
+            async with conn.transaction():
+                await apply_items(conn, schema, layout, items)
+                async with other.transaction():  # what another batch could take meanwhile
+                    assert await other.fetchval(_TRY_SHARED, *lock) is shared, items
+                    assert await other.fetchval(_TRY_ALONE, *lock) is alone, items
+        assert await conn.fetchval(f"SELECT erased FROM {schema}.users") is True
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
+        await other.close()
+
+
+_TRY_SHARED = "SELECT pg_try_advisory_xact_lock_shared($1, hashtext($2))"
+_TRY_ALONE = "SELECT pg_try_advisory_xact_lock($1, hashtext($2))"
