@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -32,22 +33,34 @@ def test_workload_is_mostly_messages_after_users_and_groups() -> None:
 async def test_bench_project_writes_its_figures(stack: StackInfo, tmp_path: Path) -> None:
     out = tmp_path / "project.json"
     argv = ["bench", "project", "--events", "1500", "--live-events", "40", "--live-rate", "100"]
+    argv += ["--rounds", "2"]
     status = await asyncio.to_thread(main, [*argv, "--json", str(out)])
     assert status == 0
     document = json.loads(out.read_text())
     assert document["bench"] == "project"
     assert document["params"]["events"] == 1500
     names = [r["name"] for r in document["results"]]
+    each_round = ["replay: Projector over LogReader", "raw COPY of the same rows"]
     assert names == [
         "write: encode_event + send_records",
-        "replay: Projector over LogReader",
-        "raw COPY of the same rows",
+        *each_round,
+        *each_round,
         "live: append -> applied (worker)",
     ]
-    replay = document["results"][1]
-    assert replay["count"] == 1500
-    assert replay["per_second"] > 0
-    assert document["results"][3]["count"] == 40
+    replays = [document["results"][1], document["results"][3]]
+    assert [r["count"] for r in replays] == [1500, 1500]
+    assert all(r["per_second"] > 0 for r in replays)
+    assert document["results"][5]["count"] == 40
+    # Each figure is the median of the rounds, and each round is kept beside it.
+    rounds = document["rounds"]
+    assert [r["replay_per_second"] for r in rounds] == [r["per_second"] for r in replays]
+    assert document["replay_per_second"] == statistics.median(r["per_second"] for r in replays)
+    ratios = [r["replay_vs_copy"] for r in rounds]
+    assert document["replay_vs_copy"] == round(statistics.median(ratios), 4)
+    assert all(
+        r["replay_vs_copy"] == round(r["replay_per_second"] / r["copy_per_second"], 4)
+        for r in rounds
+    )
     assert document["live_p99_ms"] >= document["live_p50_ms"] > 0
     assert document["live_worker_cpu_us_per_event"] > 0
     assert 1 <= document["live_events_per_batch"] <= 40

@@ -14,7 +14,9 @@ One run, the local stack, fresh topics and fresh databases (dropped afterwards):
 3. **raw COPY**: the rows that replay produced, read back and written into the same tables of
    another fresh schema with ``COPY`` (asyncpg ``copy_records_to_table``), the deferred indexes
    built after them as the replay builds its own; the reference is those events divided by
-   that time: the database's ceiling for these rows;
+   that time: the database's ceiling for these rows (steps 2 and 3 run ``--rounds`` times over
+   the one written log, each round into schemas of its own, dropped after it: the figures
+   reported are the medians, each round's beside them);
 4. **live latency**: the projector worker (``python -m projectors``, its own process) running
    on other fresh topics; messages appended at ``--live-rate`` per second; latency from the
    start of each append to the commit that made its row visible (PostgreSQL's commit
@@ -31,6 +33,7 @@ import contextlib
 import os
 import random
 import resource
+import statistics
 import sys
 import time
 import uuid
@@ -311,42 +314,67 @@ async def raw_copy(store: EventStore, source: str, target: str) -> tuple[int, fl
     return rows_total, seconds
 
 
-async def replay_and_copy(
-    base: Settings, events: int, batch: int, workers: int
-) -> tuple[list[Figures], dict[str, object]]:
-    async with fresh_deployment(base, "proj") as settings, await EventStore.open(settings) as store:
-        generated = workload(events)
-        print(f"bench project: writing {len(generated.events):,} events", file=sys.stderr)
-        write_seconds = await write_events(store, generated.events)
-        print(f"bench project: written in {write_seconds:.1f} s; replaying", file=sys.stderr)
-        records, replay_seconds, cost = await replay(store, LIVE_SCHEMA, batch, workers)
-        print(f"bench project: replayed in {replay_seconds:.1f} s; COPY", file=sys.stderr)
-        rows, copy_seconds = await raw_copy(store, LIVE_SCHEMA, "copyref")
+class Round(msgspec.Struct, frozen=True):
+    """One replay of the written log and, right after it, the raw COPY of the rows it made."""
+
+    replayed: Figures
+    copied: Figures
+    cost: ReplayCost
+    rows: int
+
+    @property
+    def vs_copy(self) -> float:
+        return self.replayed.per_second / self.copied.per_second if self.copied.per_second else 0.0
+
+
+async def replay_round(store: EventStore, number: int, batch: int, workers: int) -> Round:
+    """Replay the log into a fresh schema, COPY its rows into another, drop both."""
+    replayed_into, copied_into = f"replay_{number}", f"copyref_{number}"
+    records, replay_seconds, cost = await replay(store, replayed_into, batch, workers)
+    print(
+        f"bench project: round {number}: replayed in {replay_seconds:.1f} s; COPY", file=sys.stderr
+    )
+    rows, copy_seconds = await raw_copy(store, replayed_into, copied_into)
+    async with store.pool.acquire() as conn:
+        for schema in (replayed_into, copied_into):
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
     replayed = Figures(
         name="replay: Projector over LogReader",
         count=records,
         seconds=round(replay_seconds, 3),
         per_second=round(records / replay_seconds, 1),
-        note=f"batch {batch}, {workers} worker{'s' if workers > 1 else ''}",
+        note=f"round {number}, batch {batch}, {workers} worker{'s' if workers > 1 else ''}",
     )
     copied = Figures(
         name="raw COPY of the same rows",
         count=records,
         seconds=round(copy_seconds, 3),
         per_second=round(records / copy_seconds, 1),
-        note=f"{rows} rows, events per COPY second",
+        note=f"round {number}, {rows} rows, events per COPY second",
     )
+    return Round(replayed, copied, cost, rows)
+
+
+async def replay_and_copy(
+    base: Settings, events: int, batch: int, workers: int, rounds: int
+) -> tuple[Figures, list[Round]]:
+    """Write the workload once, then replay it and COPY its rows ``rounds`` times: each round's
+    ratio compares two figures taken a few seconds apart, so a host that speeds up or slows
+    down between rounds (these shared machines do) moves both."""
+    async with fresh_deployment(base, "proj") as settings, await EventStore.open(settings) as store:
+        generated = workload(events)
+        print(f"bench project: writing {len(generated.events):,} events", file=sys.stderr)
+        write_seconds = await write_events(store, generated.events)
+        print(f"bench project: written in {write_seconds:.1f} s; replaying", file=sys.stderr)
+        done = [await replay_round(store, n, batch, workers) for n in range(1, rounds + 1)]
+    records = done[0].replayed.count
     write = Figures(
         name="write: encode_event + send_records",
         count=records,
         seconds=round(write_seconds, 3),
         per_second=round(records / write_seconds, 1),
     )
-    return [write, replayed, copied], {
-        "rows": rows,
-        "replay_python_cpu_us_per_event": cost.python_us,
-        "replay_postgres_cpu_us_per_event": cost.postgres_us,
-    }
+    return write, done
 
 
 async def applied_offsets(pool: asyncpg.Pool[asyncpg.Record]) -> dict[tuple[str, int], int]:
@@ -470,29 +498,44 @@ async def _until(
         await asyncio.sleep(0.02)
 
 
+def _spread(values: Sequence[float], fmt: str) -> str:
+    """The median of ``values`` and, for several, all of them in order."""
+    median = format(statistics.median(values), fmt)
+    if len(values) == 1:
+        return median
+    return f"{median} (median of {len(values)}: {', '.join(format(v, fmt) for v in values)})"
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.rounds < 1:
+        raise SystemExit("bench project: --rounds must be at least 1")
     info = stack_up(default_stack_dir())
     base = stack_settings(info)
 
-    async def measure() -> tuple[list[Figures], dict[str, object]]:
-        rows, extra = await replay_and_copy(base, args.events, args.batch, args.workers)
+    async def measure() -> tuple[Figures, list[Round], Figures, dict[str, float]]:
+        write, rounds = await replay_and_copy(
+            base, args.events, args.batch, args.workers, args.rounds
+        )
         live, cost = await live_latency(info, base, args.live_events, args.live_rate)
-        return [*rows, live], {**extra, **cost}
+        return write, rounds, live, cost
 
-    rows, extra = asyncio.run(measure())
-    _, replayed, copied, live = rows
-    vs_copy = replayed.per_second / copied.per_second if copied.per_second else 0.0
+    write, rounds, live, cost = asyncio.run(measure())
+    rates = [r.replayed.per_second for r in rounds]
+    ratios = [r.vs_copy for r in rounds]
+    python_us = [r.cost.python_us for r in rounds]
+    postgres_us = [r.cost.postgres_us for r in rounds]
+    rows = [write, *(f for r in rounds for f in (r.replayed, r.copied)), live]
     print(table(rows))
-    print(f"replay: {replayed.per_second:,.0f} events/s (goal >= {GOAL_REPLAY:,.0f})")
-    print(f"replay / raw COPY: {vs_copy:.1%} (goal >= {GOAL_VS_COPY:.0%})")
+    print(f"replay: {_spread(rates, ',.0f')} events/s (goal >= {GOAL_REPLAY:,.0f})")
+    print(f"replay / raw COPY: {_spread(ratios, '.1%')} (goal >= {GOAL_VS_COPY:.0%})")
     print(
-        f"replay: {extra['replay_python_cpu_us_per_event']:,.1f} µs of Python CPU an event "
-        f"(the replaying processes), PostgreSQL {extra['replay_postgres_cpu_us_per_event']:,.1f}"
+        f"replay: {_spread(python_us, ',.1f')} µs of Python CPU an event (the replaying "
+        f"processes), PostgreSQL {_spread(postgres_us, ',.1f')}"
     )
     print(f"live p99: {live.p99_ms} ms (goal <= {GOAL_LIVE_P99_MS:g} ms)")
     print(
-        f"live: the worker spent {extra['live_worker_cpu_us_per_event']:,.0f} µs of CPU an event, "
-        f"{extra['live_events_per_batch']:.1f} events a batch"
+        f"live: the worker spent {cost['live_worker_cpu_us_per_event']:,.0f} µs of CPU an event, "
+        f"{cost['live_events_per_batch']:.1f} events a batch"
     )
     write_json(
         Path(args.json),
@@ -501,15 +544,29 @@ def run(args: argparse.Namespace) -> int:
             "events": args.events,
             "batch": args.batch,
             "workers": args.workers,
+            "rounds": args.rounds,
             "live_events": args.live_events,
             "live_rate": args.live_rate,
             "cpus": os.cpu_count(),
         },
         rows,
         {
-            **extra,
-            "replay_per_second": replayed.per_second,
-            "replay_vs_copy": round(vs_copy, 4),
+            **cost,
+            "rows": rounds[0].rows,
+            "replay_per_second": statistics.median(rates),
+            "replay_vs_copy": round(statistics.median(ratios), 4),
+            "replay_python_cpu_us_per_event": statistics.median(python_us),
+            "replay_postgres_cpu_us_per_event": statistics.median(postgres_us),
+            "rounds": [
+                {
+                    "replay_per_second": r.replayed.per_second,
+                    "copy_per_second": r.copied.per_second,
+                    "replay_vs_copy": round(r.vs_copy, 4),
+                    "python_cpu_us_per_event": r.cost.python_us,
+                    "postgres_cpu_us_per_event": r.cost.postgres_us,
+                }
+                for r in rounds
+            ],
             "live_p50_ms": live.p50_ms,
             "live_p99_ms": live.p99_ms,
             "goals": {
@@ -538,6 +595,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=rebuild.default_workers(),
         help="replay processes, partitions dealt out among them (default: one per CPU and "
         "one more, as backbone replay)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="replay the written log (and COPY its rows) this many times: figures are medians",
     )
     parser.add_argument("--live-events", type=int, default=2000)
     parser.add_argument("--live-rate", type=float, default=200.0, help="appends per second")
