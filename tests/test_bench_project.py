@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ops.bench.project import workload
 from ops.bench.report import GroupCpuMeter
 from ops.cli import main
@@ -86,3 +88,10 @@ def test_a_group_cpu_meter_counts_processes_that_exit_within_it(tmp_path: Path) 
     assert meter.per(1000) == round(meter.seconds / 1000 * 1e6, 1)
     # The meter's own reading is this process's CPU, kept apart for a bench to subtract.
     assert 0 < meter.own_seconds < spent
+
+
+def test_bench_project_refuses_zero_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "project", "--rounds", "0"])
+    assert stopped.value.code == 2
+    assert "0: at least 1 round" in capsys.readouterr().err

@@ -506,9 +506,14 @@ def _spread(values: Sequence[float], fmt: str) -> str:
     return f"{median} (median of {len(values)}: {', '.join(format(v, fmt) for v in values)})"
 
 
+def _rounds(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw}: at least 1 round")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.rounds < 1:
-        raise SystemExit("bench project: --rounds must be at least 1")
     info = stack_up(default_stack_dir())
     base = stack_settings(info)
 
@@ -598,7 +603,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=_rounds,
         default=1,
         help="replay the written log (and COPY its rows) this many times: figures are medians",
     )
