@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import structlog
 
 from eventstore import Batch, OffsetRange, Pool, RecordedEvent, TopicLayout
 from eventstore.consumer import Partition, PositionsMoved
 from projectors.apply import Applied, apply_items
-from projectors.caches import Caches
 from projectors.metrics import BATCH_EVENTS, BATCH_SECONDS, LAST_APPLIED, POSITIONS_MOVED
 from projectors.offsets import StoredPositions, advance, claim
 from projectors.read.contract import LIVE_SCHEMA
 from projectors.schema import checked_schema_name
+
+if TYPE_CHECKING:  # see projectors.rebuild: a replay worker loads no Redis client
+    from projectors.caches import Caches
 
 log = structlog.get_logger(__name__)
 

@@ -71,18 +71,16 @@ import os
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 import structlog
-from redis.asyncio import Redis
 
 from eventstore import Connection, EventStore, Pool, Settings
 from eventstore.consumer import Partition
 from eventstore.ends import LogEnds, end_offsets
 from eventstore.runtime import run as run_loop
 from eventstore.runtime import tune_gc
-from projectors.caches import rebuild_caches
 from projectors.checksum import snapshot_readers
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
@@ -107,6 +105,12 @@ from projectors.sources import (
     replay_source,
     resolve_cut,
 )
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+# Every replay worker process imports this module: the Redis client (a fifth of a second of CPU
+# to import) is loaded only where caches are rebuilt, as aiohttp only where a tier serves HTTP.
 
 log = structlog.get_logger(__name__)
 
@@ -450,6 +454,8 @@ class Rebuild:
             return await self._kept(resumed)
         swapped = await self._swap()
         if self._redis is not None:
+            from projectors.caches import rebuild_caches  # see the note on imports above
+
             await rebuild_caches(self._pool, self._redis, self._namespace, self.live)
         if swapped.replaced is not None:
             await self._pool.execute(f"DROP SCHEMA {swapped.replaced} CASCADE")

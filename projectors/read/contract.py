@@ -20,12 +20,15 @@ import asyncio
 import time
 import uuid
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
-from redis.asyncio import Redis
 
 from eventstore import Pool
 from eventstore.codec import uuid_text
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 LIVE_SCHEMA = "chat"
 """The schema the live read model is served from (a rebuild swaps a new one in by name)."""
