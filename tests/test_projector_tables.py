@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import msgspec
+import pytest
 
 from eventstore import Position, RecordedEvent, Settings, TopicLayout
 from projectors.apply import _ERASURE_LOCK_CLASS, apply_items
@@ -16,6 +18,33 @@ from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, load_sql, 
 from schemas import Envelope, Event, UserErased, UserRegistered
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+
+Scratch = Callable[[str], str]
+"""Names a fresh schema from a prefix (the ``scratch`` fixture)."""
+
+
+@pytest.fixture
+async def conn(base_settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own, closed after it."""
+    connection = await asyncpg.connect(base_settings.postgres_dsn)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def scratch(conn: asyncpg.Connection) -> AsyncIterator[Scratch]:
+    """Fresh schema names (the prefix and a random suffix), each dropped after the test."""
+    made: list[str] = []
+
+    def name(prefix: str) -> str:
+        made.append(f"{prefix}_{uuid.uuid4().hex[:8]}")
+        return made[-1]
+
+    yield name
+    for schema in made:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def _user(n: int, *, generation: int) -> UserRow:
@@ -32,110 +61,96 @@ def _user(n: int, *, generation: int) -> UserRow:
     )
 
 
-async def test_small_and_staged_upserts_store_the_same_rows(base_settings: Settings) -> None:
-    schemas = [f"tables_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("small", "staged")]
-    conn = await asyncpg.connect(base_settings.postgres_dsn)
-    try:
-        for schema in schemas:
-            await create_schema(conn, schema)
-        count = COPY_FROM_ROWS + 50
-        first = [_user(n, generation=1) for n in range(count)]
-        # Half of them again, changed, plus new ones: conflicts update, the rest insert.
-        second = [_user(n, generation=2) for n in range(count // 2, count + 40)]
-        small, staged = schemas
-        for rows in (first, second):
-            async with conn.transaction():
-                for at in range(0, len(rows), 100):  # below the staging threshold
-                    await upsert_rows(conn, small, USERS, rows[at : at + 100])
-            async with conn.transaction():
-                await upsert_rows(conn, staged, USERS, rows)  # staged: one COPY
-            # The staging table is empty again after the commit.
-            left = await conn.fetchval("SELECT count(*) FROM pg_temp.stage_v2_users")
-            assert left == 0
+async def test_small_and_staged_upserts_store_the_same_rows(
+    conn: asyncpg.Connection, scratch: Scratch
+) -> None:
+    schemas = [scratch(f"tables_{kind}") for kind in ("small", "staged")]
+    for schema in schemas:
+        await create_schema(conn, schema)
+    count = COPY_FROM_ROWS + 50
+    first = [_user(n, generation=1) for n in range(count)]
+    # Half of them again, changed, plus new ones: conflicts update, the rest insert.
+    second = [_user(n, generation=2) for n in range(count // 2, count + 40)]
+    small, staged = schemas
+    for rows in (first, second):
+        async with conn.transaction():
+            for at in range(0, len(rows), 100):  # below the staging threshold
+                await upsert_rows(conn, small, USERS, rows[at : at + 100])
+        async with conn.transaction():
+            await upsert_rows(conn, staged, USERS, rows)  # staged: one COPY
+        # The staging table is empty again after the commit.
+        left = await conn.fetchval("SELECT count(*) FROM pg_temp.stage_v2_users")
+        assert left == 0
 
-        keys = [(uuid.UUID(int=n + 1),) for n in range(count + 40)]
-        expected = {r.user_id: r for r in first[: count // 2] + second}
-        for schema in schemas:
-            stored = {r.user_id: r for r in await load_rows(conn, schema, USERS, keys)}
-            assert stored == expected, schema
+    keys = [(uuid.UUID(int=n + 1),) for n in range(count + 40)]
+    expected = {r.user_id: r for r in first[: count // 2] + second}
+    for schema in schemas:
+        stored = {r.user_id: r for r in await load_rows(conn, schema, USERS, keys)}
+        assert stored == expected, schema
 
-        # A rolled-back staged upsert leaves nothing behind, in the table or the stage.
-        before = await conn.fetchval(f"SELECT count(*) FROM {staged}.users")
-        tx = conn.transaction()
-        await tx.start()
-        await upsert_rows(conn, staged, USERS, [_user(n, generation=3) for n in range(5000, 5300)])
-        await tx.rollback()
-        assert await conn.fetchval(f"SELECT count(*) FROM {staged}.users") == before
-    finally:
-        for schema in schemas:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
+    # A rolled-back staged upsert leaves nothing behind, in the table or the stage.
+    before = await conn.fetchval(f"SELECT count(*) FROM {staged}.users")
+    tx = conn.transaction()
+    await tx.start()
+    await upsert_rows(conn, staged, USERS, [_user(n, generation=3) for n in range(5000, 5300)])
+    await tx.rollback()
+    assert await conn.fetchval(f"SELECT count(*) FROM {staged}.users") == before
 
 
 async def test_inserting_new_rows_copies_them_and_a_taken_key_falls_back_to_upsert(
-    base_settings: Settings,
+    conn: asyncpg.Connection, scratch: Scratch
 ) -> None:
-    schema = f"tables_insert_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(base_settings.postgres_dsn)
-    try:
-        await create_schema(conn, schema)
-        count = COPY_FROM_ROWS + 20
-        first = [_user(n, generation=1) for n in range(count)]
-        async with conn.transaction():
-            await insert_rows(conn, schema, USERS, first)  # COPY straight into the table
-        # Rows believed new, one of whose keys another writer stored meanwhile: the COPY is
-        # undone (a savepoint), the rows are upserted, and the transaction goes on.
-        taken = [_user(n, generation=2) for n in range(count - 1, 2 * count)]
-        async with conn.transaction():
-            await insert_rows(conn, schema, USERS, taken)
-            await conn.execute(f"UPDATE {schema}.users SET status = 'after'")
-        keys = [(uuid.UUID(int=n + 1),) for n in range(2 * count)]
-        stored = {r.user_id: r for r in await load_rows(conn, schema, USERS, keys)}
-        expected = {
-            r.user_id: msgspec.structs.replace(r, status="after") for r in first[:-1] + taken
-        }
-        assert stored == expected
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
+    schema = scratch("tables_insert")
+    await create_schema(conn, schema)
+    count = COPY_FROM_ROWS + 20
+    first = [_user(n, generation=1) for n in range(count)]
+    async with conn.transaction():
+        await insert_rows(conn, schema, USERS, first)  # COPY straight into the table
+    # Rows believed new, one of whose keys another writer stored meanwhile: the COPY is
+    # undone (a savepoint), the rows are upserted, and the transaction goes on.
+    taken = [_user(n, generation=2) for n in range(count - 1, 2 * count)]
+    async with conn.transaction():
+        await insert_rows(conn, schema, USERS, taken)
+        await conn.execute(f"UPDATE {schema}.users SET status = 'after'")
+    keys = [(uuid.UUID(int=n + 1),) for n in range(2 * count)]
+    stored = {r.user_id: r for r in await load_rows(conn, schema, USERS, keys)}
+    expected = {r.user_id: msgspec.structs.replace(r, status="after") for r in first[:-1] + taken}
+    assert stored == expected
 
 
-async def test_rewritten_rows_are_updated_in_place(base_settings: Settings) -> None:
+async def test_rewritten_rows_are_updated_in_place(
+    conn: asyncpg.Connection, scratch: Scratch
+) -> None:
     """Read markers (and conversation summaries) are rewritten by every batch that moves them;
     their tables leave room on each page, so a rewrite is a HOT update: no new index entry."""
-    schema = f"tables_hot_{uuid.uuid4().hex[:8]}"
+    schema = scratch("tables_hot")
     room = uuid.uuid4()
 
     def marker(n: int, seq: int) -> ReadMarkerRow:
         return ReadMarkerRow(room, uuid.UUID(int=n + 1), None, None, seq, NOW)
 
-    conn = await asyncpg.connect(base_settings.postgres_dsn)
-    try:
-        await create_schema(conn, schema, build=True)
-        count = 3000  # some 40 pages
-        await insert_rows(conn, schema, READ_MARKERS, [marker(n, 1) for n in range(count)])
-        async with conn.transaction():
-            await upsert_rows(conn, schema, READ_MARKERS, [marker(n, 2) for n in range(count)])
-            hot = await conn.fetchval(
-                "SELECT pg_stat_get_xact_tuples_hot_updated($1::regclass)",
-                f"{schema}.read_markers",
-            )
-        assert hot == count
-        options = await conn.fetchval(
-            "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", f"{schema}.conversations"
+    await create_schema(conn, schema, build=True)
+    count = 3000  # some 40 pages
+    await insert_rows(conn, schema, READ_MARKERS, [marker(n, 1) for n in range(count)])
+    async with conn.transaction():
+        await upsert_rows(conn, schema, READ_MARKERS, [marker(n, 2) for n in range(count)])
+        hot = await conn.fetchval(
+            "SELECT pg_stat_get_xact_tuples_hot_updated($1::regclass)",
+            f"{schema}.read_markers",
         )
-        assert options == ["fillfactor=50"]
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
+    assert hot == count
+    options = await conn.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", f"{schema}.conversations"
+    )
+    assert options == ["fillfactor=50"]
 
 
 async def test_a_batch_reads_a_few_thousand_messages_by_index_from_a_large_table(
-    base_settings: Settings,
+    conn: asyncpg.Connection, scratch: Scratch, base_settings: Settings
 ) -> None:
     """A batch's key reads (``= ANY`` of thousands of keys) must not scan the messages table:
     under PostgreSQL's default random_page_cost they did, up to some 200,000 rows."""
-    schema = f"tables_plan_{uuid.uuid4().hex[:8]}"
+    schema = scratch("tables_plan")
     room, sender = uuid.uuid4(), uuid.uuid4()
 
     def message(n: int) -> MessageRow:
@@ -143,35 +158,30 @@ async def test_a_batch_reads_a_few_thousand_messages_by_index_from_a_large_table
             uuid.uuid4(), room, 0, n, n + 1, sender, f"c{n}", "text", "x" * 40, None, None, NOW
         )
 
-    conn = await asyncpg.connect(base_settings.postgres_dsn)
-    try:
-        await create_schema(conn, schema, build=True)
-        rows = [message(n) for n in range(60_000)]
-        await insert_rows(conn, schema, MESSAGES, rows)
-        await conn.execute(f"ANALYZE {schema}.messages")
-        keys = [(row.message_id,) for row in rows[::60]]  # 1,000 keys
-        layout = TopicLayout.from_settings(base_settings)
-        async with conn.transaction():
-            await apply_items(conn, schema, layout, [])  # what every batch sets up first
-            plan = "\n".join(
-                r[0]
-                for r in await conn.fetch(
-                    f"EXPLAIN {load_sql(schema, MESSAGES)}", [key for (key,) in keys]
-                )
+    await create_schema(conn, schema, build=True)
+    rows = [message(n) for n in range(60_000)]
+    await insert_rows(conn, schema, MESSAGES, rows)
+    await conn.execute(f"ANALYZE {schema}.messages")
+    keys = [(row.message_id,) for row in rows[::60]]  # 1,000 keys
+    layout = TopicLayout.from_settings(base_settings)
+    async with conn.transaction():
+        await apply_items(conn, schema, layout, [])  # what every batch sets up first
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                f"EXPLAIN {load_sql(schema, MESSAGES)}", [key for (key,) in keys]
             )
-        assert "Seq Scan" not in plan, plan
-        assert len(await load_rows(conn, schema, MESSAGES, keys)) == len(keys)
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
+        )
+    assert "Seq Scan" not in plan, plan
+    assert len(await load_rows(conn, schema, MESSAGES, keys)) == len(keys)
 
 
 async def test_a_batch_holding_an_erasure_locks_out_every_other_batch_of_its_schema(
-    base_settings: Settings,
+    conn: asyncpg.Connection, scratch: Scratch, base_settings: Settings
 ) -> None:
     """An erasure redacts rows of every partition: its batch takes the schema's erasure lock
     alone, while other batches (group members, replay workers) share it with each other."""
-    schema = f"tables_lock_{uuid.uuid4().hex[:8]}"
+    schema = scratch("tables_lock")
     layout = TopicLayout.from_settings(base_settings)
     alice = uuid.uuid4()
 
@@ -184,21 +194,18 @@ async def test_a_batch_holding_an_erasure_locks_out_every_other_batch_of_its_sch
     registered = item(UserRegistered(user_id=alice, username="alice", email="a@t.test"), 0)
     erased = item(UserErased(user_id=alice), 1)
     lock = (_ERASURE_LOCK_CLASS, schema)
-    conn = await asyncpg.connect(base_settings.postgres_dsn)
+    await create_schema(conn, schema)
     other = await asyncpg.connect(base_settings.postgres_dsn)
     try:
-        await create_schema(conn, schema)
         for items, shared, alone in (([registered], True, False), ([erased], False, False)):
             async with conn.transaction():
                 await apply_items(conn, schema, layout, items)
                 async with other.transaction():  # what another batch could take meanwhile
                     assert await other.fetchval(_TRY_SHARED, *lock) is shared, items
                     assert await other.fetchval(_TRY_ALONE, *lock) is alone, items
-        assert await conn.fetchval(f"SELECT erased FROM {schema}.users") is True
     finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
         await other.close()
+    assert await conn.fetchval(f"SELECT erased FROM {schema}.users") is True
 
 
 _TRY_SHARED = "SELECT pg_try_advisory_xact_lock_shared($1, hashtext($2))"
