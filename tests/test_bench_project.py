@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -20,6 +21,9 @@ from ops.bench.report import GroupCpuMeter
 from ops.cli import main
 from ops.stack import StackInfo
 from schemas import ConversationCreated, MessageSent, UserRegistered
+
+INTERPRETER = os.path.realpath(sys.executable)
+"""The interpreter file this run's ``python`` resolves to (what a bench names its build by)."""
 
 
 def test_workload_is_mostly_messages_after_users_and_groups() -> None:
@@ -71,6 +75,7 @@ async def test_bench_project_writes_its_figures(stack: StackInfo, tmp_path: Path
     assert document["replay_postgres_cpu_us_per_event"] > 0
     # Every bench records how fast this machine ran Python, to compare figures across days.
     assert document["machine"]["reference_loop_ns"] > 0
+    assert document["machine"]["interpreter"] == INTERPRETER
 
 
 def test_a_group_cpu_meter_counts_processes_that_exit_within_it(tmp_path: Path) -> None:
