@@ -1,7 +1,8 @@
 """The bootstrap's choice of interpreter for the project's virtualenv (``ops/bin/python-for-venv``).
 
 The distribution's Python (profile-guided, link-time optimised, statically linked on Debian)
-comes before a version manager's ``python3`` on PATH; ``PYTHON`` overrides both.
+comes before a version manager's ``python3`` on PATH when it can make a virtualenv; ``PYTHON``
+overrides both.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ def chosen(**env: str) -> str:
     return done.stdout.strip()
 
 
-def fake_python(path: Path, version: tuple[int, int]) -> Path:
-    """An executable that answers the chooser's version check as Python ``version`` would."""
+def fake_python(path: Path, version: tuple[int, int], *, ensurepip: bool = True) -> Path:
+    """An executable that answers the chooser's checks as Python ``version`` would, with or
+    without ``ensurepip`` (Debian's python3 lacks it until python3-venv is installed)."""
     path.write_text(
-        f'#!/bin/sh\nexec {sys.executable} -c "import sys; sys.exit({version!r} < (3, 11))"\n'
+        "#!/bin/sh\n"
+        'case "$2" in\n'
+        f"  *ensurepip*) exit {0 if ensurepip else 1} ;;\n"
+        f'  *) exec {sys.executable} -c "import sys; sys.exit({version!r} < (3, 11))" ;;\n'
+        "esac\n"
     )
     path.chmod(0o755)
     return path
@@ -49,6 +55,13 @@ def test_an_old_or_missing_distribution_python_leaves_the_one_on_path(tmp_path: 
     old = fake_python(tmp_path / "python3", (3, 9))
     assert chosen(BACKBONE_SYSTEM_PYTHON=str(old)) == "python3"
     assert chosen(BACKBONE_SYSTEM_PYTHON=str(tmp_path / "absent")) == "python3"
+
+
+def test_a_distribution_python_that_cannot_make_a_virtualenv_leaves_the_one_on_path(
+    tmp_path: Path,
+) -> None:
+    bare = fake_python(tmp_path / "python3", (3, 11), ensurepip=False)
+    assert chosen(BACKBONE_SYSTEM_PYTHON=str(bare)) == "python3"
 
 
 def test_the_bootstrap_makes_its_virtualenv_with_the_chosen_interpreter() -> None:
