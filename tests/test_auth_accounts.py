@@ -4,43 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import bcrypt
 import pytest
 from redis.asyncio import Redis
 
-from eventstore import Pool, Settings, create_pool
+from eventstore import Pool, Settings
 from ingest.auth import Accounts, BadCredentials, PasswordHasher, Taken
 from ingest.ratelimit import LoginGuard, LoginPolicy
-from tests.store_fixtures import isolated
+from tests.auth_fixtures import (  # noqa: F401 - the fixtures clock, deployment, pool
+    T0,
+    Clock,
+    clock_fixture,
+    deployment_fixture,
+    pool_fixture,
+)
 
 PASSWORD = "a long and unusual passphrase"
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def unique(kind: str) -> str:
     return f"{kind}{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture(scope="module")
-async def deployment(base_settings: Settings) -> Settings:
-    return await isolated(base_settings)
-
-
-@pytest.fixture(scope="module")
-async def pool(deployment: Settings) -> AsyncIterator[Pool]:
-    pool = await create_pool(deployment.postgres_dsn, max_size=4)
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +35,6 @@ def hasher() -> PasswordHasher:
 @pytest.fixture(scope="module")
 async def password_hash(hasher: PasswordHasher) -> str:
     return await hasher.hash(PASSWORD)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -14,7 +13,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from eventstore import Pool, Settings, create_pool
+from eventstore import Pool, Settings
 from ingest.auth import (
     NO_SESSION,
     SCOPES,
@@ -24,41 +23,14 @@ from ingest.auth import (
     Notice,
     RevocationFeed,
 )
-from tests.store_fixtures import isolated
-
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-async def deployment(base_settings: Settings) -> Settings:
-    return await isolated(base_settings)
-
-
-@pytest.fixture(scope="module")
-async def pool(deployment: Settings) -> AsyncIterator[Pool]:
-    pool = await create_pool(deployment.postgres_dsn, max_size=2)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def redis(deployment: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(deployment.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+from tests.auth_fixtures import (  # noqa: F401 - the fixtures clock, deployment, pool, redis
+    T0,
+    Clock,
+    clock_fixture,
+    deployment_fixture,
+    pool_fixture,
+    redis_fixture,
+)
 
 
 @pytest.fixture

@@ -26,18 +26,9 @@ from ingest.auth import (
     new_jwt_key,
     parse_jwt_keys,
 )
+from tests.auth_fixtures import T0, Clock
 
-ISSUER, AUDIENCE, T0 = "urn:backbone:test", "backbone-test", 1_800_000_000.0
-
-
-class Clock:
-    """A clock tests move by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+ISSUER, AUDIENCE = "urn:backbone:test", "backbone-test"
 
 
 CURRENT = SigningKey("k2", os.urandom(32))
