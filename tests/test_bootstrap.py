@@ -28,12 +28,11 @@ def chosen(**env: str) -> str:
 def fake_python(path: Path, version: tuple[int, int], *, ensurepip: bool = True) -> Path:
     """An executable that answers the chooser's checks as Python ``version`` would, with or
     without ``ensurepip`` (Debian's python3 lacks it until python3-venv is installed)."""
+    missing = "" if ensurepip else 'case "$2" in *ensurepip*) exit 1 ;; esac\n'
     path.write_text(
         "#!/bin/sh\n"
-        'case "$2" in\n'
-        f"  *ensurepip*) exit {0 if ensurepip else 1} ;;\n"
-        f'  *) exec {sys.executable} -c "import sys; sys.exit({version!r} < (3, 11))" ;;\n'
-        "esac\n"
+        + missing
+        + f'exec {sys.executable} -c "import sys; sys.exit({version!r} < (3, 11))"\n'
     )
     path.chmod(0o755)
     return path
