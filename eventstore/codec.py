@@ -22,7 +22,16 @@ from aiokafka.partitioner import murmur2
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore.errors import DecodeError, InvalidEvent
-from eventstore.keyring import KeyLookup, seal, sealed_bytes, subject_of, unseal_bytes
+from eventstore.keyring import (
+    SUBJECT_BYTES,
+    HeadKeys,
+    KeyLookup,
+    keys_by_head,
+    seal,
+    sealed_bytes,
+    subject_of_head,
+    unseal_bytes,
+)
 from eventstore.metrics import EVENTS_SKIPPED
 from eventstore.positions import Position
 from eventstore.topics import TopicLayout
@@ -415,7 +424,13 @@ def parse_record(record: RecordLike, layout: TopicLayout, epoch: int) -> ParsedR
 
 def needed_subjects(parsed: Iterable[ParsedRecord | Skipped]) -> set[uuid.UUID]:
     """Subjects whose keys are needed to unseal these records."""
-    subjects: set[uuid.UUID] = set()
+    return {subject_of_head(head) for head in _needed_heads(parsed)}
+
+
+def _needed_heads(parsed: Iterable[ParsedRecord | Skipped]) -> set[bytes]:
+    """:func:`needed_subjects`, each subject as the 16 bytes that head its sealed values (a
+    set of ``bytes`` is built in C; one of :class:`uuid.UUID` calls Python per value)."""
+    heads: set[bytes] = set()
     for item in parsed:
         if not isinstance(item, ParsedRecord):
             continue
@@ -429,14 +444,20 @@ def needed_subjects(parsed: Iterable[ParsedRecord | Skipped]) -> set[uuid.UUID]:
                     except DecodeError:
                         continue  # finish() reports the malformed value as poison
                     sealed[name] = (value, opened)
-                    subjects.add(subject_of(opened))
-    return subjects
+                    heads.add(opened[:SUBJECT_BYTES])
+    return heads
 
 
 def finish(
     parsed: ParsedRecord | Skipped, keys: KeyLookup, upcasters: Upcasters = UPCASTERS
 ) -> Decoded:
     """Unseal, upcast and validate a parsed record into a :class:`RecordedEvent`."""
+    return _finish(parsed, keys_by_head(keys), upcasters)
+
+
+def _finish(parsed: ParsedRecord | Skipped, keys: HeadKeys, upcasters: Upcasters) -> Decoded:
+    """:func:`finish` with the keys looked up by their subjects' bytes (one batch's keys are
+    turned into those once, not per record)."""
     if isinstance(parsed, Skipped):
         return parsed
     cls, envelope = parsed.cls, parsed.envelope
@@ -467,7 +488,7 @@ def finish(
 
 
 def _unsealed(
-    typed: Event, event_id: uuid.UUID, sealed: dict[str, tuple[str, bytes]], keys: KeyLookup
+    typed: Event, event_id: uuid.UUID, sealed: dict[str, tuple[str, bytes]], keys: HeadKeys
 ) -> Event:
     """``typed`` with its personal fields unsealed, each plaintext checked against its type."""
     opened: dict[str, Any] = {}
@@ -489,7 +510,7 @@ def _open(
     value: str,
     event_id: uuid.UUID,
     sealed: dict[str, tuple[str, bytes]],
-    keys: KeyLookup,
+    keys: HeadKeys,
 ) -> str | Erased:
     """The sealed ``value`` of field ``name`` unsealed, its base64 decoded by
     :func:`needed_subjects` if it was (an upcaster may have changed the value since: then the
@@ -522,9 +543,9 @@ async def decode_records(
 ) -> list[Decoded]:
     """Decode a batch with one key lookup for all the subjects it needs."""
     parsed = [parse_record(r, layout, epoch) for r in records]
-    subjects = needed_subjects(parsed)
-    keys: KeyLookup = await keys_for_read(subjects) if subjects else {}
-    return [finish(p, keys, upcasters) for p in parsed]
+    heads = _needed_heads(parsed)
+    keys = keys_by_head(await keys_for_read(map(subject_of_head, heads))) if heads else {}
+    return [_finish(p, keys, upcasters) for p in parsed]
 
 
 class KeyFetcher(Protocol):

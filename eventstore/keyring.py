@@ -40,6 +40,8 @@ from schemas.personal import ERASED, Erased
 SEAL_PREFIX: Final = "pd1:"
 _NONCE = 12
 _UUID = 16
+SUBJECT_BYTES: Final = _UUID
+"""The sealed value's bytes begin with its subject's."""
 ERASURE_CHANNEL: Final = "backbone_data_key_erased"
 
 log = structlog.get_logger(__name__)
@@ -92,38 +94,52 @@ def sealed_subject(sealed: str) -> uuid.UUID:
 
 def unseal(keys: KeyLookup, event_id: uuid.UUID, sealed: str) -> str | Erased:
     """Decrypt a sealed value; :data:`ERASED` when its subject's key is gone."""
-    return unseal_bytes(keys, event_id, sealed_bytes(sealed))
+    return unseal_bytes(keys_by_head(keys), event_id, sealed_bytes(sealed))
 
 
-def unseal_bytes(keys: KeyLookup, event_id: uuid.UUID, raw: bytes) -> str | Erased:
+HeadKeys = Mapping[bytes, AESGCM | None]
+"""A :data:`KeyLookup` keyed by each subject's 16 bytes, as they head its sealed values: a
+reader looks the key up by the head it holds, in C (a ``bytes`` hashes in C; a
+:class:`uuid.UUID` hashes, and compares, in Python), building no :class:`uuid.UUID` per
+value."""
+
+
+def keys_by_head(keys: KeyLookup) -> dict[bytes, AESGCM | None]:
+    """``keys`` as :data:`HeadKeys`."""
+    return {subject.bytes: key for subject, key in keys.items()}
+
+
+def unseal_bytes(keys: HeadKeys, event_id: uuid.UUID, raw: bytes) -> str | Erased:
     """:func:`unseal` of a value already read by :func:`sealed_bytes` (readers that needed its
     subject first decode the base64 once, not twice)."""
-    subject = subject_of(raw)
-    key = keys.get(subject, _NEVER_KEYED)  # one lookup: hashing a uuid.UUID runs Python code
+    key = keys.get(raw[:_UUID], _NEVER_KEYED)
     if key is None:
         return ERASED
     if not isinstance(key, AESGCM):  # _NEVER_KEYED
         # Nothing can have been sealed for a subject that never had a key: this value is
         # corrupt, or the key store is not the one this log was written with.
-        raise DecodeError(f"no data key was ever made for subject {subject}")
+        raise DecodeError(f"no data key was ever made for subject {subject_of(raw)}")
     try:
         return key.decrypt(
             raw[_UUID : _UUID + _NONCE], raw[_UUID + _NONCE :], event_id.bytes
         ).decode("utf-8")
     except InvalidTag:
         raise DecodeError(
-            f"sealed value of subject {subject} does not authenticate for event {event_id}"
+            f"sealed value of subject {subject_of(raw)} does not authenticate for event "
+            f"{event_id}"
         ) from None
 
 
 def subject_of(raw: bytes) -> uuid.UUID:
     """The subject of a value read by :func:`sealed_bytes`."""
-    return _subject(raw[:_UUID])
+    return subject_of_head(raw[:SUBJECT_BYTES])
 
 
 @functools.lru_cache(maxsize=65536)
-def _subject(head: bytes) -> uuid.UUID:
-    # A subject's values recur across its events: build its UUID once (uuid.UUID is slow).
+def subject_of_head(head: bytes) -> uuid.UUID:
+    """The subject whose 16 bytes ``head`` is (the first :data:`SUBJECT_BYTES` of a sealed
+    value): built once per subject, as a subject's values recur and :class:`uuid.UUID` is
+    slow to build."""
     return uuid.UUID(bytes=head)
 
 
