@@ -125,8 +125,7 @@ def unseal_bytes(keys: HeadKeys, event_id: uuid.UUID, raw: bytes) -> str | Erase
         ).decode("utf-8")
     except InvalidTag:
         raise DecodeError(
-            f"sealed value of subject {subject_of(raw)} does not authenticate for event "
-            f"{event_id}"
+            f"sealed value of subject {subject_of(raw)} does not authenticate for event {event_id}"
         ) from None
 
 
