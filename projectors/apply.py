@@ -20,11 +20,9 @@ statistics were taken, a sequential scan of it).
 
 from __future__ import annotations
 
-import functools
-import operator
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -36,7 +34,7 @@ from eventstore.codec import envelope_headers
 from projectors import schema
 from projectors.metrics import ASSUMED_KEYS_TAKEN, EVENTS
 from projectors.projection import Drop, EraseUser, Put, creates, needs, project
-from projectors.rows import ConversationRow, Key, Row
+from projectors.rows import ConversationRow, Key, MemberRow, Row, key_getter
 from projectors.schema import Table, checked_schema_name, in_schema
 from projectors.tables import delete_rows, insert_rows, load_rows, upsert_rows
 from schemas import ConversationEvent, Event, UserErased
@@ -107,7 +105,7 @@ class _WorkingSet:
         rows = self.rows[table.name]
         for key in keys:
             rows[key] = None
-        key_of = _key_of(table)
+        key_of = key_getter(table)
         for row in found:
             rows[key_of(row)] = row
 
@@ -151,27 +149,22 @@ async def _prefetch(
         work.load(table, keys, found)
 
 
-@functools.cache
-def _key_of(table: Table) -> Callable[[Row], Key]:
-    """A fast primary-key getter for rows of ``table`` (the hot path calls it per operation)."""
-    names = table.primary_key
-    if len(names) == 1:
-        get = operator.attrgetter(names[0])
-        return lambda row: (get(row),)
-    getter: Callable[[Row], Key] = operator.attrgetter(*names)
-    return getter
-
-
 def _note_changes(applied: Applied, work: _WorkingSet) -> None:
     """What the caches need to know of the batch's member and conversation changes (once per
     batch, from what changed: not per operation)."""
-    for conversation_id, user_id in work.changed.get(schema.MEMBERS.name, ()):
+    for key, member in work.changed.get(schema.MEMBERS.name, {}).items():
+        if isinstance(member, MemberRow):
+            conversation_id, user_id = member.conversation_id, member.user_id
+        else:  # left: the key alone says who (as ints, see projectors.rows.Key)
+            conversation_id, user_id = (uuid.UUID(int=part) for part in key)
         applied.membership.add(conversation_id)
         applied.member_users.add(user_id)
-    for (conversation_id,), row in work.changed.get(schema.CONVERSATIONS.name, {}).items():
-        applied.conversations.add(conversation_id)
+    for (number,), row in work.changed.get(schema.CONVERSATIONS.name, {}).items():
         if isinstance(row, ConversationRow):
-            applied.conversation_rows[conversation_id] = row
+            applied.conversations.add(row.conversation_id)
+            applied.conversation_rows[row.conversation_id] = row
+        else:
+            applied.conversations.add(uuid.UUID(int=number))
 
 
 def _text_headers(headers: Iterable[tuple[str, bytes]]) -> str:
@@ -369,7 +362,7 @@ async def _apply(
             if type(op) is Put:  # the operation classes are final
                 row: Row | None = op.row
                 table = op.row.table
-                key = _key_of(table)(op.row)
+                key = key_getter(table)(op.row)
             elif type(op) is Drop:
                 table, key, row = op.table, op.key, None
             else:

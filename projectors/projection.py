@@ -68,7 +68,8 @@ class Put(msgspec.Struct, frozen=True):
 
 
 class Drop(msgspec.Struct, frozen=True):
-    """Delete the row of ``table`` with primary key ``key`` (absent is fine)."""
+    """Delete the row of ``table`` with primary key ``key`` (absent is fine; a
+    :data:`~projectors.rows.Key`, uuids as their ints)."""
 
     table: Table
     key: Key
@@ -85,7 +86,8 @@ Need = tuple[Table, Key]
 
 
 class Rows(Protocol):
-    """Read access to the current rows (as of the previous event)."""
+    """Read access to the current rows (as of the previous event), by
+    :data:`~projectors.rows.Key` (uuids as their ints)."""
 
     def get(self, table: Table, key: Key) -> Row | None: ...
 
@@ -93,8 +95,8 @@ class Rows(Protocol):
 R = TypeVar("R", bound=Row)
 
 
-def _get(rows: Rows, cls: type[R], *key: Any) -> R | None:
-    found = rows.get(cls.table, tuple(key))
+def _get(rows: Rows, cls: type[R], key: Key) -> R | None:
+    found = rows.get(cls.table, key)
     if found is not None and not isinstance(found, cls):
         raise TypeError(f"{cls.table.name} holds a {type(found).__name__}")
     return found
@@ -117,50 +119,50 @@ def needs(event: Event) -> list[Need]:
 def _user_needs(
     event: UserRegistered | UserProfileUpdated | PasswordChanged | UserErased,
 ) -> list[Need]:
-    return [(schema.USERS, (event.user_id,))]
+    return [(schema.USERS, (event.user_id.int,))]
 
 
 def _session_needs(event: SessionStarted | SessionRevoked) -> list[Need]:
-    return [(schema.SESSIONS, (event.session_id,))]
+    return [(schema.SESSIONS, (event.session_id.int,))]
 
 
 def _media_needs(event: MediaUploaded) -> list[Need]:
-    return [(schema.MEDIA, (event.media_id,))]
+    return [(schema.MEDIA, (event.media_id.int,))]
 
 
 def _conversation_needs(
     event: ConversationCreated | DirectConversationOpened | MemberLeft,
 ) -> list[Need]:
-    return [(schema.CONVERSATIONS, (event.conversation_id,)), *_member_needs(event)]
+    return [(schema.CONVERSATIONS, (event.conversation_id.int,)), *_member_needs(event)]
 
 
 def _joined_needs(event: MemberJoined) -> list[Need]:
     cid = event.conversation_id
     return [
-        (schema.CONVERSATIONS, (cid,)),
-        (schema.MEMBERS, (cid, event.user_id)),
-        (schema.READ_MARKERS, (cid, event.user_id)),
+        (schema.CONVERSATIONS, (cid.int,)),
+        (schema.MEMBERS, (cid.int, event.user_id.int)),
+        (schema.READ_MARKERS, (cid.int, event.user_id.int)),
     ]
 
 
 def _role_needs(event: MemberRoleChanged) -> list[Need]:
-    return [(schema.MEMBERS, (event.conversation_id, event.user_id))]
+    return [(schema.MEMBERS, (event.conversation_id.int, event.user_id.int))]
 
 
 def _sent_needs(event: MessageSent) -> list[Need]:
     # Not the sender's read marker: a new message moves it whatever it was (see _message_sent).
     cid = event.conversation_id
-    return [(schema.CONVERSATIONS, (cid,)), (schema.MESSAGES, (event.message_id,))]
+    return [(schema.CONVERSATIONS, (cid.int,)), (schema.MESSAGES, (event.message_id.int,))]
 
 
 def _message_needs(event: MessageEdited | MessageDeleted | ReactionAdded) -> list[Need]:
-    return [(schema.MESSAGES, (event.message_id,))]
+    return [(schema.MESSAGES, (event.message_id.int,))]
 
 
 def _marker_needs(event: ReadMarkerMoved) -> list[Need]:
     return [
-        (schema.MESSAGES, (event.up_to,)),
-        (schema.READ_MARKERS, (event.conversation_id, event.user_id)),
+        (schema.MESSAGES, (event.up_to.int,)),
+        (schema.READ_MARKERS, (event.conversation_id.int, event.user_id.int)),
     ]
 
 
@@ -193,7 +195,7 @@ def creates(event: Event) -> Need | None:
     and let the database's primary key confirm it (see :func:`projectors.apply.apply_items`).
     """
     if isinstance(event, MessageSent):
-        return (schema.MESSAGES, (event.message_id,))
+        return (schema.MESSAGES, (event.message_id.int,))
     return None
 
 
@@ -205,14 +207,14 @@ def _member_needs(event: ConversationCreated | DirectConversationOpened | Member
         users = list(event.user_ids)
     else:
         users = [event.creator_id, *(m.user_id for m in event.members)]
-    return [(schema.MEMBERS, (cid, u)) for u in users]
+    return [(schema.MEMBERS, (cid.int, u.int)) for u in users]
 
 
 # --- users ---------------------------------------------------------------------------------
 
 
 def _user_registered(rec: RecordedEvent, e: UserRegistered, rows: Rows) -> list[Op]:
-    if _get(rows, UserRow, e.user_id) is not None:
+    if _get(rows, UserRow, (e.user_id.int,)) is not None:
         return []
     time = rec.envelope.time
     row = UserRow(
@@ -230,7 +232,7 @@ def _user_registered(rec: RecordedEvent, e: UserRegistered, rows: Rows) -> list[
 
 
 def _existing_user(rows: Rows, user_id: uuid.UUID) -> UserRow:
-    user = _get(rows, UserRow, user_id)
+    user = _get(rows, UserRow, (user_id.int,))
     if user is None:
         raise ProjectionError(f"user {user_id} is not registered")
     return user
@@ -256,7 +258,7 @@ def _password_changed(rec: RecordedEvent, e: PasswordChanged, rows: Rows) -> lis
 
 
 def _session_started(rec: RecordedEvent, e: SessionStarted, rows: Rows) -> list[Op]:
-    if _get(rows, SessionRow, e.session_id) is not None:
+    if _get(rows, SessionRow, (e.session_id.int,)) is not None:
         return []
     row = SessionRow(
         session_id=e.session_id,
@@ -269,7 +271,7 @@ def _session_started(rec: RecordedEvent, e: SessionStarted, rows: Rows) -> list[
 
 
 def _session_revoked(rec: RecordedEvent, e: SessionRevoked, rows: Rows) -> list[Op]:
-    session = _get(rows, SessionRow, e.session_id)
+    session = _get(rows, SessionRow, (e.session_id.int,))
     if session is None:
         raise ProjectionError(f"session {e.session_id} was never started")
     if session.revoked_at is not None:
@@ -279,7 +281,7 @@ def _session_revoked(rec: RecordedEvent, e: SessionRevoked, rows: Rows) -> list[
 
 
 def _media_uploaded(rec: RecordedEvent, e: MediaUploaded, rows: Rows) -> list[Op]:
-    if _get(rows, MediaRow, e.media_id) is not None:
+    if _get(rows, MediaRow, (e.media_id.int,)) is not None:
         return []
     row = MediaRow(
         media_id=e.media_id,
@@ -295,7 +297,7 @@ def _media_uploaded(rec: RecordedEvent, e: MediaUploaded, rows: Rows) -> list[Op
 
 def _user_erased(rec: RecordedEvent, e: UserErased, rows: Rows) -> list[Op]:
     ops: list[Op] = []
-    user = _get(rows, UserRow, e.user_id)
+    user = _get(rows, UserRow, (e.user_id.int,))
     if user is not None and not user.erased:
         redacted = msgspec.structs.replace(
             user,
@@ -346,7 +348,7 @@ def _new_conversation(
 
 
 def _conversation_created(rec: RecordedEvent, e: ConversationCreated, rows: Rows) -> list[Op]:
-    if _get(rows, ConversationRow, e.conversation_id) is not None:
+    if _get(rows, ConversationRow, (e.conversation_id.int,)) is not None:
         return []
     # The creator is the owner whatever the list says; otherwise the first mention wins.
     members = {e.creator_id: "owner"}
@@ -364,14 +366,14 @@ def _conversation_created(rec: RecordedEvent, e: ConversationCreated, rows: Rows
 
 
 def _direct_opened(rec: RecordedEvent, e: DirectConversationOpened, rows: Rows) -> list[Op]:
-    if _get(rows, ConversationRow, e.conversation_id) is not None:
+    if _get(rows, ConversationRow, (e.conversation_id.int,)) is not None:
         return []
     members = dict.fromkeys(sorted(e.user_ids), "member")
     return _new_conversation(rec, e.conversation_id, "direct", e.opened_by, members)
 
 
 def _existing_conversation(rows: Rows, conversation_id: uuid.UUID) -> ConversationRow:
-    conversation = _get(rows, ConversationRow, conversation_id)
+    conversation = _get(rows, ConversationRow, (conversation_id.int,))
     if conversation is None:
         raise ProjectionError(f"conversation {conversation_id} does not exist")
     return conversation
@@ -379,7 +381,7 @@ def _existing_conversation(rows: Rows, conversation_id: uuid.UUID) -> Conversati
 
 def _member_joined(rec: RecordedEvent, e: MemberJoined, rows: Rows) -> list[Op]:
     conversation = _existing_conversation(rows, e.conversation_id)
-    if _get(rows, MemberRow, e.conversation_id, e.user_id) is not None:
+    if _get(rows, MemberRow, (e.conversation_id.int, e.user_id.int)) is not None:
         return []
     time = rec.envelope.time
     ops: list[Op] = [
@@ -387,7 +389,7 @@ def _member_joined(rec: RecordedEvent, e: MemberJoined, rows: Rows) -> list[Op]:
         Put(msgspec.structs.replace(conversation, member_count=conversation.member_count + 1)),
     ]
     # History from before the join is not unread: the marker starts at the current message.
-    marker = _get(rows, ReadMarkerRow, e.conversation_id, e.user_id)
+    marker = _get(rows, ReadMarkerRow, (e.conversation_id.int, e.user_id.int))
     if marker is None or marker.up_to_seq < conversation.message_count:
         ops.append(
             Put(
@@ -406,7 +408,7 @@ def _member_joined(rec: RecordedEvent, e: MemberJoined, rows: Rows) -> list[Op]:
 
 def _member_left(rec: RecordedEvent, e: MemberLeft, rows: Rows) -> list[Op]:
     conversation = _existing_conversation(rows, e.conversation_id)
-    member = _get(rows, MemberRow, e.conversation_id, e.user_id)
+    member = _get(rows, MemberRow, (e.conversation_id.int, e.user_id.int))
     if member is None:
         return []
     return [
@@ -416,7 +418,7 @@ def _member_left(rec: RecordedEvent, e: MemberLeft, rows: Rows) -> list[Op]:
 
 
 def _role_changed(rec: RecordedEvent, e: MemberRoleChanged, rows: Rows) -> list[Op]:
-    member = _get(rows, MemberRow, e.conversation_id, e.user_id)
+    member = _get(rows, MemberRow, (e.conversation_id.int, e.user_id.int))
     if member is None or member.role == e.role:
         return []
     return [Put(msgspec.structs.replace(member, role=e.role))]
@@ -427,7 +429,7 @@ def _role_changed(rec: RecordedEvent, e: MemberRoleChanged, rows: Rows) -> list[
 
 def _message_sent(rec: RecordedEvent, e: MessageSent, rows: Rows) -> list[Op]:
     conversation = _existing_conversation(rows, e.conversation_id)
-    if _get(rows, MessageRow, e.message_id) is not None:
+    if _get(rows, MessageRow, (e.message_id.int,)) is not None:
         return []
     time, position = rec.envelope.time, rec.position
     seq = conversation.message_count + 1
@@ -471,7 +473,7 @@ def _marker_at(message: MessageRow, user_id: uuid.UUID, time: dt.datetime) -> Re
 
 
 def _existing_message(rows: Rows, conversation_id: uuid.UUID, message_id: uuid.UUID) -> MessageRow:
-    message = _get(rows, MessageRow, message_id)
+    message = _get(rows, MessageRow, (message_id.int,))
     if message is None or message.conversation_id != conversation_id:
         raise ProjectionError(f"message {message_id} is not in conversation {conversation_id}")
     return message
@@ -504,12 +506,12 @@ def _reaction_added(rec: RecordedEvent, e: ReactionAdded, rows: Rows) -> list[Op
 
 
 def _reaction_removed(rec: RecordedEvent, e: ReactionRemoved, rows: Rows) -> list[Op]:
-    return [Drop(schema.REACTIONS, (e.message_id, e.user_id, e.emoji))]
+    return [Drop(schema.REACTIONS, (e.message_id.int, e.user_id.int, e.emoji))]
 
 
 def _marker_moved(rec: RecordedEvent, e: ReadMarkerMoved, rows: Rows) -> list[Op]:
     message = _existing_message(rows, e.conversation_id, e.up_to)
-    marker = _get(rows, ReadMarkerRow, e.conversation_id, e.user_id)
+    marker = _get(rows, ReadMarkerRow, (e.conversation_id.int, e.user_id.int))
     if marker is not None and marker.up_to_seq >= message.seq:
         return []  # markers only move forward
     return [Put(_marker_at(message, e.user_id, rec.envelope.time))]

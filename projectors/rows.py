@@ -8,7 +8,10 @@ matches its table column for column.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import operator
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import msgspec
@@ -17,6 +20,10 @@ from projectors import schema
 from projectors.schema import Table
 
 Key = tuple[Any, ...]
+"""A primary key as projection and its working set hold it: each ``uuid`` column as the
+UUID's ``int``, any other column as it is. An ``int`` hashes and compares in C; a
+:class:`uuid.UUID` runs Python code for both (and a tuple does not keep its hash), and a
+replay looks up a dozen keys an event."""
 
 
 class Row(msgspec.Struct, frozen=True):
@@ -25,7 +32,34 @@ class Row(msgspec.Struct, frozen=True):
     table: ClassVar[Table]
 
     def key(self) -> Key:
-        return tuple(getattr(self, name) for name in self.table.primary_key)
+        return key_getter(self.table)(self)
+
+
+@functools.cache
+def key_getter(table: Table) -> Callable[[Row], Key]:
+    """A fast getter of the :data:`Key` of rows of ``table`` (a replay calls one per write)."""
+    names = table.primary_key
+    uuids = tuple(table.column(name).type == "uuid" for name in names)
+    getters = tuple(map(operator.attrgetter, names))
+    if uuids == (True,):
+        (first,) = getters
+        return lambda row: (first(row).int,)
+    if uuids == (True, True):
+        first, second = getters
+        return lambda row: (first(row).int, second(row).int)
+    pairs = tuple(zip(getters, uuids, strict=True))
+    return lambda row: tuple(get(row).int if is_uuid else get(row) for get, is_uuid in pairs)
+
+
+def key_values(table: Table, keys: list[Key]) -> list[list[Any]]:
+    """``keys`` (of ``table``) as query parameters, one list per key column: each ``uuid``
+    column's ints as the UUIDs' hex text, which the driver parses in C."""
+    uuids = [table.column(name).type == "uuid" for name in table.primary_key]
+    columns: list[list[Any]] = [[] for _ in uuids]
+    for key in keys:
+        for i, value in enumerate(key):
+            columns[i].append(f"{value:032x}" if uuids[i] else value)
+    return columns
 
 
 class UserRow(Row, frozen=True):

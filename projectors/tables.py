@@ -25,7 +25,7 @@ import asyncpg
 import msgspec
 
 from eventstore import Connection
-from projectors.rows import ROW_CLASSES, Key, Row
+from projectors.rows import ROW_CLASSES, Key, Row, key_values
 from projectors.schema import READ_MODEL_VERSION, Table, checked_schema_name
 
 _ROW_CLASS: dict[str, type[Row]] = {cls.table.name: cls for cls in ROW_CLASSES}
@@ -117,14 +117,6 @@ def delete_sql(schema: str, table: Table) -> str:
     )
 
 
-def _columns_of(keys: Iterable[Key], width: int) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in range(width)]
-    for key in keys:
-        for i, value in enumerate(key):
-            columns[i].append(value)
-    return columns
-
-
 @functools.cache
 def _json_columns(table: Table) -> tuple[int, ...]:
     """Positions of the ``jsonb`` columns: the only values that need converting."""
@@ -137,9 +129,7 @@ async def load_rows(conn: Connection, schema: str, table: Table, keys: Iterable[
     if not wanted:
         return []
     cls = _ROW_CLASS[table.name]
-    records = await conn.fetch(
-        load_sql(schema, table), *_columns_of(wanted, len(table.primary_key))
-    )
+    records = await conn.fetch(load_sql(schema, table), *key_values(table, wanted))
     json_columns = _json_columns(table)
     if not json_columns:
         return [cls(*r) for r in records]
@@ -228,4 +218,4 @@ def _json_encoded(columns: tuple[int, ...], record: tuple[Any, ...]) -> tuple[An
 async def delete_rows(conn: Connection, schema: str, table: Table, keys: Sequence[Key]) -> None:
     """Delete the rows of ``table`` with these primary keys in one statement."""
     if keys:
-        await conn.execute(delete_sql(schema, table), *_columns_of(keys, len(table.primary_key)))
+        await conn.execute(delete_sql(schema, table), *key_values(table, list(keys)))

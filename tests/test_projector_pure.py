@@ -101,7 +101,8 @@ def test_an_erased_body_is_stored_as_null() -> None:
 
 
 def test_needs_name_every_row_a_projection_reads() -> None:
-    assert needs(sent()) == [(schema.CONVERSATIONS, (ROOM,)), (schema.MESSAGES, (MESSAGE,))]
+    # Keys hold each uuid as its int (projectors.rows.Key).
+    assert needs(sent()) == [(schema.CONVERSATIONS, (ROOM.int,)), (schema.MESSAGES, (MESSAGE.int,))]
 
 
 def test_a_message_moves_its_senders_marker_to_it_without_reading_the_marker() -> None:

@@ -82,7 +82,7 @@ async def test_small_and_staged_upserts_store_the_same_rows(
         left = await conn.fetchval("SELECT count(*) FROM pg_temp.stage_v2_users")
         assert left == 0
 
-    keys = [(uuid.UUID(int=n + 1),) for n in range(count + 40)]
+    keys = [(n + 1,) for n in range(count + 40)]  # a Key holds each uuid as its int
     expected = {r.user_id: r for r in first[: count // 2] + second}
     for schema in schemas:
         stored = {r.user_id: r for r in await load_rows(conn, schema, USERS, keys)}
@@ -112,7 +112,7 @@ async def test_inserting_new_rows_copies_them_and_a_taken_key_falls_back_to_upse
     async with conn.transaction():
         await insert_rows(conn, schema, USERS, taken)
         await conn.execute(f"UPDATE {schema}.users SET status = 'after'")
-    keys = [(uuid.UUID(int=n + 1),) for n in range(2 * count)]
+    keys = [(n + 1,) for n in range(2 * count)]
     stored = {r.user_id: r for r in await load_rows(conn, schema, USERS, keys)}
     expected = {r.user_id: msgspec.structs.replace(r, status="after") for r in first[:-1] + taken}
     assert stored == expected
@@ -162,18 +162,16 @@ async def test_a_batch_reads_a_few_thousand_messages_by_index_from_a_large_table
     rows = [message(n) for n in range(60_000)]
     await insert_rows(conn, schema, MESSAGES, rows)
     await conn.execute(f"ANALYZE {schema}.messages")
-    keys = [(row.message_id,) for row in rows[::60]]  # 1,000 keys
+    ids = [row.message_id for row in rows[::60]]  # 1,000 keys
     layout = TopicLayout.from_settings(base_settings)
     async with conn.transaction():
         await apply_items(conn, schema, layout, [])  # what every batch sets up first
         plan = "\n".join(
-            r[0]
-            for r in await conn.fetch(
-                f"EXPLAIN {load_sql(schema, MESSAGES)}", [key for (key,) in keys]
-            )
+            r[0] for r in await conn.fetch(f"EXPLAIN {load_sql(schema, MESSAGES)}", ids)
         )
     assert "Seq Scan" not in plan, plan
-    assert len(await load_rows(conn, schema, MESSAGES, keys)) == len(keys)
+    found = await load_rows(conn, schema, MESSAGES, [(i.int,) for i in ids])
+    assert sorted(row.message_id for row in found) == sorted(ids)
 
 
 async def test_a_batch_holding_an_erasure_locks_out_every_other_batch_of_its_schema(
