@@ -446,8 +446,7 @@ class Rebuild:
         for _ in range(_MAX_BUILD_PASSES):
             if await self._catch_up("build") < swap_pass_bound(self._batch):
                 break
-        async with self._pool.acquire() as conn:
-            await finish_build(conn, self.shadow)
+        await finish_build(self._pool, self.shadow)
         # Records written while the indexes were built: applied here, not under the lock.
         await self._catch_up("build")
         if self._into:

@@ -28,6 +28,7 @@ Deleted messages still count (they were delivered unread).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Final
 
@@ -338,24 +339,35 @@ async def create_schema(conn: Connection, schema: str, *, build: bool = False) -
 
 
 _INDEX_BUILD_MEMORY: Final = "512MB"
-"""``maintenance_work_mem`` of the session that builds the deferred indexes: a sort of a
+"""``maintenance_work_mem`` of each session that builds a deferred index: a sort of a
 million keys in memory instead of on disk."""
 
 
-async def finish_build(conn: Connection, schema: str) -> None:
+async def finish_build(pool: Pool, schema: str) -> None:
     """Create every index of ``schema`` that is not there yet (those a build left out).
 
     Idempotent: a build resumed after a crash, or one that never left anything out, gets only
-    what is missing. The statements run one by one, outside any transaction block, so a crash
-    part-way keeps the indexes already built.
+    what is missing. The statements run side by side, each on a connection of its own and
+    outside any transaction block, so a crash part-way keeps the indexes already built.
+    PostgreSQL builds one index in one process (with parallel workers for part of a large
+    table's scan), so one after the other the builds left cores idle. On this two-core machine
+    the gain is small: a million messages' indexes took 0.79 s against 0.93-1.5 s on their own,
+    0.91-0.96 against 0.98-1.10 s at the end of a replay; a database server with more cores
+    gains more.
     """
-    await conn.execute(f"SET maintenance_work_mem TO '{_INDEX_BUILD_MEMORY}'")
-    try:
+
+    async def build(statement: str) -> None:
+        async with pool.acquire() as conn:
+            await conn.execute(f"SET maintenance_work_mem TO '{_INDEX_BUILD_MEMORY}'")
+            try:
+                await conn.execute(statement)
+            finally:
+                await conn.execute("RESET maintenance_work_mem")
+
+    async with asyncio.TaskGroup() as builds:
         for table in TABLES:
             for statement in index_ddl(schema, table):
-                await conn.execute(statement)
-    finally:
-        await conn.execute("RESET maintenance_work_mem")
+                builds.create_task(build(statement))
 
 
 async def ensure_live_schema(pool: Pool) -> bool:

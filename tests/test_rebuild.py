@@ -171,8 +171,8 @@ async def test_a_build_schema_leaves_indexes_out_until_it_is_finished(world: Wor
             "CREATE INDEX messages_by_media_id",
             "CREATE UNIQUE INDEX messages_by_conversation_id_offset",
         }
-        await finish_build(conn, built)
-        await finish_build(conn, built)  # a resumed build finishes again: nothing to add
+        await finish_build(pool, built)
+        await finish_build(pool, built)  # a resumed build finishes again: nothing to add
         assert await index_definitions(pool, built) == await index_definitions(pool, whole)
         for schema in (built, whole):
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")

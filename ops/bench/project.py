@@ -280,8 +280,7 @@ async def replay(
                 store.pool, store.layout, schema=schema, caches=None, durable_commits=False
             )
             await rebuild.replay(store, projector, batch, count)
-        async with store.pool.acquire() as conn:
-            await finish_build(conn, schema)  # the model is usable once its indexes are there
+        await finish_build(store.pool, schema)  # the model is usable once its indexes are there
         seconds = time.perf_counter() - started
         python += children_cpu() + time.process_time()
     python -= postgres.own_seconds  # the meter's thread is this process's, not the replay's
@@ -309,7 +308,7 @@ async def raw_copy(store: EventStore, source: str, target: str) -> tuple[int, fl
             seconds += time.perf_counter() - started
             rows_total += len(rows)
         started = time.perf_counter()
-        await finish_build(conn, target)
+        await finish_build(store.pool, target)
         seconds += time.perf_counter() - started
     return rows_total, seconds
 
