@@ -11,7 +11,15 @@ from eventstore import Position, RecordedEvent
 from projectors import schema
 from projectors.errors import ProjectionError
 from projectors.projection import Put, needs, project
-from projectors.rows import ConversationRow, Key, MessageRow, ReadMarkerRow, Row
+from projectors.rows import (
+    ConversationRow,
+    Key,
+    MessageRow,
+    ReactionRow,
+    ReadMarkerRow,
+    Row,
+    key_values,
+)
 from schemas import ERASED, Envelope, Event, MessageEdited, MessageSent
 
 ROOM, ALICE, MESSAGE = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
@@ -114,3 +122,18 @@ def test_a_message_moves_its_senders_marker_to_it_without_reading_the_marker() -
         5,
         7,
     )
+
+
+def test_keys_hold_each_uuid_as_its_int_and_go_to_queries_as_uuid_text() -> None:
+    """Every shape of primary key: one uuid, two, two and a text (a reaction's emoji)."""
+    reaction = ReactionRow(MESSAGE, ALICE, "👍", ROOM, TIME)
+    marker = ReadMarkerRow(ROOM, ALICE, MESSAGE, 3, 1, TIME)
+    assert room().key() == (ROOM.int,)
+    assert marker.key() == (ROOM.int, ALICE.int)
+    assert reaction.key() == (MESSAGE.int, ALICE.int, "👍")
+    columns = key_values(schema.REACTIONS, [reaction.key(), (ALICE.int, ROOM.int, "x")])
+    assert [[uuid.UUID(text) for text in column] for column in columns[:2]] == [
+        [MESSAGE, ALICE],
+        [ALICE, ROOM],
+    ]
+    assert columns[2] == ["👍", "x"]
