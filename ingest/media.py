@@ -17,7 +17,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import uuid
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -129,6 +129,14 @@ async def completed_by(request: web.Request, media_id: uuid.UUID, uploader: uuid
     return found is not None
 
 
+SHARED_WITH_SQL: Final = (
+    "SELECT 1 FROM chat.messages m JOIN chat.members mb"
+    " ON mb.conversation_id = m.conversation_id AND mb.user_id = $2"
+    " WHERE m.media_id = $1 AND NOT m.deleted LIMIT 1"
+)
+"""Whether media ``$1`` is in a message that user ``$2`` can read (by ``messages (media_id)``)."""
+
+
 async def download(request: web.Request) -> web.Response:
     caller = await guard(request, "read", scope="read")
     media_id = path_uuid(request, "media_id")
@@ -141,9 +149,7 @@ async def download(request: web.Request) -> web.Response:
     allowed = row is not None and (
         row["uploader_id"] == caller.user_id
         or await pool.fetchval(
-            "SELECT 1 FROM chat.messages m JOIN chat.members mb"
-            " ON mb.conversation_id = m.conversation_id AND mb.user_id = $2"
-            " WHERE m.media_id = $1 AND NOT m.deleted LIMIT 1",
+            SHARED_WITH_SQL,
             media_id,
             caller.user_id,
         )

@@ -14,7 +14,8 @@ Every query of the read API is served by an index (primary keys plus :attr:`Tabl
 * a conversation, its members: primary key ``members (conversation_id, user_id)``;
 * a page of messages before/after a position: ``messages (conversation_id, "offset")``;
 * reactions of a page: primary key ``reactions (message_id, ...)``;
-* who may download a media object: ``messages (media_id)`` (v2);
+* who may download a media object: ``messages (media_id)`` (v2; from v3 without the NULLs of
+  text messages, see :attr:`Table.sparse`);
 * erasure: ``messages (sender_id)``, ``conversations (creator_id)``, ``media (uploader_id)``,
   ``sessions (user_id)``.
 
@@ -38,7 +39,7 @@ from eventstore import Connection, Pool
 from projectors.errors import SchemaNameInvalid
 from projectors.read.contract import LIVE_SCHEMA
 
-READ_MODEL_VERSION: Final = 2
+READ_MODEL_VERSION: Final = 3
 """Recorded as the schema's comment; a rebuild compares it to decide whether to rebuild."""
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -64,6 +65,12 @@ class Table(msgspec.Struct, frozen=True, cache_hash=True):
     primary_key: tuple[str, ...]
     indexes: tuple[tuple[str, ...], ...] = ()
     unique_indexes: tuple[tuple[str, ...], ...] = ()
+    sparse: tuple[str, ...] = ()
+    """Nullable columns whose secondary index leaves their NULL rows out (``WHERE column IS NOT
+    NULL``): every query by them looks up a value, never NULL, and PostgreSQL takes such an
+    index for ``column = $1``. A message's ``media_id`` is NULL on all but media messages:
+    indexing the NULLs too took a fifth of a replay's index building (0.66 s of CPU a million
+    messages) and an index insertion per text message (v3)."""
     build_indexes: tuple[tuple[str, ...], ...] = ()
     """Of :attr:`indexes`, those a build needs while it runs (erasure's set-based updates find
     rows by them); a build creates the others once its rows are in (:func:`finish_build`)."""
@@ -163,6 +170,7 @@ MESSAGES = Table(
     ("message_id",),
     indexes=(("sender_id",), ("media_id",)),
     unique_indexes=(("conversation_id", "offset"),),
+    sparse=("media_id",),
     build_indexes=(("sender_id",),),
 )
 REACTIONS = Table(
@@ -281,8 +289,10 @@ def index_ddl(schema: str, table: Table, *, build: bool = False) -> list[str]:
                 continue
             name = f"{table.name}_by_{'_'.join(cols_)}"
             kind = "UNIQUE INDEX" if unique else "INDEX"
+            where = f" WHERE {cols_[0]} IS NOT NULL" if cols_[0] in table.sparse else ""
             statements.append(
-                f"CREATE {kind} IF NOT EXISTS {name} ON {schema}.{table.name} ({_columns(cols_)})"
+                f"CREATE {kind} IF NOT EXISTS {name} ON {schema}.{table.name} "
+                f"({_columns(cols_)}){where}"
             )
     return statements
 

@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaProducer
 
 from eventstore import Batch, RecordedEvent, create_pool
 from eventstore.consumer import Partition, PositionsMoved
+from ingest.media import SHARED_WITH_SQL
 from projectors.caches import rebuild_caches, summary_key
 from projectors.checksum import checksum
 from projectors.dead_letters import list_dead_letters, retry_dead_letter
@@ -114,6 +115,16 @@ async def test_live_schema_has_the_contract_columns_and_indexes_serve_the_reads(
             for name, sql in queries.items():
                 plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", uuid.uuid4()))
                 assert "Seq Scan" not in plan, f"{name}:\n{plan}"
+            # Who may download a media object: by the index that leaves out text messages.
+            sql = f"EXPLAIN {SHARED_WITH_SQL}"
+            plan = "\n".join(r[0] for r in await conn.fetch(sql, uuid.uuid4(), uuid.uuid4()))
+            assert "messages_by_media_id" in plan, plan
+        definition = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = $2",
+            LIVE_SCHEMA,
+            "messages_by_media_id",
+        )
+        assert definition.endswith("WHERE (media_id IS NOT NULL)"), definition
 
 
 async def test_a_batch_applied_twice_changes_nothing(world: World) -> None:

@@ -13,7 +13,7 @@ import pytest
 from eventstore import Position, RecordedEvent, Settings, TopicLayout
 from projectors.apply import _ERASURE_LOCK_CLASS, apply_items
 from projectors.rows import MessageRow, ReadMarkerRow, UserRow
-from projectors.schema import MESSAGES, READ_MARKERS, USERS, create_schema
+from projectors.schema import MESSAGES, READ_MARKERS, READ_MODEL_VERSION, USERS, create_schema
 from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, load_sql, upsert_rows
 from schemas import Envelope, Event, UserErased, UserRegistered
 
@@ -79,7 +79,9 @@ async def test_small_and_staged_upserts_store_the_same_rows(
         async with conn.transaction():
             await upsert_rows(conn, staged, USERS, rows)  # staged: one COPY
         # The staging table is empty again after the commit.
-        left = await conn.fetchval("SELECT count(*) FROM pg_temp.stage_v2_users")
+        left = await conn.fetchval(
+            f"SELECT count(*) FROM pg_temp.stage_v{READ_MODEL_VERSION}_users"
+        )
         assert left == 0
 
     keys = [(n + 1,) for n in range(count + 40)]  # a Key holds each uuid as its int
