@@ -337,7 +337,7 @@ def replay_worker_main() -> None:
     """Entry point of a replay worker process: apply the :class:`ReplayShare` read from stdin,
     printing the record count of every batch applied, one per line."""
     share = _SHARE.decode(sys.stdin.buffer.read())
-    run_loop(_replay_share(share))
+    run_loop(_replay_share(share), bulk=True)
 
 
 async def _replay_share(share: ReplayShare) -> None:
