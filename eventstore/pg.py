@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -54,6 +55,7 @@ async def create_pool(
                 max_size=max_size,
                 reset=reset,
                 server_settings=dict(server_settings) if server_settings else None,
+                init=use_cached_timestamps,
             )
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise KeyStoreUnavailable(
@@ -64,3 +66,68 @@ async def create_pool(
 
 async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
     """A pool's reset that keeps the session (asyncpg has rolled back any transaction)."""
+
+
+_PG_EPOCH: Final = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+# asyncpg's infinities: its stand-ins for PostgreSQL's, and the raw values that mean them.
+_INFINITY: Final = dt.datetime.max
+_NEGATIVE_INFINITY: Final = dt.datetime.min
+_PG_INFINITY: Final = 0x7FFFFFFFFFFFFFFF
+_PG_NEGATIVE_INFINITY: Final = -0x8000000000000000
+_ASYNCPG_INFINITY_TS: Final = 252455615999999999
+_ASYNCPG_NEGATIVE_INFINITY_TS: Final = -63082281600000000
+_TIMESTAMPS_KEPT: Final = 65536
+
+
+class _TimestampEncodings(dict[dt.datetime, tuple[int]]):
+    """A ``timestamptz`` value -> its wire form, ``(microseconds since 2000-01-01 UTC,)``,
+    worked out the way asyncpg's own encoder does, once per distinct value.
+
+    The read model's times are the events' times, and events share their millisecond: a replay
+    writes a few distinct times per hundred rows. asyncpg's encoder compares every value with
+    its two infinities (a mixed naive/aware comparison), converts it to UTC and subtracts the
+    epoch, about a microsecond a value; a lookup here is a dictionary probe on the datetime's
+    cached hash, called by asyncpg in C (``dict.__getitem__``), Python only on a miss.
+    """
+
+    def __missing__(self, value: dt.datetime) -> tuple[int]:
+        if len(self) >= _TIMESTAMPS_KEPT:
+            self.clear()
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime.datetime instance, got {type(value).__name__!r}")
+        if value == _INFINITY:
+            wire = _PG_INFINITY
+        elif value == _NEGATIVE_INFINITY:
+            wire = _PG_NEGATIVE_INFINITY
+        else:
+            delta = value.astimezone(dt.UTC) - _PG_EPOCH
+            wire = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+            if wire == _ASYNCPG_INFINITY_TS:
+                wire = _PG_INFINITY
+            elif wire == _ASYNCPG_NEGATIVE_INFINITY_TS:
+                wire = _PG_NEGATIVE_INFINITY
+        encoded = self[value] = (wire,)
+        return encoded
+
+
+def _decode_timestamp(wire: tuple[int]) -> dt.datetime:
+    """asyncpg's decoding of a ``timestamptz`` (an aware UTC datetime, or its infinities)."""
+    (microseconds,) = wire
+    if microseconds == _PG_INFINITY:
+        return _INFINITY
+    if microseconds == _PG_NEGATIVE_INFINITY:
+        return _NEGATIVE_INFINITY
+    return _PG_EPOCH + dt.timedelta(microseconds=microseconds)
+
+
+async def use_cached_timestamps(conn: asyncpg.Connection[Any]) -> None:
+    """Encode ``timestamptz`` values through :class:`_TimestampEncodings` on ``conn`` (every
+    pool's connections get it when they open): the same values on the wire, decoded to the
+    same datetimes, at a fraction of the encoding's CPU on bulk writes."""
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=_TimestampEncodings().__getitem__,
+        decoder=_decode_timestamp,
+        format="tuple",
+    )
