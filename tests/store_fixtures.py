@@ -29,6 +29,17 @@ async def base_settings(stack: StackInfo) -> Settings:
     return settings
 
 
+@pytest.fixture
+async def conn(base_settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A PostgreSQL connection of the test's own, closed after it: asyncpg's own, with none
+    of the set-up a pool's connections get (:func:`eventstore.pg.create_pool`)."""
+    connection = await asyncpg.connect(base_settings.postgres_dsn)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
 @pytest.fixture(scope="module")
 async def client(stack: StackInfo, base_settings: Settings) -> AsyncIterator[Any]:
     """A boto3 S3 client of the stack's S3 server, shared by a module's tests."""

@@ -29,24 +29,14 @@ TIMES = [
 
 
 @pytest.fixture
-async def plain(base_settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """A connection with asyncpg's own codecs."""
-    connection = await asyncpg.connect(base_settings.postgres_dsn)
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
-@pytest.fixture
-async def table(plain: asyncpg.Connection) -> AsyncIterator[str]:
+async def table(conn: asyncpg.Connection) -> AsyncIterator[str]:
     """A table of the test's own, ``(n int, v timestamptz)``."""
     name = f"pg_times_{uuid.uuid4().hex[:8]}"
-    await plain.execute(f"CREATE TABLE {name} (n int, v timestamptz)")
+    await conn.execute(f"CREATE TABLE {name} (n int, v timestamptz)")
     try:
         yield name
     finally:
-        await plain.execute(f"DROP TABLE {name}")
+        await conn.execute(f"DROP TABLE {name}")
 
 
 @pytest.fixture
@@ -58,9 +48,9 @@ async def pool(base_settings: Settings) -> AsyncIterator[Pool]:
         await made.close()
 
 
-async def _wire(plain: asyncpg.Connection, table: str) -> list[tuple[int, str]]:
+async def _wire(conn: asyncpg.Connection, table: str) -> list[tuple[int, str]]:
     """What PostgreSQL stored: each value as microseconds from its epoch, or infinity."""
-    rows = await plain.fetch(
+    rows = await conn.fetch(
         f"SELECT n, CASE WHEN isfinite(v) THEN (extract(epoch FROM v - '2000-01-01 UTC') "
         f"* 1000000)::bigint::text ELSE v::text END AS wire FROM {table} ORDER BY n"
     )
@@ -68,46 +58,46 @@ async def _wire(plain: asyncpg.Connection, table: str) -> list[tuple[int, str]]:
 
 
 async def test_a_pool_writes_and_reads_times_as_asyncpg_does(
-    pool: Pool, plain: asyncpg.Connection, table: str
+    pool: Pool, conn: asyncpg.Connection, table: str
 ) -> None:
-    await plain.executemany(
+    await conn.executemany(
         f"INSERT INTO {table} VALUES ($1, $2)", [(n, v) for n, v in enumerate(TIMES)]
     )
-    expected = await _wire(plain, table)
-    await plain.execute(f"TRUNCATE {table}")
-    async with pool.acquire() as conn:
+    expected = await _wire(conn, table)
+    await conn.execute(f"TRUNCATE {table}")
+    async with pool.acquire() as pooled:
         # Twice over: the second time every value comes from the cache.
         for _ in range(2):
-            await conn.executemany(
+            await pooled.executemany(
                 f"INSERT INTO {table} VALUES ($1, $2)", [(n, v) for n, v in enumerate(TIMES)]
             )
-            assert await _wire(plain, table) == expected
-            await plain.execute(f"TRUNCATE {table}")
+            assert await _wire(conn, table) == expected
+            await conn.execute(f"TRUNCATE {table}")
+            await pooled.copy_records_to_table(table, records=list(enumerate(TIMES)))
+            assert await _wire(conn, table) == expected
+            read = await pooled.fetch(f"SELECT n, v FROM {table} ORDER BY n")
+            await conn.execute(f"TRUNCATE {table}")
             await conn.copy_records_to_table(table, records=list(enumerate(TIMES)))
-            assert await _wire(plain, table) == expected
-            read = await conn.fetch(f"SELECT n, v FROM {table} ORDER BY n")
-            await plain.execute(f"TRUNCATE {table}")
-            await plain.copy_records_to_table(table, records=list(enumerate(TIMES)))
-            assert read == await plain.fetch(f"SELECT n, v FROM {table} ORDER BY n")
-            await plain.execute(f"TRUNCATE {table}")
+            assert read == await conn.fetch(f"SELECT n, v FROM {table} ORDER BY n")
+            await conn.execute(f"TRUNCATE {table}")
     assert expected[-1][1] == "infinity"
     assert expected[-2][1] == "-infinity"
     assert expected[0][1] == expected[1][1]
 
 
 async def test_a_value_that_is_not_a_datetime_is_refused_as_asyncpg_refuses_it(
-    pool: Pool, plain: asyncpg.Connection, table: str
+    pool: Pool, conn: asyncpg.Connection, table: str
 ) -> None:
     insert = f"INSERT INTO {table} VALUES (1, $1)"
     for bad in ("2026-12-05T06:30:00Z", 1764916200, dt.timedelta(1), ["2026-12-05"]):
         with pytest.raises(asyncpg.DataError):
-            await plain.execute(insert, bad)
-        async with pool.acquire() as conn:
+            await conn.execute(insert, bad)
+        async with pool.acquire() as pooled:
             # The message names what was expected; an unhashable value fails the lookup.
             expected = "unhashable" if isinstance(bad, list) else "expected a datetime"
             with pytest.raises(asyncpg.DataError, match=expected):
-                await conn.execute(insert, bad)
-    assert await plain.fetchval(f"SELECT count(*) FROM {table}") == 0
+                await pooled.execute(insert, bad)
+    assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
 
 
 def test_the_encoding_cache_is_bounded() -> None:

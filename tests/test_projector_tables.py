@@ -24,16 +24,6 @@ Scratch = Callable[[str], str]
 
 
 @pytest.fixture
-async def conn(base_settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """A connection of the test's own, closed after it."""
-    connection = await asyncpg.connect(base_settings.postgres_dsn)
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
-@pytest.fixture
 async def scratch(conn: asyncpg.Connection) -> AsyncIterator[Scratch]:
     """Fresh schema names (the prefix and a random suffix), each dropped after the test."""
     made: list[str] = []
