@@ -362,7 +362,7 @@ async def _apply(
             if type(op) is Put:  # the operation classes are final
                 row: Row | None = op.row
                 table = op.row.table
-                key = key_getter(table)(op.row)
+                key = op.key or key_getter(table)(op.row)  # a key is a non-empty tuple
             elif type(op) is Drop:
                 table, key, row = op.table, op.key, None
             else:

@@ -62,9 +62,16 @@ from schemas import (
 
 
 class Put(msgspec.Struct, frozen=True):
-    """Insert or replace ``row``."""
+    """Insert or replace ``row``.
+
+    ``key``, when given, is the row's primary key (:meth:`~projectors.rows.Row.key`), which the
+    caller otherwise works out itself. A ``MessageSent``, most of a replay, writes three rows
+    whose keys its projection has built anyway: handing them on saves the caller a key getter
+    per row, 0.6-0.9 µs of the 10-13 applying a replayed record takes (a test pins that every
+    key handed on is its row's)."""
 
     row: Row
+    key: Key | None = None
 
 
 class Drop(msgspec.Struct, frozen=True):
@@ -429,7 +436,8 @@ def _role_changed(rec: RecordedEvent, e: MemberRoleChanged, rows: Rows) -> list[
 
 def _message_sent(rec: RecordedEvent, e: MessageSent, rows: Rows) -> list[Op]:
     conversation = _existing_conversation(rows, e.conversation_id)
-    if _get(rows, MessageRow, (e.message_id.int,)) is not None:
+    message_key = (e.message_id.int,)
+    if _get(rows, MessageRow, message_key) is not None:
         return []
     time, position = rec.envelope.time, rec.position
     seq = conversation.message_count + 1
@@ -458,7 +466,12 @@ def _message_sent(rec: RecordedEvent, e: MessageSent, rows: Rows) -> list[Op]:
     # not read: one points at a message of the conversation (seq <= message_count) or, set by a
     # join, at message_count itself, and message_count only grows. That saves a read per message,
     # most of the keys a batch would look up (:func:`needs` leaves the marker out).
-    return [Put(message), Put(updated), Put(_marker_at(message, e.sender_id, time))]
+    conversation_id = e.conversation_id.int
+    return [
+        Put(message, message_key),
+        Put(updated, (conversation_id,)),
+        Put(_marker_at(message, e.sender_id, time), (conversation_id, e.sender_id.int)),
+    ]
 
 
 def _marker_at(message: MessageRow, user_id: uuid.UUID, time: dt.datetime) -> ReadMarkerRow:

@@ -8,9 +8,10 @@ import uuid
 import pytest
 
 from eventstore import Position, RecordedEvent
+from ops.bench.project import workload
 from projectors import schema
 from projectors.errors import ProjectionError
-from projectors.projection import Put, needs, project
+from projectors.projection import Drop, Put, needs, project
 from projectors.rows import (
     ConversationRow,
     Key,
@@ -137,3 +138,22 @@ def test_keys_hold_each_uuid_as_its_int_and_go_to_queries_as_uuid_text() -> None
         [ALICE, ROOM],
     ]
     assert columns[2] == ["👍", "x"]
+
+
+def test_every_key_a_projection_hands_on_is_its_rows_key() -> None:
+    # A mixed chat log (the replay bench's: registrations, groups, messages with edits,
+    # deletes, reactions, read markers and joins), projected event by event over rows kept
+    # as the working set keeps them.
+    rows = Rows()
+    handed_on = 0
+    for offset, event in enumerate(workload(3000, seed=5).events):
+        for op in project(recorded(event, offset), rows):
+            if isinstance(op, Put):
+                key = op.row.key()
+                if op.key is not None:
+                    assert op.key == key, f"{type(event).__name__} keyed {op.row!r} wrongly"
+                    handed_on += 1
+                rows.rows[(op.row.table.name, key)] = op.row
+            elif isinstance(op, Drop):
+                rows.rows[(op.table.name, op.key)] = None
+    assert handed_on > 3000  # three rows a message
