@@ -100,7 +100,7 @@ class Skipped(msgspec.Struct, frozen=True):
     reason: str
     type: str
     error: str
-    headers: list[tuple[str, bytes]]
+    headers: Sequence[tuple[str, bytes]]
     value: bytes | None
 
 
@@ -117,7 +117,7 @@ class ParsedRecord(msgspec.Struct):
     payload: dict[str, Any] | None
     raw: bytes
     position: Position
-    headers: list[tuple[str, bytes]]
+    headers: Sequence[tuple[str, bytes]]
     typed: Event | None = None
     sealed: dict[str, tuple[str, bytes]] = msgspec.field(default_factory=dict)
     """Field name -> (sealed value, its bytes), read by :func:`needed_subjects`: the base64
@@ -391,7 +391,7 @@ def _stream_of(layout: TopicLayout, topic: str) -> StreamKind:
 def parse_record(record: RecordLike, layout: TopicLayout, epoch: int) -> ParsedRecord | Skipped:
     """Read a record's envelope and payload, without keys. Never raises for bad records."""
     position = Position(epoch, _stream_of(layout, record.topic), record.partition, record.offset)
-    headers = list(record.headers or ())
+    headers = record.headers or ()  # not copied: aiokafka's are a tuple, read only
     raw = record.value or b""
     event_type = ""
     try:

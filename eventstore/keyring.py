@@ -120,9 +120,9 @@ def unseal_bytes(keys: HeadKeys, event_id: uuid.UUID, raw: bytes) -> str | Erase
         # corrupt, or the key store is not the one this log was written with.
         raise DecodeError(f"no data key was ever made for subject {subject_of(raw)}")
     try:
-        return key.decrypt(
-            raw[_UUID : _UUID + _NONCE], raw[_UUID + _NONCE :], event_id.bytes
-        ).decode("utf-8")
+        # The id's bytes from its int: ``UUID.bytes`` does the same in a Python frame.
+        aad = event_id.int.to_bytes(16)
+        return key.decrypt(raw[_UUID : _UUID + _NONCE], raw[_UUID + _NONCE :], aad).decode("utf-8")
     except InvalidTag:
         raise DecodeError(
             f"sealed value of subject {subject_of(raw)} does not authenticate for event {event_id}"
