@@ -11,7 +11,7 @@ import datetime as dt
 import functools
 import operator
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import msgspec
@@ -36,11 +36,16 @@ class Row(msgspec.Struct, frozen=True):
 
 
 @functools.cache
+def _uuid_columns(table: Table) -> tuple[bool, ...]:
+    """Which of ``table``'s primary-key columns are ``uuid``s (held as ints in a :data:`Key`)."""
+    return tuple(table.column(name).type == "uuid" for name in table.primary_key)
+
+
+@functools.cache
 def key_getter(table: Table) -> Callable[[Row], Key]:
     """A fast getter of the :data:`Key` of rows of ``table`` (a replay calls one per write)."""
-    names = table.primary_key
-    uuids = tuple(table.column(name).type == "uuid" for name in names)
-    getters = tuple(map(operator.attrgetter, names))
+    uuids = _uuid_columns(table)
+    getters = tuple(map(operator.attrgetter, table.primary_key))
     if uuids == (True,):
         (first,) = getters
         return lambda row: (first(row).int,)
@@ -51,10 +56,10 @@ def key_getter(table: Table) -> Callable[[Row], Key]:
     return lambda row: tuple(get(row).int if is_uuid else get(row) for get, is_uuid in pairs)
 
 
-def key_values(table: Table, keys: list[Key]) -> list[list[Any]]:
+def key_values(table: Table, keys: Iterable[Key]) -> list[list[Any]]:
     """``keys`` (of ``table``) as query parameters, one list per key column: each ``uuid``
     column's ints as the UUIDs' hex text, which the driver parses in C."""
-    uuids = [table.column(name).type == "uuid" for name in table.primary_key]
+    uuids = _uuid_columns(table)
     columns: list[list[Any]] = [[] for _ in uuids]
     for key in keys:
         for i, value in enumerate(key):

@@ -218,4 +218,4 @@ def _json_encoded(columns: tuple[int, ...], record: tuple[Any, ...]) -> tuple[An
 async def delete_rows(conn: Connection, schema: str, table: Table, keys: Sequence[Key]) -> None:
     """Delete the rows of ``table`` with these primary keys in one statement."""
     if keys:
-        await conn.execute(delete_sql(schema, table), *key_values(table, list(keys)))
+        await conn.execute(delete_sql(schema, table), *key_values(table, keys))
