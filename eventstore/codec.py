@@ -119,10 +119,10 @@ class ParsedRecord(msgspec.Struct):
     position: Position
     headers: Sequence[tuple[str, bytes]]
     typed: Event | None = None
-    sealed: dict[str, tuple[str, bytes]] = msgspec.field(default_factory=dict)
-    """Field name -> (sealed value, its bytes), read by :func:`needed_subjects`: the base64
-    is decoded once. Keyed by the name, not by the value, which would hash the whole value
-    (a kilobyte for a long message body) for nothing."""
+    sealed: tuple[tuple[str, str, bytes], ...] = ()
+    """(field name, sealed value, its bytes) of each sealed personal value: the base64 is
+    decoded once, by :func:`parse_record` for a ``typed`` record and by :func:`needed_subjects`
+    for a ``payload``; the value is kept to tell whether an upcaster changed it since."""
 
 
 Decoded = RecordedEvent | Skipped
@@ -410,7 +410,8 @@ def parse_record(record: RecordLike, layout: TopicLayout, epoch: int) -> ParsedR
             except msgspec.ValidationError:
                 pass  # a sealed value longer than its plaintext may be: read the JSON object
             else:
-                return ParsedRecord(envelope, cls, None, raw, position, headers, typed)
+                sealed = _read_sealed(typed, cls.personal_fields)
+                return ParsedRecord(envelope, cls, None, raw, position, headers, typed, sealed)
         if cls.personal_fields or envelope.schemaversion != cls.version:
             decoded = _ANY.decode(raw)
             if not isinstance(decoded, dict):
@@ -434,18 +435,38 @@ def _needed_heads(parsed: Iterable[ParsedRecord | Skipped]) -> set[bytes]:
     for item in parsed:
         if not isinstance(item, ParsedRecord):
             continue
-        typed, payload, sealed = item.typed, item.payload, item.sealed
-        if typed is not None or payload is not None:
-            for name in item.cls.personal_fields:
-                value = getattr(typed, name) if payload is None else payload.get(name)
-                if isinstance(value, str):
-                    try:
-                        opened = sealed_bytes(value)
-                    except DecodeError:
-                        continue  # finish() reports the malformed value as poison
-                    sealed[name] = (value, opened)
-                    heads.add(opened[:SUBJECT_BYTES])
+        if item.payload is not None:
+            item.sealed = _read_sealed_payload(item.payload, item.cls.personal_fields)
+        for _, _, opened in item.sealed:
+            heads.add(opened[:SUBJECT_BYTES])
     return heads
+
+
+def _read_sealed(typed: Event, names: tuple[str, ...]) -> tuple[tuple[str, str, bytes], ...]:
+    """The sealed personal values of a typed event, read; :class:`DecodeError` for a value
+    that is not one (the record is poison)."""
+    found: tuple[tuple[str, str, bytes], ...] = ()
+    for name in names:
+        value = getattr(typed, name)
+        if isinstance(value, str):
+            found += ((name, value, sealed_bytes(value)),)
+    return found
+
+
+def _read_sealed_payload(
+    payload: dict[str, Any], names: tuple[str, ...]
+) -> tuple[tuple[str, str, bytes], ...]:
+    """:func:`_read_sealed` of a JSON object, before any upcasting: a malformed value is left
+    for :func:`finish` to report (an upcaster may yet replace it)."""
+    found: tuple[tuple[str, str, bytes], ...] = ()
+    for name in names:
+        value = payload.get(name)
+        if isinstance(value, str):
+            try:
+                found += ((name, value, sealed_bytes(value)),)
+            except DecodeError:
+                continue
+    return found
 
 
 def finish(
@@ -472,12 +493,18 @@ def _finish(parsed: ParsedRecord | Skipped, keys: HeadKeys, upcasters: Upcasters
                 payload = upcasters.upcast(
                     envelope.type, envelope.schemaversion, cls.version, payload
                 )
-            sealed = parsed.sealed
+            read = {name: (value, opened) for name, value, opened in parsed.sealed}
             for name in cls.personal_fields:
                 value = payload.get(name)
                 if isinstance(value, str):
-                    opened = _open(name, value, envelope.id, sealed, keys)
-                    payload[name] = opened if isinstance(opened, str) else {"kind": "erased"}
+                    # Read again if an upcaster changed the value since it was read.
+                    found = read.get(name)
+                    if found is not None and found[0] == value:
+                        raw = found[1]
+                    else:
+                        raw = sealed_bytes(value)
+                    text = unseal_bytes(keys, envelope.id, raw)
+                    payload[name] = text if isinstance(text, str) else {"kind": "erased"}
             event = msgspec.convert(payload, cls)
     except (DecodeError, UpcastError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         EVENTS_SKIPPED.labels("poison", envelope.type[:64]).inc()
@@ -488,36 +515,21 @@ def _finish(parsed: ParsedRecord | Skipped, keys: HeadKeys, upcasters: Upcasters
 
 
 def _unsealed(
-    typed: Event, event_id: uuid.UUID, sealed: dict[str, tuple[str, bytes]], keys: HeadKeys
+    typed: Event, event_id: uuid.UUID, sealed: tuple[tuple[str, str, bytes], ...], keys: HeadKeys
 ) -> Event:
-    """``typed`` with its personal fields unsealed, each plaintext checked against its type."""
+    """``typed`` with its sealed values (read by :func:`_read_sealed`) unsealed, each plaintext
+    checked against its field's type."""
+    if not sealed:
+        return typed
     opened: dict[str, Any] = {}
     plain: dict[str, str] = {}
-    for name in typed.personal_fields:
-        value = getattr(typed, name)
-        if isinstance(value, str):
-            text = _open(name, value, event_id, sealed, keys)
-            opened[name] = text
-            if isinstance(text, str):
-                plain[name] = text
+    for name, _, raw in sealed:
+        text = opened[name] = unseal_bytes(keys, event_id, raw)
+        if isinstance(text, str):
+            plain[name] = text
     if plain:
         msgspec.convert(plain, _PERSONAL[type(typed)])
-    return msgspec.structs.replace(typed, **opened) if opened else typed
-
-
-def _open(
-    name: str,
-    value: str,
-    event_id: uuid.UUID,
-    sealed: dict[str, tuple[str, bytes]],
-    keys: HeadKeys,
-) -> str | Erased:
-    """The sealed ``value`` of field ``name`` unsealed, its base64 decoded by
-    :func:`needed_subjects` if it was (an upcaster may have changed the value since: then the
-    value is read again)."""
-    read = sealed.get(name)
-    raw = read[1] if read is not None and read[0] == value else sealed_bytes(value)
-    return unseal_bytes(keys, event_id, raw)
+    return msgspec.structs.replace(typed, **opened)
 
 
 def _personal_form(cls: type[Event]) -> type[msgspec.Struct]:

@@ -338,6 +338,31 @@ def test_a_body_whose_sealed_form_outgrows_its_limit_still_decodes() -> None:
         assert decoded.event.body == "é" * length
 
 
+@pytest.mark.parametrize(
+    ("sealed", "error"),
+    [
+        ("plain words", "not sealed"),
+        ("pd1:!!!!", "not valid base64"),
+        ("pd1:AAAA", "truncated"),
+        # Past the field's limits: read through the JSON object.
+        ("x" * (MESSAGE_BODY_MAX + 1), "not sealed"),
+        ("pd1:" + "!" * MESSAGE_BODY_MAX, "not valid base64"),
+    ],
+    ids=["plain", "base64", "truncated", "long-plain", "long-base64"],
+)
+def test_a_malformed_sealed_value_is_poison_on_either_path(sealed: str, error: str) -> None:
+    """A personal value that is not a sealed one is poison, whether the record is read straight
+    into its type or (a value past the field's limits) through the JSON object."""
+    record = _with_body("x")
+    payload = msgspec.json.decode(record.value)
+    payload["body"] = sealed
+    record.value = msgspec.json.encode(payload)
+    decoded = read(record)
+    assert isinstance(decoded, Skipped)
+    assert (decoded.reason, decoded.type) == ("poison", "chat.message.sent")
+    assert error in decoded.error
+
+
 def test_a_plaintext_out_of_its_limits_is_poison_on_either_path() -> None:
     """Unsealed values are checked against their type: an empty body (whose sealed form fits the
     limits) and an overlong one (whose sealed form does not) are both refused as poison."""
