@@ -35,7 +35,10 @@ The build passes run in worker processes (``workers``, default: :func:`default_w
 per CPU and one more): the partitions are dealt out by how many records each still has to
 apply, and every worker reads its share with a :class:`~eventstore.LogReader` of its own and
 applies it with a :class:`~projectors.projector.Projector` of its own into the same shadow.
-Decoding is CPU work in Python, so one process cannot use a second core. Workers never claim
+Decoding is CPU work in Python, so one process cannot use a second core. The workers are forked
+from a server process (multiprocessing's fork server) that imported their code once, started
+while the rebuild prepares the shadow: started afresh, each had spent about 0.3 s of CPU on
+imports before its first batch. Workers never claim
 the same partition (offsets are rows per partition); what their batches write is disjoint too
 (user streams write users, sessions and media; a conversation's rows live in its own
 partition), except an erasure, which redacts rows of every table:
@@ -66,11 +69,14 @@ with the *same* bound: records already applied are never taken back).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import multiprocessing
+import multiprocessing.forkserver
 import os
-import sys
+import resource
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from multiprocessing.connection import Connection as ProcessPipe
+from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Final
 
 import msgspec
@@ -280,6 +286,24 @@ async def replay(
         await reader.stop()
 
 
+_FORKS: Final = multiprocessing.get_context("forkserver")
+"""Replay workers are forked from a server process that imported this module once
+(:func:`warm_workers`), not started afresh: a new interpreter spent about 0.3 s of CPU on its
+imports, and three of them half a second of a two-core machine before a replay's first batch."""
+
+
+def warm_workers() -> None:
+    """Start the server that replay workers are forked from, unless it runs: it imports this
+    module (the first time about 0.3 s, blocking). Idempotent; the server lives as long as this
+    process.
+
+    The server also imports the program's main module (guarded code does not run), which
+    every worker would otherwise import again (multiprocessing's "safe importing of the main
+    module"): ``backbone``'s imports its whole command line."""
+    _FORKS.set_forkserver_preload(["__main__", __name__])
+    multiprocessing.forkserver.ensure_running()
+
+
 async def replay_in_workers(
     settings: Settings,
     schema: str,
@@ -289,68 +313,115 @@ async def replay_in_workers(
     *,
     source: SourceSpec | None = None,
     cut: Cut | None = None,
-) -> None:
+) -> float:
     """Apply each share in a worker process of its own (see the module doc), from the stored
     offsets of ``schema`` to the end as of each worker's start (or, with ``source``, that
-    source up to ``cut``); ``on_batch`` as for one process.
+    source up to ``cut``); ``on_batch`` as for one process. Returns the CPU seconds the workers
+    spent, as each counted its own (they are the fork server's children, not this process's).
 
     If any worker fails or this is cancelled, every worker is stopped; what they committed stays
     (a rerun resumes from it).
     """
-    workers = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            "from projectors.rebuild import replay_worker_main; replay_worker_main()",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for _ in shares
-    ]
+    await asyncio.to_thread(warm_workers)
+    workers: list[BaseProcess] = []
+    cpu = 0.0
 
-    async def follow(worker: asyncio.subprocess.Process, share: Sequence[Partition]) -> None:
-        assert worker.stdin is not None
-        assert worker.stdout is not None
+    async def follow(share: Sequence[Partition]) -> None:
+        nonlocal cpu
         job = ReplayShare(settings, schema, [(t, p) for t, p in share], batch, source, cut)
-        # The job travels on stdin, not argv: the settings hold the master keys.
-        worker.stdin.write(msgspec.msgpack.encode(job))
-        await worker.stdin.drain()
-        worker.stdin.close()
-        while line := await worker.stdout.readline():
-            on_batch(int(line))
-        code = await worker.wait()
+        receive, send = _FORKS.Pipe(duplex=False)
+        # The job travels through the fork server's socket, never argv: the settings hold the
+        # master keys.
+        worker = _FORKS.Process(
+            target=replay_worker_main, args=(msgspec.msgpack.encode(job), send), daemon=True
+        )
+        worker.start()
+        workers.append(worker)
+        send.close()  # the worker's end: end of file here once it exits
+        with receive:
+            used = await _follow_worker(receive, on_batch)
+        code = await _exit_code(worker)
         if code != 0:
             raise ReplayWorkerFailed(f"replay worker of {len(share)} partitions exited with {code}")
+        cpu += used
 
+    follows = [asyncio.ensure_future(follow(share)) for share in shares]
     try:
-        await asyncio.gather(*(follow(w, share) for w, share in zip(workers, shares, strict=True)))
+        await asyncio.gather(*follows)
     finally:
+        # The followers first: one waiting on a worker's descriptor would take the wake-up
+        # from the wait below (the event loop keeps one reader per descriptor).
+        for following in follows:
+            following.cancel()
+        await asyncio.gather(*follows, return_exceptions=True)
         for worker in workers:
-            if worker.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.kill()
+            if worker.exitcode is None:
+                worker.kill()
         for worker in workers:
-            await worker.wait()
+            await _exit_code(worker)
+            worker.close()
+    return cpu
 
 
-def replay_worker_main() -> None:
-    """Entry point of a replay worker process: apply the :class:`ReplayShare` read from stdin,
-    printing the record count of every batch applied, one per line."""
-    share = _SHARE.decode(sys.stdin.buffer.read())
-    run_loop(_replay_share(share), bulk=True)
+async def _readable(fd: int) -> None:
+    """Wait until ``fd`` is readable (or at its end)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
-async def _replay_share(share: ReplayShare) -> None:
+async def _follow_worker(receive: ProcessPipe, on_batch: Callable[[int], None]) -> float:
+    """Hand each record count a worker sends to ``on_batch`` until its end closes; the CPU
+    seconds it reported last (0 if it failed first). Each message is a few bytes, written
+    whole: readable means one is there, or the end."""
+    cpu = 0.0
+    while True:
+        await _readable(receive.fileno())
+        try:
+            kind, value = receive.recv()
+        except EOFError:
+            return cpu
+        if kind == "batch":
+            on_batch(value)
+        else:
+            cpu = value
+
+
+async def _exit_code(worker: BaseProcess) -> int:
+    """The exit code of ``worker`` (negative: the signal), once it has exited."""
+    if worker.exitcode is None:
+        await _readable(worker.sentinel)
+        worker.join()
+    assert worker.exitcode is not None
+    return worker.exitcode
+
+
+def replay_worker_main(job: bytes, progress: ProcessPipe) -> None:
+    """A replay worker process (forked from the server of :func:`warm_workers`): apply the
+    :class:`ReplayShare` ``job``, sending ``("batch", records)`` for every batch applied and,
+    once done, ``("cpu", seconds)``: the CPU it spent."""
+    share = _SHARE.decode(job)
+    run_loop(_replay_share(share, lambda count: progress.send(("batch", count))), bulk=True)
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    progress.send(("cpu", used.ru_utime + used.ru_stime))
+
+
+async def _replay_share(share: ReplayShare, report: Callable[[int], None]) -> None:
     store = await EventStore.open(share.settings, with_producer=False, migrate=False)
     async with store:
         projector = Projector(
             store.pool, store.layout, schema=share.schema, caches=None, durable_commits=False
         )
         tune_gc(bulk=True)  # again: what the store opened lives for the whole run
-
-        def report(count: int) -> None:
-            sys.stdout.write(f"{count}\n")
-            sys.stdout.flush()
 
         if share.source is None:
             await replay(store, projector, share.batch, report, partitions=share.partitions)
@@ -423,6 +494,18 @@ class Rebuild:
         Raises :class:`RebuildRunning` if another rebuild holds the lock.
         """
         self._started = time.perf_counter()
+        # Build passes fork their workers from a server that imports their code once: started
+        # now, it does so while the shadow is prepared (replay_in_workers waits for it).
+        warming = (
+            asyncio.ensure_future(asyncio.to_thread(warm_workers)) if self._workers > 1 else None
+        )
+        try:
+            return await self._guarded_run()
+        finally:
+            if warming is not None:
+                await asyncio.gather(warming, return_exceptions=True)
+
+    async def _guarded_run(self) -> RebuildResult:
         async with self._pool.acquire() as guard:
             if not await guard.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK):
                 raise RebuildRunning("another rebuild of this database is running")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import multiprocessing
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +26,9 @@ from projectors.rebuild import (
     Progress,
     Rebuild,
     RebuildRunning,
+    ReplayWorkerFailed,
     goes_parallel,
+    replay_in_workers,
     replay_shares,
     shadow_schema,
     swap_pass_bound,
@@ -411,6 +414,44 @@ async def test_a_failed_checksum_raises_the_database_error_and_frees_its_readers
             await readers.checksum("no_such_model")
     async with world.store.pool.acquire() as conn:
         assert await conn.fetchval("SELECT 1") == 1  # back in the pool, idle
+
+
+async def test_a_failing_replay_worker_fails_the_pass_and_leaves_no_worker(world: World) -> None:
+    """A worker that fails (here: its schema does not exist) fails the pass with its exit code;
+    no worker process is left behind."""
+    await produce(world.store, workload(rooms=4, users=8, messages=200, seed=3)[0])
+    shares = [[p] for p in sorted(await log_end(world.store))[:2]]
+    with pytest.raises(ReplayWorkerFailed, match="exited with 1"):
+        await replay_in_workers(world.store.settings, "no_such_schema", shares, 100, lambda n: None)
+    assert multiprocessing.active_children() == []
+
+
+async def test_a_cancelled_replay_in_workers_stops_every_worker(world: World) -> None:
+    """Cancelling a pass (Ctrl-C on ``backbone replay``) kills its workers: none outlives it,
+    and what they committed stays for a rerun to resume from."""
+    events, _ = workload(rooms=12, users=24, messages=3000, seed=5)
+    await produce(world.store, events)
+    async with world.store.pool.acquire() as conn:
+        await create_schema(conn, "cancelled", build=True)
+    shares = replay_shares(await log_end(world.store), 2)
+    first = asyncio.Event()
+    applied: list[int] = []
+
+    def on_batch(count: int) -> None:
+        applied.append(count)
+        first.set()
+
+    # Batches of 10 records: the pass is far from done when the first one is in.
+    task = asyncio.create_task(
+        replay_in_workers(world.store.settings, "cancelled", shares, 10, on_batch)
+    )
+    await asyncio.wait_for(first.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert multiprocessing.active_children() == []
+    stored = await world.store.pool.fetchval("SELECT sum(next_offset) FROM cancelled.offsets")
+    assert 0 < stored < sum((await log_end(world.store)).values())
 
 
 def test_build_passes_go_to_workers_from_ten_batches_or_200k_records() -> None:

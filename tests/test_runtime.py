@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import io
 import subprocess
 import sys
 import types
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -190,9 +189,11 @@ def test_a_replay_worker_runs_as_a_bulk_worker(monkeypatch: pytest.MonkeyPatch) 
 
     share = object()
     ran: list[tuple[object, bool]] = []
+    sent: list[tuple[str, float]] = []
 
-    async def replay_share(got: object) -> None:
+    async def replay_share(got: object, report: Callable[[int], None]) -> None:
         assert got is share
+        report(7)
 
     def run_loop(main: Coroutine[Any, Any, None], *, bulk: bool = False) -> None:
         asyncio.run(main)
@@ -201,6 +202,9 @@ def test_a_replay_worker_runs_as_a_bulk_worker(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(rebuild, "_SHARE", types.SimpleNamespace(decode=lambda raw: share))
     monkeypatch.setattr(rebuild, "_replay_share", replay_share)
     monkeypatch.setattr(rebuild, "run_loop", run_loop)
-    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"share")))
-    rebuild.replay_worker_main()
+    progress = types.SimpleNamespace(send=sent.append)
+    rebuild.replay_worker_main(b"share", progress)  # type: ignore[arg-type]
     assert ran == [(share, True)]
+    assert sent[0] == ("batch", 7), "each batch's record count goes back to the rebuild"
+    assert sent[1][0] == "cpu", "and, once done, the CPU the worker spent"
+    assert len(sent) == 2

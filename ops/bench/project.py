@@ -249,7 +249,9 @@ async def replay(
 
     With ``workers`` > 1 the partitions are dealt out to that many worker processes, as
     ``backbone replay`` builds its shadow (:func:`projectors.rebuild.replay_in_workers`); the
-    time includes starting them.
+    time includes starting them (forked from a server started before the clock, as the store's
+    connections are opened before it: ``backbone replay`` starts it while it prepares the
+    shadow).
     """
     async with store.pool.acquire() as conn:
         await create_schema(conn, schema, build=True)
@@ -263,6 +265,8 @@ async def replay(
     # collect as a replay worker does (bulk: with the server's thresholds, a one-process replay
     # spent a fifth of its time in young collections).
     tune_gc(bulk=True)
+    if workers > 1:
+        await asyncio.to_thread(rebuild.warm_workers)
 
     def children_cpu() -> float:
         used = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -274,7 +278,7 @@ async def replay(
         if workers > 1:
             ends = await rebuild.log_ends(store)
             shares = rebuild.replay_shares({p: end for p, end in ends.items() if end}, workers)
-            await rebuild.replay_in_workers(store.settings, schema, shares, batch, count)
+            python += await rebuild.replay_in_workers(store.settings, schema, shares, batch, count)
         else:
             projector = Projector(
                 store.pool, store.layout, schema=schema, caches=None, durable_commits=False
