@@ -249,9 +249,9 @@ async def replay(
 
     With ``workers`` > 1 the partitions are dealt out to that many worker processes, as
     ``backbone replay`` builds its shadow (:func:`projectors.rebuild.replay_in_workers`); the
-    time includes starting them (forked from a server started before the clock, as the store's
-    connections are opened before it: ``backbone replay`` starts it while it prepares the
-    shadow).
+    time includes starting them. They fork from a server that the first round starts (and
+    whose imports it waits for); later rounds fork from the same server, as the passes of one
+    ``backbone replay`` do.
     """
     async with store.pool.acquire() as conn:
         await create_schema(conn, schema, build=True)
@@ -265,8 +265,6 @@ async def replay(
     # collect as a replay worker does (bulk: with the server's thresholds, a one-process replay
     # spent a fifth of its time in young collections).
     tune_gc(bulk=True)
-    if workers > 1:
-        await asyncio.to_thread(rebuild.warm_workers)
 
     def children_cpu() -> float:
         used = resource.getrusage(resource.RUSAGE_CHILDREN)
