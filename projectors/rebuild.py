@@ -115,8 +115,9 @@ from projectors.sources import (
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-# Every replay worker process imports this module: the Redis client (a fifth of a second of CPU
-# to import) is loaded only where caches are rebuilt, as aiohttp only where a tier serves HTTP.
+# Replay workers fork from a server that imports this module: the Redis client (a fifth of a
+# second of CPU to import) is loaded only where caches are rebuilt, as aiohttp only where a tier
+# serves HTTP.
 
 log = structlog.get_logger(__name__)
 
@@ -124,7 +125,8 @@ log = structlog.get_logger(__name__)
 _REBUILD_LOCK: Final = 0x72656275696C6421
 _VERSION_COMMENT: Final = f"backbone read model v{READ_MODEL_VERSION}"
 # A build pass goes to worker processes from this many batches of records to apply, or from
-# _PARALLEL_RECORDS records if that is fewer (starting the workers costs about a second).
+# _PARALLEL_RECORDS records if that is fewer (each worker opens connections and a reader of its
+# own, and reads a batch ahead).
 _PARALLEL_BATCHES: Final = 10
 _PARALLEL_RECORDS: Final = 200_000
 # Build passes go on until one finds fewer records than a batch or than this, whichever is
@@ -621,8 +623,8 @@ class Rebuild:
             self._applied += count
             self._report(phase)
 
-        # Starting the workers costs about a second: only a long pass is worth it (and short
-        # passes while writes go on must stay short, or they would never get below a batch).
+        # Workers cost a start (connections and a reader each): only a long pass is worth it (and
+        # short passes while writes go on must stay short, or they would never get below a batch).
         if phase == "build" and self._workers > 1 and goes_parallel(remaining, self._batch):
             await replay_in_workers(
                 self._store.settings,

@@ -455,8 +455,8 @@ async def test_a_cancelled_replay_in_workers_stops_every_worker(world: World) ->
 
 
 def test_build_passes_go_to_workers_from_ten_batches_or_200k_records() -> None:
-    """Starting workers costs about a second: small passes stay in the rebuilding process. With
-    the default batch (100,000 records), a pass of 200,000 records is already worth workers."""
+    """Workers cost a start (connections, a reader): small passes stay in the rebuilding process.
+    With the default batch (100,000 records), a pass of 200,000 records is already worth workers."""
     assert goes_parallel({("c", 0): 999, ("c", 1): 1}, batch=100)
     assert not goes_parallel({("c", 0): 998, ("c", 1): 1}, batch=100)
     assert goes_parallel({("c", 0): 150_000, ("c", 1): 50_000}, batch=REPLAY_BATCH)
