@@ -32,11 +32,13 @@ log = structlog.get_logger(__name__)
 class Projector:
     """Applies batches to ``schema`` (and to ``caches`` unless ``None``, e.g. a shadow build).
 
-    ``durable_commits=False`` (shadow builds) commits without waiting for the WAL flush. That
-    is safe where nothing outside the schema depends on a commit: rows and offsets commit
-    together, so a crash can only lose a suffix of batches as a whole, which the next run
-    applies again from the stored offsets. The swap that publishes the schema commits durably
-    (and so flushes everything before it).
+    ``durable_commits=False`` (the live worker, shadow builds) commits without waiting for the
+    WAL flush. The log is the record and the read model is derived from it: rows and offsets
+    commit together, so a crash of PostgreSQL can only lose a suffix of batches as a whole,
+    offsets included, which the worker applies again from the offsets that survived (a worker
+    still running meets the older offsets as :class:`PositionsMoved` and seeks back). The
+    caches were written before those commits, as before any commit, and take the same writes
+    again. A shadow's swap commits durably (and so flushes everything before it).
     """
 
     def __init__(
