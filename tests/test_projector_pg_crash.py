@@ -105,13 +105,15 @@ class OwnPostgres:
         os.kill(found[0], signal.SIGSTOP)
 
     def crash(self) -> None:
-        """SIGKILL every process of the server, the postmaster first: no shutdown, no
-        checkpoint, and the WAL still in its shared memory is gone (what the OS had been given
-        survives). Each child leads a process group of its own: they are killed one by one."""
+        """Stop every process of the server, then SIGKILL them: no shutdown, no checkpoint, and
+        the WAL still in its shared memory is gone (what the OS had been given survives). All
+        are stopped first, so that none of them reacts to another's death (each child leads a
+        process group of its own: they are signalled one by one)."""
         processes = list(self.processes())
-        for pid in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         assert not wait_gone(processes, 10.0), "every process of the server is gone"
 
     def remove(self) -> None:
@@ -126,7 +128,7 @@ class OwnPostgres:
 def parent_of(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])
 
@@ -159,12 +161,14 @@ async def flush_the_wal(server: OwnPostgres) -> None:
     """Commit a transaction that waits for the WAL flush, which flushes every commit before it.
 
     It must write WAL of its own: PostgreSQL commits a transaction that wrote none (one that
-    only took a transaction id, say) without waiting for the flush. A temporary table's
-    catalog rows are WAL-logged."""
+    only took a transaction id, say) without waiting for the flush. A table of the test's own
+    takes a row; not a temporary table, whose removal when the session ends is a commit too,
+    which can land later, among the commits the test means to lose."""
     conn = await asyncpg.connect(server.dsn)
     try:
         await conn.execute("SET synchronous_commit TO on")
-        await conn.execute("CREATE TEMPORARY TABLE flush_the_wal ()")
+        await conn.execute("CREATE TABLE IF NOT EXISTS wal_flushes (at timestamptz)")
+        await conn.execute("INSERT INTO wal_flushes VALUES (now())")
     finally:
         await conn.close()
 
@@ -177,8 +181,9 @@ async def test_postgresql_crashes_take_back_whole_batches_which_the_worker_appli
     readers see; the crash takes those back, and only those (the model restarts between the two
     marks). The worker, idle meanwhile, lives through it: at its next batch the stored offsets
     are behind its own, it seeks back to them and applies the lost events again. The other two
-    crashes land at random points while the worker applies, and end it. In the end every
-    message is applied once and the model equals a clean single pass."""
+    crashes land at random points of the two halves of the rest, each appended while the worker
+    waits so that it is busy when the crash comes, and end it. In the end every message is
+    applied once and the model equals a clean single pass."""
     server = own_postgres
     settings = msgspec.structs.replace(
         await fresh_topics(base_settings, user_partitions=2, conversation_partitions=4),
@@ -219,16 +224,26 @@ async def test_postgresql_crashes_take_back_whole_batches_which_the_worker_appli
             f"the crash took back the commits after the flush, and only those: "
             f"{flushed} <= {recovered} < {visible}"
         )
-        async with await EventStore.open(settings) as store:
-            await produce(store, events[second:])
-            end = await log_end(store)
-        await reached(visible)  # the lost events applied again
+        # The rest comes in two halves, a crash at a random point of each while the worker
+        # applies it. Each half is appended while the worker waits (paused, or not started
+        # again yet), so that it is thousands of events from the end when the crash comes.
         assert worker.proc is not None
-        assert worker.proc.returncode is None, "the worker lived through the crash"
-        assert b"reader.positions_moved" in worker.log.read_bytes()
-        for _ in range(2):
-            target = min(end - 1, await applied_on(server) + rng.randint(2000, 6000))
-            await reached(target)
+        worker.proc.send_signal(signal.SIGSTOP)
+        half = (len(events) + second) // 2
+        for number, part in enumerate((events[second:half], events[half:])):
+            async with await EventStore.open(settings) as store:
+                start = await log_end(store)
+                await produce(store, part)
+                end = await log_end(store)
+            assert end - start > 10_000
+            if number == 0:
+                worker.proc.send_signal(signal.SIGCONT)
+                await reached(visible)  # at its next batch, the lost events applied again
+                assert worker.proc.returncode is None, "the worker lived through the crash"
+                assert b"reader.positions_moved" in worker.log.read_bytes()
+            else:
+                await worker.start()
+            await reached(start + rng.randint(1000, 5000))
             await asyncio.sleep(rng.uniform(0, 0.05))  # land anywhere inside a batch
             server.crash()
             # Cut off mid-batch (or at its next one), the worker exits non-zero; its
@@ -236,11 +251,12 @@ async def test_postgresql_crashes_take_back_whole_batches_which_the_worker_appli
             async with asyncio.timeout(60):
                 assert await worker.proc.wait() != 0
             await server.start()
-            await worker.start()
+        await worker.start()
         await wait_for(lambda: applied(end), 120, "the worker applied the whole log")
         assert await worker.stop() == 0
     finally:
         if worker.proc is not None and worker.proc.returncode is None:
+            worker.proc.send_signal(signal.SIGCONT)
             await worker.kill()
     async with await EventStore.open(settings) as store:
         counted = await store.pool.fetchrow(
