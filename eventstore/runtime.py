@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import types
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -33,24 +34,52 @@ log = structlog.get_logger(__name__)
 
 
 def configure_logging(level: str | None = None) -> None:
-    """structlog JSON lines on stderr, with context variables (the request id) merged in."""
+    """JSON lines on stderr, one per event: structlog's own, with context variables (the request
+    id) merged in, and the libraries' standard-library records (asyncpg, aiokafka, aiohttp)
+    rendered the same way, with the name of their logger (a traceback is a field of the line,
+    not lines of its own). The libraries log warnings and errors only, unless ``debug`` is
+    asked for: their ``info`` records narrate routine steps (a consumer group's every
+    rebalance). An exception that ends the process is logged as an ``uncaught`` event too.
+    """
     name = (level or os.environ.get("BACKBONE_LOG_LEVEL", "info")).upper()
     numeric = logging.getLevelName(name)
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    render: list[structlog.typing.Processor] = [
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(),
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, *render],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, traceback: types.TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    log.critical("uncaught", exc_info=(kind, value, traceback))
 
 
 SERVER_GC: Final = (50_000, 20, 50)

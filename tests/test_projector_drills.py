@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from eventstore import EventStore, Pool, Settings, create_pool
+from eventstore.runtime import NICE_ENV
 from projectors.checksum import checksum
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA
@@ -103,13 +104,14 @@ async def log_end(store: EventStore) -> int:
 class Worker:
     """One ``python -m projectors`` process against ``settings``."""
 
-    def __init__(self, settings: Settings, log: Path, index: int = 0) -> None:
+    def __init__(self, settings: Settings, log: Path, index: int = 0, nice: int = 0) -> None:
         self.port = free_port()
         self._env = {
             **os.environ,
             **settings_env(settings),
             "BACKBONE_WORKER_INDEX": str(index),
             "BACKBONE_PROJECTOR_METRICS_PORT": str(self.port),
+            NICE_ENV: str(nice),
         }
         self.log = log
         self.proc: asyncio.subprocess.Process | None = None
@@ -203,6 +205,25 @@ async def assert_equals_clean_replay(settings: Settings, store: EventStore) -> N
             assert await checksum(live, LIVE_SCHEMA) == await checksum(replay, LIVE_SCHEMA)
     finally:
         await pool.close()
+
+
+async def test_a_worker_runs_as_a_tier_at_the_niceness_it_is_given(
+    drill: tuple[Settings, EventStore], tmp_path: Path
+) -> None:
+    """``backbone up`` asks the projectors to yield the CPU to the tiers clients wait on
+    (``BACKBONE_NICE``): the worker's process runs at that niceness, as every tier started
+    through :func:`eventstore.runtime.run` does."""
+    settings, _ = drill
+    worker = Worker(settings, tmp_path / "projector.log", nice=7)
+    try:
+        await worker.start()
+        await worker.serving()
+        assert worker.proc is not None
+        assert os.getpriority(os.PRIO_PROCESS, worker.proc.pid) == 7
+        assert await worker.stop() == 0
+    finally:
+        if worker.proc is not None and worker.proc.returncode is None:
+            await worker.kill()
 
 
 async def test_sigkill_at_random_points_neither_loses_nor_repeats_an_event(
@@ -371,8 +392,11 @@ async def test_a_worker_frozen_past_its_session_is_replaced_and_rejoins(
         async with asyncio.timeout(60):
             assert await first.proc.wait() != 0
         # asyncpg words it by where the worker stood ("the underlying connection is closed",
-        # or another operation "in progress" on it): either way a database error ended it.
-        assert b"asyncpg.exceptions" in first.log.read_bytes().rsplit(b"Traceback", 1)[-1]
+        # or another operation "in progress" on it): either way a database error ended it,
+        # logged as the worker's last event.
+        last = json.loads(first.log.read_bytes().splitlines()[-1])
+        assert last["event"] == "uncaught"
+        assert "asyncpg.exceptions." in last["exception"].splitlines()[-1]
         assert await applied_total(store.pool) == end, "nothing applied twice meanwhile"
         before = len(first.assignments())
         await first.start()  # as the supervisor does

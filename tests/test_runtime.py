@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import subprocess
 import sys
 import types
@@ -208,3 +209,39 @@ def test_a_replay_worker_runs_as_a_bulk_worker(monkeypatch: pytest.MonkeyPatch) 
     assert sent[0] == ("batch", 7), "each batch's record count goes back to the rebuild"
     assert sent[1][0] == "cpu", "and, once done, the CPU the worker spent"
     assert len(sent) == 2
+
+
+_LOGGING_PROGRAM = """
+import logging, structlog
+from eventstore.runtime import configure_logging
+configure_logging()
+structlog.get_logger("tier").info("tier.started", port=1)
+logging.getLogger("asyncpg.pool").info("routine narration")
+try:
+    raise OSError("connection refused")
+except OSError:
+    logging.getLogger("asyncpg.pool").warning("Failed to connect; retrying", exc_info=True)
+raise RuntimeError("the end")
+"""
+
+
+def test_every_log_line_is_a_json_event_library_records_and_an_uncaught_exception_too() -> None:
+    """A tier's stderr is one JSON object a line: its own events; a library's warning with its
+    logger's name and its traceback as a field (the library's routine ``info`` left out); and
+    the exception that ends the process, as an ``uncaught`` event (exit code 1 as before)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOGGING_PROGRAM], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["event"], line["level"]) for line in lines] == [
+        ("tier.started", "info"),
+        ("Failed to connect; retrying", "warning"),
+        ("uncaught", "critical"),
+    ]
+    started, warned, uncaught = lines
+    assert started["port"] == 1
+    assert "timestamp" in started
+    assert warned["logger"] == "asyncpg.pool"
+    assert warned["exception"].endswith("OSError: connection refused")
+    assert uncaught["exception"].endswith("RuntimeError: the end")
