@@ -212,7 +212,9 @@ async def add_member(request: web.Request) -> web.Response:
         raise ProblemError("forbidden", "only an owner adds admins")
     if body.user_id not in await active_users(request, [body.user_id]):
         raise ProblemError("not-found", "no such user")
-    if await request.app[READ].member_role_db(conversation_id, body.user_id) is not None:
+    # The cache first: the projector writes it before it commits a batch, so a member added a
+    # moment ago may be there (and post through it) before the row is; they are a member then.
+    if await request.app[READ].member_role(conversation_id, body.user_id) is not None:
         raise ProblemError("conflict", "already a member")
     event = MemberJoined(
         conversation_id=conversation_id,

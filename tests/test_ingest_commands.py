@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from eventstore import Position, Settings
 from ingest.app import KEYS, create_app
+from projectors.read.contract import members_key
 from tests.system_fixtures import Api, Reply, System, User, running_system
 
 
@@ -350,3 +351,42 @@ async def test_a_role_refusal_waits_for_the_read_model(base_settings: Settings) 
             "POST", members, token=member.access, json={"user_id": str(other.user_id)}
         )
         assert refused.status == 403
+
+
+async def test_adding_a_member_the_membership_cache_already_holds_is_a_conflict(
+    system: System,
+) -> None:
+    """The projector writes its caches before it commits a batch: a member added a moment ago
+    may be in the membership cache, and post through it, before PostgreSQL has their row.
+    Adding them again then is refused as it is once the row is there, and appends nothing."""
+    api = system.api
+    owner, newcomer = await api.user(), await api.user()
+    created = await api.call("POST", "/v1/conversations", token=owner.access, json={"name": "r"})
+    assert created.status == 201, created.body
+    cid, position = created.body["conversation_id"], created.body["position"]
+    shown = await api.call(
+        "GET", f"/v1/conversations/{cid}?min_position={position}", token=owner.access
+    )
+    assert shown.status == 200  # projected: the projector will not write this hash again
+    # What the projector leaves between the cache write of the newcomer's join and its commit:
+    await system.redis.hset(
+        members_key(system.settings.topic_prefix, cid), str(newcomer.user_id), "member"
+    )
+
+    async def log_end() -> int:
+        async with system.store.reader() as reader:
+            return sum((await reader.end_offsets()).values())
+
+    before = await log_end()
+    again = await api.call(
+        "POST",
+        f"/v1/conversations/{cid}/members",
+        token=owner.access,
+        json={"user_id": str(newcomer.user_id)},
+    )
+    assert again.status == 409, again.body
+    assert (again.body["type"], again.body["detail"]) == (
+        "urn:backbone:problem:conflict",
+        "already a member",
+    )
+    assert await log_end() == before
