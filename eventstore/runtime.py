@@ -33,6 +33,9 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 
+_HANDLER_NAME: Final = "backbone"
+
+
 def configure_logging(level: str | None = None) -> None:
     """JSON lines on stderr, one per event: structlog's own, with context variables (the request
     id) merged in, and the libraries' standard-library records (asyncpg, aiokafka, aiohttp)
@@ -61,8 +64,11 @@ def configure_logging(level: str | None = None) -> None:
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
         )
     )
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Ours replaces ours (a second call); a handler someone else installed (a test runner's
+    # capture) stays.
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
     structlog.configure(
         processors=[*shared, *render],

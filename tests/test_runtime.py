@@ -215,6 +215,7 @@ _LOGGING_PROGRAM = """
 import logging, structlog
 from eventstore.runtime import configure_logging
 configure_logging()
+configure_logging()  # a second call replaces its own handler: still one line a record
 structlog.get_logger("tier").info("tier.started", port=1)
 logging.getLogger("asyncpg.pool").info("routine narration")
 try:
