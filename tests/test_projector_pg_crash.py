@@ -26,7 +26,7 @@ import pytest
 from eventstore import EventStore, Settings
 from ops.provision import migrate_all
 from ops.stack.postgres import PART, Postgres, dsn
-from ops.stack.process import cmdline, wait_gone
+from ops.stack.process import cmdline, poll, wait_gone
 from ops.stack.state import StateStore
 from tests.store_fixtures import fresh_topics
 from tests.test_projector_drills import (
@@ -118,6 +118,11 @@ class OwnPostgres:
 
     def remove(self) -> None:
         """Stop the server and delete its cluster (which may live outside the data dir)."""
+        _, pid = self._record()
+        if pid is not None and poll(pid).alive:  # a test failed with its WAL writer frozen,
+            for process in self.processes():  # which a shutdown would leave behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGCONT)
         self.server.stop()
         home = self.server.home()
         if home.parent.name.startswith("backbone-stack-"):  # the /var/tmp fallback
