@@ -79,6 +79,12 @@ def configure_logging(level: str | None = None) -> None:
     sys.excepthook = _log_uncaught
 
 
+def log_failure(tier: str, error: Exception) -> None:
+    """A tier's last event when it cannot start or go on (a bad setting, a server it cannot
+    reach): ``<tier>.failed`` with the error's message, which names what to fix."""
+    log.error(f"{tier}.failed", error=str(error))
+
+
 def _log_uncaught(
     kind: type[BaseException], value: BaseException, traceback: types.TracebackType | None
 ) -> None:

@@ -16,7 +16,7 @@ import sys
 import structlog
 
 from eventstore import EventStoreError, load_settings
-from eventstore.runtime import configure_logging, run
+from eventstore.runtime import configure_logging, log_failure, run
 from fanout.config import FanoutConfig, load_fanout_config
 from fanout.node import FanoutNode
 
@@ -59,7 +59,7 @@ def main() -> int:
         log.info("fanout.open_files", limit=raise_open_files())
         run(serve(config))
     except EventStoreError as exc:
-        print(f"fanout: {exc}", file=sys.stderr)
+        log_failure("fanout", exc)
         return 1
     return 0
 

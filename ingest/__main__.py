@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from eventstore import EventStoreError, load_settings
-from eventstore.runtime import configure_logging, run
+from eventstore.runtime import configure_logging, log_failure, run
 from ingest.app import create_app
 from ingest.config import IngestConfig, load_ingest_config
 
@@ -46,7 +46,7 @@ def main() -> int:
         config = load_ingest_config()
         run(serve(config))
     except EventStoreError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
+        log_failure("ingest", exc)
         return 1
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from eventstore import EventStoreError, load_settings
-from eventstore.runtime import configure_logging, run
+from eventstore.runtime import configure_logging, log_failure, run
 from projectors import worker
 
 
@@ -14,12 +14,12 @@ def main() -> int:
     try:
         settings = load_settings()
     except EventStoreError as exc:
-        print(f"projectors: {exc}", file=sys.stderr)
+        log_failure("projectors", exc)
         return 2
     try:
         run(worker.run(settings))
     except EventStoreError as exc:
-        print(f"projectors: {exc}", file=sys.stderr)
+        log_failure("projectors", exc)
         return 1
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import subprocess
 import sys
 import types
@@ -246,3 +247,29 @@ def test_every_log_line_is_a_json_event_library_records_and_an_uncaught_exceptio
     assert warned["logger"] == "asyncpg.pool"
     assert warned["exception"].endswith("OSError: connection refused")
     assert uncaught["exception"].endswith("RuntimeError: the end")
+
+
+@pytest.mark.parametrize(
+    ("module", "tier"),
+    [
+        ("ingest", "ingest"),
+        ("fanout", "fanout"),
+        ("projectors", "projectors"),
+        ("ops.archiver", "archiver"),
+    ],
+)
+def test_a_tier_that_cannot_start_says_why_in_one_json_event(module: str, tier: str) -> None:
+    """A bad setting stops every tier at start with one event, ``<tier>.failed``, whose error
+    names the variable, its last, and a non-zero exit code for its supervisor."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKBONE_")}
+    env["BACKBONE_USER_PARTITIONS"] = "many"
+    done = subprocess.run(
+        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # JSON, every one
+    assert [(line["event"], line["level"]) for line in lines if line["level"] != "info"] == [
+        (f"{tier}.failed", "error")
+    ]
+    assert lines[-1]["event"] == f"{tier}.failed"
+    assert "BACKBONE_" in lines[-1]["error"]

@@ -7,7 +7,7 @@ import sys
 
 from eventstore import EventStoreError, load_settings
 from eventstore.archive import ArchiveConfig
-from eventstore.runtime import configure_logging
+from eventstore.runtime import configure_logging, log_failure
 from eventstore.runtime import run as run_loop
 from ops.archiver.worker import run
 
@@ -18,13 +18,13 @@ def main() -> int:
         settings = load_settings()
         config = ArchiveConfig.from_env(settings, os.environ)
     except EventStoreError as exc:
-        print(f"archiver: {exc}", file=sys.stderr)
+        log_failure("archiver", exc)
         return 2
     try:
         # Throughput is all an archiver is for: it collects garbage as a bulk worker does.
         run_loop(run(settings, config), bulk=True)
     except EventStoreError as exc:
-        print(f"archiver: {exc}", file=sys.stderr)
+        log_failure("archiver", exc)
         return 1
     return 0
 
