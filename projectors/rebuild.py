@@ -296,9 +296,10 @@ imports, and three of them half a second of a two-core machine before a replay's
 
 def warm_workers() -> None:
     """Start the server that replay workers are forked from, unless it runs (idempotent; it
-    lives as long as this process). Returns at once: the server imports this module meanwhile
-    (about 0.3 s of CPU), and the first fork waits for it. Three workers then fork and start in
-    about 20 ms, where three interpreters started afresh took half a second to import.
+    lives as long as this process). Returns at once (starting it takes a few milliseconds):
+    the server imports this module meanwhile (about 0.3 s of CPU), and the first fork waits
+    for it. Three workers then fork and start in about 20 ms, where three interpreters started
+    afresh took half a second to import.
 
     The server also imports the program's main module (guarded code does not run), which
     every worker would otherwise import again (multiprocessing's "safe importing of the main
@@ -325,7 +326,7 @@ async def replay_in_workers(
     If any worker fails or this is cancelled, every worker is stopped; what they committed stays
     (a rerun resumes from it).
     """
-    await asyncio.to_thread(warm_workers)
+    warm_workers()  # a few milliseconds, and none once the server runs
     workers: list[BaseProcess] = []
     cpu = 0.0
 
@@ -497,18 +498,10 @@ class Rebuild:
         Raises :class:`RebuildRunning` if another rebuild holds the lock.
         """
         self._started = time.perf_counter()
-        # Build passes fork their workers from a server that imports their code once: started
-        # now, it does so while the shadow is prepared (replay_in_workers waits for it).
-        warming = (
-            asyncio.ensure_future(asyncio.to_thread(warm_workers)) if self._workers > 1 else None
-        )
-        try:
-            return await self._guarded_run()
-        finally:
-            if warming is not None:
-                await asyncio.gather(warming, return_exceptions=True)
-
-    async def _guarded_run(self) -> RebuildResult:
+        if self._workers > 1:
+            # Build passes fork their workers from a server that imports their code once:
+            # started now (a few milliseconds), it imports while the shadow is prepared.
+            warm_workers()
         async with self._pool.acquire() as guard:
             if not await guard.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK):
                 raise RebuildRunning("another rebuild of this database is running")
