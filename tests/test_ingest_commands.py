@@ -11,6 +11,7 @@ from eventstore import Position, Settings
 from ingest.app import KEYS, create_app
 from projectors.read.contract import members_key
 from tests.system_fixtures import Api, Reply, System, User, running_system
+from tests.test_projector_support import log_end
 
 
 async def group(api: Api, owner: User, *members: User, name: str = "room") -> str:
@@ -373,11 +374,7 @@ async def test_adding_a_member_the_membership_cache_already_holds_is_a_conflict(
         members_key(system.settings.topic_prefix, cid), str(newcomer.user_id), "member"
     )
 
-    async def log_end() -> int:
-        async with system.store.reader() as reader:
-            return sum((await reader.end_offsets()).values())
-
-    before = await log_end()
+    before = await log_end(system.store)
     again = await api.call(
         "POST",
         f"/v1/conversations/{cid}/members",
@@ -389,4 +386,4 @@ async def test_adding_a_member_the_membership_cache_already_holds_is_a_conflict(
         "urn:backbone:problem:conflict",
         "already a member",
     )
-    assert await log_end() == before
+    assert await log_end(system.store) == before

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from eventstore import EventStore, Pool, Settings, create_pool
@@ -39,6 +40,7 @@ from tests.store_fixtures import fresh_database, isolated
 from tests.test_projector_support import (
     catch_up,
     group,
+    log_end,
     message,
     register,
     settings_env,
@@ -90,15 +92,11 @@ async def produce(store: EventStore, events: list[Event], chunk: int = 2000) -> 
         await store.producer.append(events[start : start + chunk])
 
 
-async def applied_total(pool: Pool) -> int:
+async def applied_total(pool: Pool | asyncpg.Connection) -> int:
+    """The events the read model holds: the sum of its stored offsets."""
     if not await pool.fetchval("SELECT to_regclass('chat.offsets') IS NOT NULL"):
         return 0
     return int(await pool.fetchval("SELECT coalesce(sum(next_offset), 0) FROM chat.offsets"))
-
-
-async def log_end(store: EventStore) -> int:
-    async with store.reader() as reader:
-        return sum((await reader.end_offsets()).values())
 
 
 class Worker:

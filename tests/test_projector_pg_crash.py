@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 from eventstore import EventStore, Settings
+from ops.bench.cores import descendants
 from ops.provision import migrate_all
 from ops.stack.postgres import PART, Postgres, dsn
 from ops.stack.process import cmdline, poll, wait_gone
@@ -31,12 +32,12 @@ from ops.stack.state import StateStore
 from tests.store_fixtures import fresh_topics
 from tests.test_projector_drills import (
     Worker,
+    applied_total,
     assert_equals_clean_replay,
-    log_end,
     produce,
     workload,
 )
-from tests.test_projector_support import wait_for
+from tests.test_projector_support import log_end, wait_for
 
 pytestmark = pytest.mark.fault
 
@@ -82,25 +83,16 @@ class OwnPostgres:
 
         await wait_for(applied, 30, f"the server applied {settings}")
 
-    def processes(self) -> dict[int, str]:
-        """The server's processes (the postmaster, then its children), with their commands."""
+    def processes(self) -> set[int]:
+        """The server's processes: the postmaster and every process below it."""
         _, postmaster = self._record()
         assert postmaster is not None
-        children = {
-            pid: cmdline(pid)
-            for pid in (
-                int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
-            )
-            if parent_of(pid) == postmaster
-        }
-        return {postmaster: cmdline(postmaster), **children}
+        return descendants([postmaster])
 
     def freeze_wal_writer(self) -> None:
         """SIGSTOP the WAL writer: an asynchronous commit then stays in PostgreSQL's memory
         (nothing else writes it out here: autovacuum is off and no other session commits)."""
-        found = [
-            pid for pid, argv in self.processes().items() if argv.startswith("postgres: walwriter")
-        ]
+        found = [pid for pid in self.processes() if cmdline(pid).startswith("postgres: walwriter")]
         assert len(found) == 1, "the server runs one WAL writer"
         os.kill(found[0], signal.SIGSTOP)
 
@@ -130,14 +122,6 @@ class OwnPostgres:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
 @pytest.fixture
 async def own_postgres(tmp_path: Path) -> AsyncIterator[OwnPostgres]:
     server = OwnPostgres(tmp_path / "own-stack")
@@ -151,13 +135,11 @@ async def own_postgres(tmp_path: Path) -> AsyncIterator[OwnPostgres]:
 
 
 async def applied_on(server: OwnPostgres) -> int:
-    """The events the read model holds (the sum of its stored offsets), on a new connection:
-    the pools of the processes the server's crashes cut off are not trusted."""
+    """:func:`applied_total` on a new connection: the pools of the processes the server's
+    crashes cut off are not trusted."""
     conn = await asyncpg.connect(server.dsn)
     try:
-        if not await conn.fetchval("SELECT to_regclass('chat.offsets') IS NOT NULL"):
-            return 0
-        return int(await conn.fetchval("SELECT coalesce(sum(next_offset), 0) FROM chat.offsets"))
+        return await applied_total(conn)
     finally:
         await conn.close()
 

@@ -122,6 +122,12 @@ def message(room: uuid.UUID, sender: uuid.UUID, body: str, mid: uuid.UUID | None
     )
 
 
+async def log_end(store: EventStore) -> int:
+    """How many records the store's topics hold (the sum of their partitions' end offsets)."""
+    async with store.reader() as reader:
+        return sum((await reader.end_offsets()).values())
+
+
 async def wait_for(condition: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
     """Poll ``condition()`` until it holds; fail naming ``what`` after ``within`` seconds."""
     loop = asyncio.get_running_loop()
