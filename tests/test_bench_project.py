@@ -95,6 +95,42 @@ def test_a_group_cpu_meter_counts_processes_that_exit_within_it(tmp_path: Path) 
     assert 0 < meter.own_seconds < spent
 
 
+_FORKS_AND_WAITS = """
+import os, sys
+for _ in range(4):
+    child = os.fork()
+    if child == 0:
+        sum(range(6_000_000))
+        os._exit(0)
+    os.waitpid(child, 0)
+print("done", flush=True)
+sys.stdin.read()  # alive until the test lets it go, as a postmaster outlives its backends
+"""
+
+
+def test_a_group_cpu_meter_counts_members_that_live_between_two_readings(tmp_path: Path) -> None:
+    """A PostgreSQL backend may start, work and exit between two readings (a replay worker's
+    connection, in a short round): its time is counted through the member that waited for
+    it, as the postmaster does for its backends."""
+    burner = tmp_path / "burnmeter"
+    burner.symlink_to(sys.executable)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with GroupCpuMeter(lambda name: name == "burnmeter", interval=30) as meter:
+        parent = subprocess.Popen(
+            [str(burner), "-c", _FORKS_AND_WAITS],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert parent.stdout is not None
+        assert parent.stdout.readline() == "done\n"
+    parent.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spent = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert spent > 0.2  # the forked members' work, most of it
+    assert spent - 0.05 <= meter.seconds <= spent + 0.02
+
+
 def test_bench_project_refuses_zero_rounds(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stopped:
         main(["bench", "project", "--rounds", "0"])

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -116,25 +116,38 @@ class CpuMeter:
         self._start = self._seconds()
 
     def _seconds(self) -> float:
-        return _cpu_ticks(self._stat.read_text()) / os.sysconf("SC_CLK_TCK")
+        return _reading(self._stat.read_text()).own / os.sysconf("SC_CLK_TCK")
 
     def per(self, units: int) -> float:
         """Microseconds of CPU per unit (request, event) since this meter was made."""
         return round((self._seconds() - self._start) / max(1, units) * 1e6, 1)
 
 
-def _cpu_ticks(stat: str) -> int:
-    # Fields 14 and 15 (utime, stime), in clock ticks; the command name may hold spaces.
+class _Reading(NamedTuple):
+    """One process's ``stat``: its parent, its own CPU and its reaped children's, in ticks."""
+
+    parent: int
+    own: int
+    children: int
+
+
+def _reading(stat: str) -> _Reading:
+    # Fields 4 (ppid), 14 and 15 (utime, stime), 16 and 17 (cutime, cstime: the children it has
+    # waited for); the command name before them may hold spaces.
     fields = stat.rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])
+    own, children = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+    return _Reading(int(fields[1]), own, children)
 
 
 class GroupCpuMeter:
     """CPU seconds that a group of processes spends while it runs (a ``with`` block), processes
     that start or exit meanwhile included: PostgreSQL's backends come and go with connections,
     and an exited process's time would vanish from a reading at the end. ``member`` picks the
-    processes by command name; a thread reads them every ``interval`` seconds and keeps each
-    one's last reading, so a process's last ``interval`` before it exits may be missed.
+    processes by command name; a thread reads them every ``interval`` seconds. A member that
+    exits is counted whole through its parent when the parent is a member that waited for it
+    (a backend through the postmaster), however briefly it lived (a replay worker's connections
+    can come and go between two readings); otherwise by its last reading, which may miss its
+    last ``interval``.
 
     The thread's own CPU (:attr:`own_seconds`) is the measuring process's, not the group's: a
     bench subtracts it from that process's figure. Each reading opens every process's ``stat``;
@@ -144,15 +157,15 @@ class GroupCpuMeter:
     def __init__(self, member: Callable[[str], bool], interval: float = 0.5) -> None:
         self._member = member
         self._interval = interval
-        self._start: dict[int, int] = {}
-        self._last: dict[int, int] = {}
+        self._start: dict[int, _Reading] = {}
+        self._last: dict[int, _Reading] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self.seconds = 0.0
         self.own_seconds = 0.0
 
-    def _read(self) -> dict[int, int]:
-        found: dict[int, int] = {}
+    def _read(self) -> dict[int, _Reading]:
+        found: dict[int, _Reading] = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -167,7 +180,7 @@ class GroupCpuMeter:
             finally:
                 os.close(fd)
             if self._member(stat[stat.find("(") + 1 : stat.rfind(")")]):
-                found[int(entry.name)] = _cpu_ticks(stat)
+                found[int(entry.name)] = _reading(stat)
         return found
 
     def _follow(self) -> None:
@@ -185,8 +198,17 @@ class GroupCpuMeter:
     def __exit__(self, *exc_info: object) -> None:
         self._done.set()
         self._thread.join()
-        self._last.update(self._read())
-        ticks = sum(last - self._start.get(pid, 0) for pid, last in self._last.items())
+        end = self._read()
+        self._last.update(end)
+        ticks = 0
+        for pid, last in self._last.items():
+            start = self._start.get(pid, _Reading(last.parent, 0, 0))
+            if pid in end:  # its own time, and that of the children it waited for meanwhile
+                ticks += last.own - start.own + last.children - start.children
+            elif last.parent in end:  # whole in its parent's children's time: not twice
+                ticks -= start.own
+            else:
+                ticks += last.own - start.own
         self.seconds = ticks / os.sysconf("SC_CLK_TCK")
 
     def per(self, units: int) -> float:
