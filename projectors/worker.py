@@ -69,6 +69,14 @@ def instance_id(settings: Settings, env: Mapping[str, str]) -> str | None:
     return f"{group_id(settings)}-{index}" if index else None
 
 
+def application_name(env: Mapping[str, str]) -> str:
+    """The name the worker's PostgreSQL sessions carry (``pg_stat_activity.application_name``):
+    ``backbone-projector-<index>`` under the supervisor, so an operator looking at a lock wait
+    or a long transaction sees which worker holds it."""
+    index = env.get(WORKER_INDEX_VARIABLE, "").strip()
+    return f"backbone-projector-{index}" if index else "backbone-projector"
+
+
 def linger_ms(env: Mapping[str, str]) -> int:
     """``BACKBONE_PROJECTOR_LINGER_MS`` (default 20): how long the broker may gather records
     for one fetch. Every batch is a transaction with a fixed cost (claim, prefetch, writes,
@@ -138,7 +146,9 @@ async def run(settings: Settings, env: Mapping[str, str] | None = None) -> None:
     port = metrics_port(env)
     # Batches use transaction-scoped settings and locks only: no reset round trip per batch.
     pool = await create_pool(
-        settings.postgres_dsn, keep_sessions=True, server_settings=BATCH_SERVER_SETTINGS
+        settings.postgres_dsn,
+        keep_sessions=True,
+        server_settings={**BATCH_SERVER_SETTINGS, "application_name": application_name(env)},
     )
     redis = redis_client(settings.redis_url)
     untimed = untimed_sibling(redis)  # for the caches, which bound each pipeline as a whole

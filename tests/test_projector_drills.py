@@ -28,6 +28,7 @@ from projectors.checksum import checksum
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA
 from projectors.schema import ensure_live_schema
+from projectors.worker import WORKER_INDEX_VARIABLE, application_name
 from schemas import (
     ConversationCreated,
     Event,
@@ -107,10 +108,11 @@ class Worker:
         self._env = {
             **os.environ,
             **settings_env(settings),
-            "BACKBONE_WORKER_INDEX": str(index),
+            WORKER_INDEX_VARIABLE: str(index),
             "BACKBONE_PROJECTOR_METRICS_PORT": str(self.port),
             NICE_ENV: str(nice),
         }
+        self.application_name = application_name(self._env)
         self.log = log
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -317,6 +319,7 @@ async def test_two_workers_with_a_rebalance_mid_stream_build_the_same_model(
 
 _OPEN_TRANSACTIONS_SQL = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = $1 "
     "AND state = 'idle in transaction' AND xact_start < now() - interval '200 milliseconds'"
 )
 
@@ -324,13 +327,15 @@ _OPEN_TRANSACTIONS_SQL = (
 async def freeze_inside_a_batch(worker: Worker, pool: Pool) -> None:
     """SIGSTOP ``worker`` at an instant when it holds a batch's transaction open (its offsets
     rows locked): stopped there, it leaves a transaction idle and aging. Retried at other
-    instants until one lands inside a batch."""
+    instants until one lands inside a batch. Only ``worker``'s own sessions count: another
+    worker's transaction, open that long on a busy machine, once passed for the stopped one's,
+    which then rejoined the group after SIGCONT instead of finding its batch ended."""
     assert worker.proc is not None
     rng = random.Random(3)
     for _ in range(200):
         worker.proc.send_signal(signal.SIGSTOP)
         await asyncio.sleep(0.3)
-        if await pool.fetchval(_OPEN_TRANSACTIONS_SQL):
+        if await pool.fetchval(_OPEN_TRANSACTIONS_SQL, worker.application_name):
             return
         worker.proc.send_signal(signal.SIGCONT)
         await asyncio.sleep(rng.uniform(0.001, 0.03))
