@@ -44,7 +44,7 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def principal(request: web.Request) -> Principal:
-    """The authenticated caller (the auth middleware set it, or the route is public)."""
+    """The authenticated caller, as the auth middleware set it (never on a public route)."""
     found: Principal | None = request.get(PRINCIPAL)
     if found is None:
         raise ProblemError("unauthorized", "send Authorization: Bearer <access token>")

@@ -2,9 +2,11 @@
 
 :func:`auth_middleware` resolves the caller of every non-public route from ``Authorization:
 Bearer <access JWT>`` (verified, and its session checked live: a revoked session stops working
-at once) or ``X-API-Key`` (a scoped service key). Handlers then call :func:`guard` with their
-endpoint class and scope: it checks the scope and counts the request against the per-user and
-per-address limits of that class in Redis (429 with ``Retry-After`` when over).
+at once) or ``X-API-Key`` (a scoped service key); public routes (register, login, refresh, the
+service endpoints) ignore both headers, so an expired token never blocks a refresh. Handlers
+then call :func:`guard` with their endpoint class and scope: it checks the scope and counts the
+request against the per-user and per-address limits of that class in Redis (429 with
+``Retry-After`` when over).
 """
 
 from __future__ import annotations
@@ -164,15 +166,35 @@ _BAD_TOKEN = "the access token is invalid, expired or revoked"  # noqa: S105 - a
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Resolve the caller of every non-public route; leave public routes' credentials alone.
+
+    A public route (``public=True`` in its :class:`~ingest.openapi.Operation`: register, login,
+    refresh, healthz, readyz, metrics, the OpenAPI document) never looks at ``Authorization``
+    or ``X-API-Key``: they are not resolved at all, so a stale, garbage or revoked credential
+    is ignored rather than answered with 401, and no principal is set. Not resolving (rather
+    than resolving and swallowing a failure) is right for every one of them:
+
+    * refresh is called exactly when the access token has run out, and clients keep attaching
+      it: the refresh token in the body is the credential, checked by the session store;
+    * login and register establish who the caller is from the body (and are limited per
+      address, never per user), so a leftover bearer of another or the same account has
+      nothing to add and must not block signing in again;
+    * health, readiness, metrics and the document serve anyone, probes and gateways included,
+      whatever headers they forward.
+
+    None of their handlers reads the principal, so resolving would only cost a JWT check or an
+    API-key lookup for nothing. A route that one day wants an optional caller must not be
+    public: authenticated routes refuse missing or bad credentials exactly as before.
+    """
     resource = request.match_info.route.resource
     if resource is None:  # no such route: 404/405 without asking for credentials
         return await handler(request)
-    public = (request.method, resource.canonical) in request.app[PUBLIC]
+    if (request.method, resource.canonical) in request.app[PUBLIC]:
+        return await handler(request)
     found = await resolve(request)
-    if found is None and not public:
+    if found is None:
         raise _unauthorized("send Authorization: Bearer <access token> or X-API-Key")
-    if found is not None:
-        request[PRINCIPAL] = found
+    request[PRINCIPAL] = found
     return await handler(request)
 
 

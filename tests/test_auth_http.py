@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from eventstore import Settings
 from ingest.app import create_app
-from ingest.auth.tokens import new_jwt_key, parse_jwt_keys
+from ingest.auth.tokens import AccessTokens, new_jwt_key, parse_jwt_keys
 from ingest.security import AUTH, AuthService
 from tests.system_fixtures import Api, System, User, ingest_config, running_system
 from tests.test_ingest_auth import assert_creates_and_reads_only
@@ -233,3 +234,103 @@ async def test_reuse_after_the_interval_still_revokes_the_family(base_settings: 
             "POST", "/v1/auth/refresh", json={"refresh_token": rotated.body["refresh_token"]}
         )
         assert after.status == 401
+
+
+def expired_access(api: Api, user: User) -> str:
+    """An access token of ``user``'s session, signed by the app's own keys, expired an hour ago."""
+    live = auth_of(api).tokens
+    past = AccessTokens(
+        live.keys,
+        issuer=live.issuer,
+        audience=live.audience,
+        ttl=60,
+        clock=lambda: time.time() - 3600,
+        memo=False,
+    )
+    return past.issue(user.user_id, session_of(user.access))
+
+
+async def test_an_authenticated_route_still_refuses_an_expired_access_token(
+    system: System,
+) -> None:
+    api = system.api
+    alice = await api.user()
+    expired = expired_access(api, alice)
+    assert (await api.call("GET", "/v1/conversations", token=alice.access)).status == 200
+    for method, path in (("GET", "/v1/conversations"), ("POST", "/v1/auth/logout")):
+        refused = await api.call(method, path, token=expired)
+        assert (refused.status, refused.body["type"]) == (401, PROBLEM + "invalid-token"), path
+        assert refused.headers.get("WWW-Authenticate", "").startswith("Bearer")
+    garbage = await api.call("GET", "/v1/conversations", token="a.b.c")
+    assert (garbage.status, garbage.body["type"]) == (401, PROBLEM + "invalid-token")
+
+
+async def test_refresh_works_while_the_client_still_sends_its_expired_access_token(
+    system: System,
+) -> None:
+    """Refresh is exactly when a client's access token has run out: the stale bearer it still
+    attaches must not stand between it and a new pair."""
+    api = system.api
+    alice = await api.user()
+    expired = expired_access(api, alice)
+    refreshed = await api.call(
+        "POST", "/v1/auth/refresh", token=expired, json={"refresh_token": alice.refresh}
+    )
+    assert refreshed.status == 200, refreshed.body
+    assert refreshed.body["refresh_token"] != alice.refresh
+    assert session_of(refreshed.body["access_token"]) == session_of(alice.access)
+    fresh = refreshed.body["access_token"]
+    assert (await api.call("GET", "/v1/conversations", token=fresh)).status == 200
+    # A garbage bearer or a malformed header is ignored the same way; the refresh token alone
+    # decides (here: the successor, spent normally).
+    again = await api.call(
+        "POST",
+        "/v1/auth/refresh",
+        headers={"Authorization": "Basic Zm9vOmJhcg=="},
+        json={"refresh_token": refreshed.body["refresh_token"]},
+    )
+    assert again.status == 200, again.body
+    # And a bad refresh token is still refused, whatever bearer comes with it.
+    bad = await api.call("POST", "/v1/auth/refresh", token=fresh, json={"refresh_token": "x" * 43})
+    assert (bad.status, bad.body["type"]) == (401, PROBLEM + "invalid-token")
+
+
+async def test_login_and_register_ignore_a_stale_or_garbage_credential(system: System) -> None:
+    api = system.api
+    alice = await api.user()
+    expired = expired_access(api, alice)
+    login = {"login": alice.username, "password": alice.password}
+    stale: list[dict[str, str]] = [
+        {"Authorization": f"Bearer {expired}"},
+        {"Authorization": "Bearer a.b.c"},
+        {"Authorization": "Bearer"},
+        {"X-API-Key": "bk_not_a_key"},
+    ]
+    for headers in stale:
+        reply = await api.call("POST", "/v1/auth/login", headers=headers, json=login)
+        assert reply.status == 200, (headers, reply.body)
+        assert (
+            await api.call("GET", "/v1/conversations", token=reply.body["access_token"])
+        ).status == 200
+        name = f"u{uuid.uuid4().hex[:12]}"
+        registered = await api.call(
+            "POST",
+            "/v1/auth/register",
+            headers=headers,
+            json={
+                "username": name,
+                "email": f"{name}@example.test",
+                "password": "correct horse battery",
+            },
+        )
+        assert registered.status == 201, (headers, registered.body)
+    # Wrong credentials still answer as before, a stale bearer or not.
+    wrong = await api.call(
+        "POST",
+        "/v1/auth/login",
+        token=expired,
+        json={"login": alice.username, "password": "not the password"},
+    )
+    assert (wrong.status, wrong.body["type"]) == (401, PROBLEM + "invalid-credentials")
+    health = await api.call("GET", "/healthz", token="a.b.c")
+    assert health.status == 200
