@@ -241,13 +241,12 @@ class GroupReader:
         stored = await self._positions.load([(tp.topic, tp.partition) for tp in assigned])
         for tp in assigned:
             partition = (tp.topic, tp.partition)
-            offset = stored.get(partition)
-            if offset is None:
-                # Nothing is ever committed, so the consumer starts at the earliest offset.
-                self._next.pop(partition, None)
-            else:
-                consumer.seek(tp, offset)
-                self._next[partition] = offset
+            # No stored position: nothing of the partition is applied, so read it from its
+            # first offset (topics keep every event). Seeking matters after a refused batch:
+            # the consumer is already past that batch's records, which nothing stored.
+            offset = stored.get(partition, 0)
+            consumer.seek(tp, offset)
+            self._next[partition] = offset
 
     def _unseen(
         self, records: Mapping[TopicPartition, Sequence[RecordLike]], mine: set[TopicPartition]

@@ -41,10 +41,18 @@ class StoredPositions:
 async def claim(conn: Connection, schema: str, ranges: Mapping[Partition, OffsetRange]) -> None:
     """Lock the batch's partitions and check the stored offsets are where the batch starts.
 
-    A partition without a row is being applied for the first time: the batch's first offset
-    is recorded (the row is created and locked by this transaction). Two members racing on it
-    serialise on the primary key, and the loser sees the winner's offset. Rows exist after a
-    partition's first batch, so the insert is only tried when the lock found one missing.
+    A partition without a row is being applied for the first time: its row is created at 0
+    (topics keep every event, so a partition's first batch starts there) and locked by this
+    transaction. Two members racing on it serialise on the primary key, and the loser sees the
+    winner's offset. Rows exist after a partition's first batch, so the insert is only tried
+    when the lock found one missing.
+
+    A batch of a partition without a row that does not start at 0 is refused like any other
+    that does not start at the stored offset (:class:`PositionsMoved`; the reader reads the
+    partition again from 0): its reader moved on past records nothing stored, as when the
+    partition's first batch was refused beside another's, or when a crash of PostgreSQL took
+    back the commit that created the row. Recording the batch's own start had skipped those
+    records for good.
     """
     ordered = sorted(ranges.items())  # one lock order for every member: no deadlocks
     topics = [t for (t, _), _ in ordered]
@@ -61,7 +69,7 @@ async def claim(conn: Connection, schema: str, ranges: Mapping[Partition, Offset
             ),
             topics,
             partitions,
-            [r.first for _, r in ordered],
+            [0] * len(ordered),
         )
         rows = await conn.fetch(locking, topics, partitions)
     stored = {(r[0], r[1]): r[2] for r in rows}

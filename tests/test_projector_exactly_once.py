@@ -10,6 +10,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from eventstore import Batch, RecordedEvent, create_pool
+from eventstore.codec import stream_placement
 from eventstore.consumer import Partition, PositionsMoved
 from ingest.media import SHARED_WITH_SQL
 from projectors.caches import rebuild_caches, summary_key
@@ -319,6 +320,99 @@ async def test_group_reader_reseeks_when_the_stored_positions_moved(world: World
         await running
     assert firsts[:2] == [written[0].position.offset, written[0].position.offset + 4]
     assert [r.envelope.id for r in seen] == [w.envelope.id for w in written[4:]]
+
+
+def rooms_on_two_partitions(world: World) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two conversation ids whose streams land on different partitions."""
+    partitions = world.store.layout.partitions("conversation")
+    first = uuid.uuid4()
+    while True:
+        second = uuid.uuid4()
+        if stream_placement(second, partitions)[1] != stream_placement(first, partitions)[1]:
+            return first, second
+
+
+async def test_a_partition_never_applied_is_read_again_from_its_start_after_a_refused_batch(
+    world: World,
+) -> None:
+    """A batch holding the first records of a partition with no stored offset is refused
+    (PositionsMoved: another of its partitions moved). Its reader had fetched past those
+    records; it reads the partition again from offset 0, and every one is applied (the reader
+    had left the partition where it was, and the next batch's start became its stored
+    offset: the refused records were skipped for good)."""
+    owner = uuid.uuid4()
+    applied_room, new_room = rooms_on_two_partitions(world)
+    await world.write([group(applied_room, owner), message(applied_room, owner, "before")])
+    await world.catch_up()
+    written = await world.write(
+        [
+            message(applied_room, owner, "after"),
+            group(new_room, owner),
+            *(message(new_room, owner, f"m{n}") for n in range(5)),
+        ]
+    )
+    new_partition: Partition = (
+        world.store.layout.topic("conversation"),
+        written[-1].position.partition,
+    )
+    refused: list[Batch] = []
+
+    async def handler(batch: Batch) -> None:
+        if not refused and new_partition in batch.ranges:
+            refused.append(batch)  # as claim refuses it when another partition moved
+            raise PositionsMoved("moved")
+        await world.projector.handle(batch)
+
+    reader = world.store.group_reader(
+        group_id=f"g-{uuid.uuid4().hex[:8]}",
+        streams=["user", "conversation"],
+        positions=world.projector.positions,
+        handler=handler,
+    )
+    running = asyncio.create_task(reader.run())
+    try:
+
+        async def applied() -> bool:
+            stored = await world.projector.positions.load([new_partition])
+            return stored.get(new_partition) == written[-1].position.offset + 1
+
+        await wait_for(applied, 30, "the new partition's records were applied")
+    finally:
+        reader.stop()
+        await running
+    assert len(refused) == 1
+    assert refused[0].ranges[new_partition].first == 0
+    bodies = await world.rows(
+        "SELECT body FROM chat.messages WHERE conversation_id = $1 ORDER BY seq", new_room
+    )
+    assert [r["body"] for r in bodies] == [f"m{n}" for n in range(5)]
+
+
+async def test_a_first_batch_that_does_not_start_at_offset_0_is_refused(world: World) -> None:
+    """No stored offset means nothing of the partition is applied: a batch starting past 0
+    (its reader moved on past records nothing stored, or a crash of PostgreSQL took back the
+    commit that created the row) is refused and creates no row; the one from 0 applies."""
+    owner, room = uuid.uuid4(), uuid.uuid4()
+    written = await world.write(
+        [group(room, owner), message(room, owner, "a"), message(room, owner, "b")]
+    )
+    partition: Partition = (world.store.layout.topic("conversation"), written[0].position.partition)
+
+    async def batch_from(offset: int) -> Batch:
+        reader = world.store.reader()
+        await reader.start("beginning", {partition: offset}, partitions=[partition])
+        try:
+            (batch,) = [b async for b in reader.batches_until_end()]
+            return batch
+        finally:
+            await reader.stop()
+
+    with pytest.raises(PositionsMoved, match="stored 0, batch at 1"):
+        await world.projector.handle(await batch_from(1))
+    assert await world.projector.positions.load([partition]) == {}
+    await world.projector.handle(await batch_from(0))
+    stored = await world.projector.positions.load([partition])
+    assert stored == {partition: written[-1].position.offset + 1}
 
 
 async def test_cache_keys_stay_in_the_deployment_namespace(world: World) -> None:
