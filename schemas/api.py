@@ -13,10 +13,12 @@ import msgspec
 
 from schemas.fields import (
     GROUP_MEMBERS_MAX,
+    TEXT,
     ClientMsgId,
     ContentType,
     ConversationName,
     Description,
+    Device,
     DisplayName,
     Email,
     Emoji,
@@ -35,9 +37,9 @@ from schemas.fields import (
 PASSWORD_MAX = 1024
 """Upper bound on a password's length in the body (the policy itself lives in ingest)."""
 
-Password = Annotated[str, msgspec.Meta(min_length=1, max_length=PASSWORD_MAX)]
-Login = Annotated[str, msgspec.Meta(min_length=1, max_length=254)]
-Token = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+Password = Annotated[str, msgspec.Meta(min_length=1, max_length=PASSWORD_MAX, pattern=TEXT)]
+Login = Annotated[str, msgspec.Meta(min_length=1, max_length=254, pattern=TEXT)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=TEXT)]
 AssignableRole = Literal["admin", "member"]
 Scope = Literal["messages:write", "conversations:write", "read"]
 
@@ -59,7 +61,7 @@ class RegisterBody(Body, frozen=True, kw_only=True):
 class LoginBody(Body, frozen=True, kw_only=True):
     login: Login
     password: Password
-    device: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    device: Device | None = None
 
 
 class RefreshBody(Body, frozen=True, kw_only=True):
@@ -72,7 +74,7 @@ class PasswordBody(Body, frozen=True, kw_only=True):
 
 
 class ApiKeyBody(Body, frozen=True, kw_only=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=TEXT)]
     scopes: Annotated[tuple[Scope, ...], msgspec.Meta(min_length=1, max_length=3)]
 
 

@@ -387,3 +387,36 @@ async def test_adding_a_member_the_membership_cache_already_holds_is_a_conflict(
         "already a member",
     )
     assert await log_end(system.store) == before
+
+
+async def test_a_text_postgresql_cannot_hold_is_refused_and_appends_nothing(system: System) -> None:
+    """A NUL character in any free text is bad input (422 ``invalid-body``): PostgreSQL cannot
+    store one, so a login with one had answered 500, and a message with one was appended (202)
+    and then stopped its partition's projector. A final newline after a pattern's characters is
+    refused too (``"alice\\n"`` had been a username beside ``"alice"``)."""
+    api = system.api
+    alice = await api.user()
+    cid = await group(api, alice)
+    end = await log_end(system.store)
+    refused = [
+        await send(api, alice, cid, "a\x00b"),
+        await api.call("POST", "/v1/auth/login", json={"login": "a\x00", "password": "x"}),
+        await api.call(
+            "POST",
+            "/v1/auth/register",
+            json={"username": "alice\n", "email": "a@example.test", "password": "long enough pw"},
+        ),
+        await api.call(
+            "POST",
+            "/v1/auth/register",
+            json={"username": "bob", "email": "b\x00@example.test", "password": "long enough pw"},
+        ),
+        await api.call(
+            "PATCH", "/v1/users/me", token=alice.access, json={"display_name": "Al\x00ice"}
+        ),
+    ]
+    assert [(r.status, r.body["type"].rsplit(":", 1)[-1]) for r in refused] == [
+        (422, "invalid-body")
+    ] * len(refused)
+    assert await log_end(system.store) == end, "nothing was appended"
+    assert (await send(api, alice, cid, "a\nb\n")).status == 202, "newlines are text"

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from eventstore import Batch, RecordedEvent, create_pool
+from eventstore import Batch, RecordedEvent, codec, create_pool
 from eventstore.codec import stream_placement
 from eventstore.consumer import Partition, PositionsMoved
 from ingest.media import SHARED_WITH_SQL
@@ -169,6 +169,30 @@ async def test_a_batch_behind_the_stored_offsets_is_refused_and_writes_nothing(
         with pytest.raises(PositionsMoved, match="stored offsets moved"):
             await world.projector.handle(batches[0])
         assert await checksum(conn, LIVE_SCHEMA) == before
+
+
+async def test_a_text_postgresql_cannot_hold_is_dead_lettered_not_retried_forever(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message whose body holds a NUL character (written before the schema refused one, or
+    by a foreign writer) is poison on read: dead-lettered, and the messages after it applied.
+    PostgreSQL's ``text`` cannot hold a NUL, so the batch writing it had failed on every
+    restart, stopping the partition's read model."""
+    owner, room = uuid.uuid4(), uuid.uuid4()
+    await world.write([group(room, owner)])
+    monkeypatch.setattr(codec, "_check", lambda event: None)  # as the older writer did
+    nul = await world.write([message(room, owner, "a\x00b")])
+    monkeypatch.undo()
+    await world.write([message(room, owner, "after")])
+    await world.catch_up()
+
+    bodies = await world.rows("SELECT body FROM chat.messages WHERE conversation_id = $1", room)
+    assert bodies == [{"body": "after"}]
+    async with world.store.pool.acquire() as conn:
+        (letter,) = await list_dead_letters(conn)
+    assert (letter.position, letter.reason) == (nul[0].position.token(), "poison")
+    assert "regex" in letter.error
+    assert "$.body" in letter.error
 
 
 async def test_poison_and_unprojectable_events_are_dead_lettered_and_later_ones_applied(
