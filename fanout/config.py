@@ -18,9 +18,14 @@ class FanoutConfig(msgspec.Struct, frozen=True, kw_only=True):
     origins: tuple[str, ...] = ()
     """Allowed ``Origin`` values (``*`` allows any); requests without ``Origin`` pass."""
     auth_timeout: float = 5.0
-    """Seconds a new socket has to send its ``auth`` frame."""
+    """Seconds a new socket has, from its accept, to complete the upgrade and send its
+    ``auth`` frame; bytes sent meanwhile (pings, a trickled request head) do not extend it."""
     max_frame: int = 16 * 1024
     """Largest client message in bytes; a bigger one closes the socket with 1009."""
+    max_fragments: int = 128
+    """Most frames one client message may come in (RFC 6455 fragmentation; empty ones count);
+    more closes the socket with 1008. Messages this small need few frames; 128 still lets a
+    ``max_frame`` message come in fragments of 128 bytes."""
     queue_limit: int = 1024 * 1024
     """Bytes a socket may have waiting to be sent before it is closed with 4008."""
     send_buffer: int = 0

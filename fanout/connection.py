@@ -9,10 +9,11 @@ connection in ``data_received`` and its events handled at once. Outgoing frames 
 (:meth:`flush`); they are encoded once per event, not per socket (:mod:`fanout.wire`), so only
 control frames (pong, close) go through the socket's own wsproto connection.
 
-**The send queue is the transport's buffer**, bounded in bytes: before each write the
-socket's unsent bytes are checked against ``queue_limit`` and a socket that cannot keep up
-is closed with 4008 (the client resumes with its cursors). Writes never wait, so one slow
-reader cannot hold up delivery to the others.
+**The send queue is the transport's buffer**, bounded in bytes: before each write (events,
+and the socket's own frames: pongs, errors, ``ready``) the socket's unsent bytes are checked
+against ``queue_limit`` and a socket that cannot keep up is closed with 4008 (the client
+resumes with its cursors). Writes never wait, so one slow reader cannot hold up delivery to
+the others.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ _CAN_CLOSE: Final = frozenset({ConnectionState.OPEN, ConnectionState.REMOTE_CLOS
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "_fragments",
         "_http",
         "_partial",
+        "_partial_size",
         "_stamp",
         "_tokens",
         "_violations",
@@ -75,6 +78,7 @@ class Connection(asyncio.Protocol):
         "resuming",
         "session_id",
         "since",
+        "started",
         "state",
         "transport",
         "typing_at",
@@ -90,6 +94,10 @@ class Connection(asyncio.Protocol):
         self._ws: WebSocket | None = None
         self._partial: list[Any] | None = None
         """The parts of a client message wsproto delivered in pieces, until its last one."""
+        self._partial_size = 0
+        """Bytes in ``_partial``, kept as they come (not re-summed per part)."""
+        self._fragments = 0
+        """Frames of the message in ``_partial`` so far (empty ones included)."""
         self.user_id: uuid.UUID | None = None
         self.session_id: uuid.UUID | None = None
         self.since: dict[int, int] = {}
@@ -99,7 +107,9 @@ class Connection(asyncio.Protocol):
         self.pending: list[bytes] | None = None
         self.typing_at: dict[uuid.UUID, float] | None = None
         self._tokens = float(hub.config.frame_burst)
-        self._stamp = self.last_seen = time.monotonic()
+        self.started = self._stamp = self.last_seen = time.monotonic()
+        """``started`` bounds the upgrade and the ``auth`` frame (``auth_timeout``), which no
+        later byte extends; ``last_seen`` (any byte, pings included) only bounds idleness."""
         self._violations = 0
 
     # --- asyncio.Protocol ------------------------------------------------------------
@@ -224,18 +234,37 @@ class Connection(asyncio.Protocol):
         # Pong: nothing to do (the client's activity already counts in ``last_seen``).
 
     def _data(self, event: Message[Any]) -> None:
-        """Collect a client message (wsproto may deliver it in parts) up to ``max_frame``."""
+        """Collect a client message (wsproto may deliver it in parts) up to ``max_frame``
+        bytes and ``max_fragments`` frames.
+
+        wsproto hands on every frame of a fragmented message as an event, an empty one too,
+        and a frame read in several pieces as several events (only its last with
+        ``frame_finished``). The size is kept as a running total and empty parts are not
+        stored, so each event costs the same whatever came before; the frames are counted
+        because empty ones cost no bytes: without that bound a client could keep one message
+        open forever at the price of six bytes a frame, and every one of them a call here.
+        """
+        config = self.hub.config
         parts = self._partial
         if parts is None:
-            if event.message_finished and _size(event.data) <= self.hub.config.max_frame:
+            if event.message_finished and _size(event.data) <= config.max_frame:
                 self._message(event.data)
                 return
             parts = self._partial = []
-        parts.append(event.data)
-        if sum(map(_size, parts)) > self.hub.config.max_frame:
+            self._partial_size = self._fragments = 0
+        self._partial_size += _size(event.data)
+        if self._partial_size > config.max_frame:
             FRAMES_REFUSED.labels("protocol").inc()
             self.close(CLOSE_TOO_BIG, "message too large")
             return
+        if event.frame_finished:
+            self._fragments += 1
+            if self._fragments > config.max_fragments:
+                FRAMES_REFUSED.labels("protocol").inc()
+                self.close(CLOSE_POLICY, "too many fragments")
+                return
+        if event.data:
+            parts.append(event.data)
         if event.message_finished:
             self._partial = None
             # A message's parts are all text or all binary, as its first frame said.
@@ -277,8 +306,23 @@ class Connection(asyncio.Protocol):
     # --- writing -----------------------------------------------------------------------
 
     def write_raw(self, data: bytes) -> None:
-        if self.transport is not None and self.state != CLOSED:
-            self.transport.write(data)
+        """Write one of the socket's own frames (pong, error, ``ready``, the 101 answer),
+        under the same bound as events.
+
+        Pongs are what made this matter: every ping is answered, so a client that pings and
+        never reads would grow the buffer at its upload rate. Over the limit the socket
+        is closed with 4008, as :meth:`send` does, rather than the pong dropped (which RFC
+        6455 5.5.3 would allow): such a socket is already one the next event closes, and
+        dropping would let a client that never reads hold ``queue_limit`` bytes for as long
+        as it keeps pinging (its pings count as activity against ``idle_timeout``).
+        """
+        transport = self.transport
+        if transport is None or self.state == CLOSED:
+            return
+        if transport.get_write_buffer_size() > self.hub.config.queue_limit:
+            self.hub.too_slow(self)
+            return
+        transport.write(data)
 
     def flush(self) -> None:
         """Write what the hub queued during a batch, or close the socket if it is too slow."""

@@ -553,14 +553,20 @@ class Hub:
     # --- housekeeping ------------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Close sockets past their deadline (auth, idle, token); forget old revocations."""
+        """Close sockets past their deadline (auth, idle, token); forget old revocations.
+
+        The upgrade and the ``auth`` frame are due ``auth_timeout`` after the accept
+        (``started``), not after the last byte: a client that pings, or trickles its request
+        head, must not hold a socket without authenticating. Only an open socket's idleness
+        counts from its last byte.
+        """
         self.expire(time.time())
         now = time.monotonic()
         auth_deadline = now - self.config.auth_timeout
         idle_deadline = now - self.config.idle_timeout
         for conn in list(self.connections):
             state = conn.state
-            if state in (HEAD, AUTH) and conn.last_seen < auth_deadline:
+            if state in (HEAD, AUTH) and conn.started < auth_deadline:
                 if state == HEAD:
                     conn.abandon()
                 else:

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from eventstore import Settings
 from fanout.config import FanoutConfig
@@ -403,6 +404,98 @@ async def test_refusals(base_settings: Settings) -> None:
         assert await noisy.closed() == 1008
         assert [f["code"] for f in noisy.of_type("error")] == ["malformed"] * 3
         await noisy.close()
+
+
+async def test_pings_and_trickled_bytes_do_not_extend_the_auth_deadline(
+    base_settings: Settings,
+) -> None:
+    """The upgrade and the ``auth`` frame are due ``auth_timeout`` after the accept: a socket
+    that keeps pinging without authenticating is closed with 4001, and a request head
+    trickled a byte at a time is dropped unanswered."""
+    async with deployment(base_settings, auth_timeout=0.5) as (_, (node,)):
+        pinger = await connect(node.port, None)
+
+        async def ping() -> None:
+            while True:
+                await pinger.ws.ping()
+                await asyncio.sleep(0.1)
+
+        pinging = asyncio.create_task(ping())
+        try:
+            assert await pinger.closed() == 4001
+        finally:
+            pinging.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await pinging
+            await pinger.close()
+
+        raw = socket.socket()
+        raw.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(raw, ("127.0.0.1", node.port))
+
+        async def trickle() -> None:
+            head = b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: y\r\n" * 100
+            for byte in head:
+                await loop.sock_sendall(raw, bytes((byte,)))
+                await asyncio.sleep(0.05)
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(WITHIN):
+                answer = await loop.sock_recv(raw, 4096)
+        finally:
+            trickling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await trickling
+            raw.close()
+        assert answer == b""  # closed, and no response
+
+
+async def test_a_client_that_pings_and_never_reads_is_closed_with_4008(
+    base_settings: Settings,
+) -> None:
+    """Pongs count against ``queue_limit`` like events: a socket that sends pings and reads
+    nothing is closed as too slow instead of the server buffering a pong per ping."""
+    async with deployment(base_settings, queue_limit=16 * 1024, send_buffer=8192) as (
+        system,
+        (node,),
+    ):
+        user = await system.api.user()
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(raw, ("127.0.0.1", node.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        await loop.sock_sendall(
+            raw,
+            (
+                f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+            + _masked(msgspec.json.encode({"type": "auth", "token": user.access})),
+        )
+        received = b""
+        async with asyncio.timeout(WITHIN):
+            while b'"ready"' not in received:
+                received += await loop.sock_recv(raw, 4096)
+        slow_before = REGISTRY.get_sample_value("fanout_slow_disconnects_total") or 0.0
+        # About 250 kB of pongs, far more than the limit and the two kernel buffers hold.
+        await loop.sock_sendall(raw, _masked(b"p" * 125, opcode=0x9) * 2000)
+        # The server stops reading at its close, so the pings after it are unread and the
+        # kernel ends the connection with a reset, which may overtake the close frame.
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(WITHIN):
+                while chunk := await loop.sock_recv(raw, 65536):
+                    received += chunk
+        raw.close()
+        found = _server_frames(received.split(b"\r\n\r\n", 1)[1])
+        closes = [struct.unpack_from("!H", p)[0] for op, p in found if op == 0x8]
+        assert closes in ([], [4008])
+        assert sum(op == 0xA for op, _ in found) < 2000
+        slow_after = REGISTRY.get_sample_value("fanout_slow_disconnects_total") or 0.0
+        assert slow_after == slow_before + 1
 
 
 async def test_typing_presence_ping_and_epoch(base_settings: Settings) -> None:

@@ -34,6 +34,8 @@ class Transport:
     def __init__(self) -> None:
         self.written = b""
         self.closed = False
+        self.unsent = 0
+        """What ``get_write_buffer_size`` answers: bytes the peer has not read yet."""
 
     def write(self, data: bytes) -> None:
         self.written += data
@@ -45,7 +47,7 @@ class Transport:
         self.closed = True
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.unsent
 
     def get_extra_info(self, name: str) -> None:
         return None
@@ -56,12 +58,18 @@ class HubDouble:
         self.config = FanoutConfig(**config)
         self.frames: list[frames.ClientFrame] = []
         self.requests: list[RequestHead] = []
+        self.slow: list[Connection] = []
 
     def opened(self, conn: Connection) -> None:
         pass
 
     def closing(self, conn: Connection) -> None:
         pass
+
+    def too_slow(self, conn: Connection) -> None:
+        """What the hub does (counted there): close with 4008."""
+        self.slow.append(conn)
+        conn.close(4008, "too slow")
 
     def on_frame(self, conn: Connection, message: frames.ClientFrame) -> None:
         self.frames.append(message)
@@ -163,6 +171,40 @@ def test_connection_closes_with_1009_on_a_message_above_max_frame(frame: bytes) 
     assert transport.closed
     assert server_frames(transport.written) == [(0x8, (1009, "message too large"))]
     assert hub.frames == []
+
+
+def test_a_message_in_more_than_max_fragments_frames_closes_with_1008() -> None:
+    """A message may come in up to ``max_fragments`` frames, empty ones included; a client
+    that keeps one open with empty continuation frames is closed with 1008 at the first
+    frame past the bound (each frame costs the same: no re-summing of the parts)."""
+    conn, transport, hub = socket(max_fragments=128)
+    conn.data_received(
+        UPGRADE
+        + b"\r\n"
+        + client_frames(('{"type"', False), *[("", False)] * 100, (':"ping"}', True))
+    )
+    assert [frames.Ping()] == hub.frames  # 102 frames, empty ones among them: one message
+    conn.data_received(client_frames(("", False), *[("", False)] * 20_000))
+    assert conn.state == CLOSED
+    assert transport.closed
+    assert server_frames(transport.written) == [(0x8, (1008, "too many fragments"))]
+    assert [frames.Ping()] == hub.frames
+
+
+def test_pongs_respect_the_queue_limit() -> None:
+    """A client that pings and never reads is closed as too slow (4008) once its unsent
+    bytes pass ``queue_limit``, instead of the server buffering a pong per ping."""
+    conn, transport, hub = socket(queue_limit=4096)
+    conn.data_received(UPGRADE + b"\r\n")
+    ping = bytes(FrameProtocol(client=True, extensions=[]).ping(b"x" * 125))
+    conn.data_received(ping)
+    assert server_frames(transport.written) == [(0xA, b"x" * 125)]
+    transport.unsent = 4097  # the client stopped reading
+    conn.data_received(ping * 10)
+    assert [conn] == hub.slow
+    assert conn.state == CLOSED
+    assert transport.closed
+    assert server_frames(transport.written) == [(0xA, b"x" * 125), (0x8, (4008, "too slow"))]
 
 
 def test_server_frames_are_plain_unmasked_rfc_frames() -> None:
