@@ -249,14 +249,20 @@ async def remove_member(request: web.Request) -> web.Response:
             role = await checks.fresh_role(request, conversation_id, caller.user_id)
             target_role = await _target_role(request, conversation_id, target)
             if not _may_remove(role, target_role):
-                raise ProblemError("forbidden", "an owner removes anyone; an admin removes members")
+                raise ProblemError(
+                    "forbidden", "an owner removes admins and members; an admin removes members"
+                )
     event = MemberLeft(conversation_id=conversation_id, user_id=target, removed_by=caller.user_id)
     (recorded,) = await append(request, caller.user_id, [event])
     return accepted(recorded)
 
 
 def _may_remove(role: str, target_role: str) -> bool:
-    return role == "owner" or (role == "admin" and target_role == "member")
+    """Who may remove whom (docs/permissions.md): never another owner, whom an owner cannot
+    demote either; removing and adding back had been a demotion by another name."""
+    if role == "owner":
+        return target_role != "owner"
+    return role == "admin" and target_role == "member"
 
 
 async def change_role(request: web.Request) -> web.Response:
