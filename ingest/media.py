@@ -1,18 +1,28 @@
 """Media: declared, uploaded straight to S3, verified, then shared through messages.
 
 1. ``POST /v1/media`` declares an object (content type, size, sha256, filename) and answers a
-   short-lived presigned ``PUT`` URL: the bytes never pass through ingest.
-2. ``POST /v1/media/{id}/complete`` checks the stored object against the declared size and
+   short-lived presigned ``PUT`` URL: the bytes never pass through ingest. The URL is signed
+   with the declared content type and the declared sha256 as ``x-amz-checksum-sha256``, so the
+   client sends both headers (``Content-Type``, and ``x-amz-checksum-sha256``: the declared
+   digest in base64, not hex); S3 then stores nothing but the declared bytes at that URL, for as
+   long as it is valid: other bytes fail the checksum (400 BadDigest), and another or a missing
+   checksum header fails the signature (403).
+2. ``POST /v1/media/{id}/complete`` copies the uploaded object to a key of its own (the
+   *verified copy*, which no upload URL names), checks that copy against the declared size and
    sha256 (reading it back from S3), then appends ``MediaUploaded``: only verified media exist
-   for the rest of the system.
+   for the rest of the system, and what was verified is what is served, whatever is PUT to the
+   upload URL afterwards (even on a store that ignores checksums). See :func:`complete` for
+   retries.
 3. A message of type ``media`` names a completed upload of its sender.
-4. ``GET /v1/media/{id}`` answers 302 to a short-lived presigned ``GET`` URL, for the uploader
-   and for members of a conversation where a message carries it; 404 for anyone else.
+4. ``GET /v1/media/{id}`` answers 302 to a short-lived presigned ``GET`` URL of the verified
+   copy, for the uploader and for members of a conversation where a message carries it; 404 for
+   anyone else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import hashlib
@@ -40,6 +50,33 @@ def _client(request: web.Request) -> Any:
     return request.app[MEDIA_S3]
 
 
+def _checksum_header(sha256_hex: str) -> str:
+    """``x-amz-checksum-sha256``'s value for a hex sha256: the digest's bytes in base64."""
+    return base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
+
+
+def _copy(client: Any, source: str, target: str) -> bool:
+    """Copy object ``source`` to ``target`` (server-side); False if ``source`` does not exist
+    (runs in a worker thread)."""
+    from botocore.exceptions import ClientError  # boto3's, imported with it (see objects.py)
+
+    try:
+        client.copy_object(
+            Bucket=MEDIA_BUCKET, Key=target, CopySource={"Bucket": MEDIA_BUCKET, "Key": source}
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return False
+        raise
+    return True
+
+
+def _delete(client: Any, key: str) -> None:
+    """Remove ``key``, best effort: what is left behind is never served (worker thread)."""
+    with contextlib.suppress(Exception):
+        client.delete_object(Bucket=MEDIA_BUCKET, Key=key)
+
+
 def _sha256_of(client: Any, key: str) -> tuple[int, str]:
     """Size and sha256 of the stored object, streamed (runs in a worker thread)."""
     body = client.get_object(Bucket=MEDIA_BUCKET, Key=key)["Body"]
@@ -55,7 +92,7 @@ async def declare(request: web.Request) -> web.Response:
     caller = await guard(request, "write", scope="messages:write")
     body = await read_body(request, MediaBody)
     media_id = uuid.uuid4()
-    key = f"media/{caller.user_id}/{media_id}"
+    key = f"uploads/{caller.user_id}/{media_id}"
     await request.app[STORE].pool.execute(
         "INSERT INTO ingest.media_uploads (media_id, uploader_id, content_type, size, sha256,"
         " filename, object_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -71,10 +108,22 @@ async def declare(request: web.Request) -> web.Response:
     url = await asyncio.to_thread(
         _client(request).generate_presigned_url,
         "put_object",
-        Params={"Bucket": MEDIA_BUCKET, "Key": key, "ContentType": body.content_type},
+        Params={
+            "Bucket": MEDIA_BUCKET,
+            "Key": key,
+            "ContentType": body.content_type,
+            "ChecksumSHA256": _checksum_header(body.sha256),
+        },
         ExpiresIn=URL_TTL,
     )
-    return json_response(MediaCreated(media_id=media_id, upload_url=url, expires_in=URL_TTL), 201)
+    headers = {
+        "Content-Type": body.content_type,
+        "x-amz-checksum-sha256": _checksum_header(body.sha256),
+    }
+    return json_response(
+        MediaCreated(media_id=media_id, upload_url=url, expires_in=URL_TTL, upload_headers=headers),
+        201,
+    )
 
 
 async def _upload_of(request: web.Request, caller: Principal, media_id: uuid.UUID) -> Any:
@@ -88,34 +137,81 @@ async def _upload_of(request: web.Request, caller: Principal, media_id: uuid.UUI
     return row
 
 
+def _already_completed(upload: Any) -> web.Response:
+    if upload["completed_position"] is None:  # completed before positions were recorded
+        raise ProblemError("conflict", "this upload was completed already")
+    return json_response(Accepted(position=upload["completed_position"]), 202)
+
+
 async def complete(request: web.Request) -> web.Response:
+    """Verify the upload and publish it, once: a retry answers the first completion.
+
+    Completing an already completed upload answers 202 with the position its
+    ``MediaUploaded`` was written at, appending nothing and touching no bytes: the answer the
+    first call had (or lost on the way back), as API.md's "202 once the object is verified"
+    still holds. A 409 would make a client whose answer was lost tell "done" from "not
+    uploaded yet" (also 409) by the problem's detail; the idempotent answer needs no special
+    case, like message sends and refresh-token reuse elsewhere in ingest.
+
+    The bytes verified are a copy at a key of this attempt's own, which no upload URL reaches,
+    and the one downloads are served from. Concurrent completes each copy and verify; the row
+    lock then lets exactly one append and record its copy (the others answer its position and
+    delete theirs). The lock spans only the append (a Kafka acknowledgement), not the copy or
+    the hashing. Should the process die between the append and the commit, a retry appends
+    ``MediaUploaded`` again for the same media id; the projector keeps the first.
+    """
     caller = await guard(request, "write", scope="messages:write")
     upload = await _upload_of(request, caller, path_uuid(request, "media_id"))
+    if upload["completed_at"] is not None:
+        return _already_completed(upload)
+    client = _client(request)
+    verified = f"verified/{caller.user_id}/{upload['media_id']}/{uuid.uuid4().hex}"
+    if not await asyncio.to_thread(_copy, client, upload["object_key"], verified):
+        raise ProblemError("conflict", "nothing was uploaded to the URL yet")
+    recorded_here = False
     try:
-        size, sha = await asyncio.to_thread(_sha256_of, _client(request), upload["object_key"])
-    except Exception as exc:
-        raise ProblemError("conflict", "nothing was uploaded to the URL yet") from exc
-    if (size, sha) != (upload["size"], upload["sha256"]):
-        raise ProblemError(
-            "upload-mismatch",
-            f"stored object has {size} bytes, sha256 {sha}; declared {upload['size']} bytes,"
-            f" sha256 {upload['sha256']}",
+        size, sha = await asyncio.to_thread(_sha256_of, client, verified)
+        if (size, sha) != (upload["size"], upload["sha256"]):
+            raise ProblemError(
+                "upload-mismatch",
+                f"stored object has {size} bytes, sha256 {sha}; declared {upload['size']} bytes,"
+                f" sha256 {upload['sha256']}",
+            )
+        async with request.app[STORE].pool.acquire() as conn, conn.transaction():
+            current = await conn.fetchrow(
+                "SELECT completed_at, completed_position FROM ingest.media_uploads"
+                " WHERE media_id = $1 FOR UPDATE",
+                upload["media_id"],
+            )
+            if current is None:
+                raise ProblemError("not-found", "no such upload")
+            if current["completed_at"] is not None:  # another complete won the race
+                return _already_completed(current)
+            event = MediaUploaded(
+                media_id=upload["media_id"],
+                uploader_id=caller.user_id,
+                content_type=upload["content_type"],
+                size=upload["size"],
+                sha256=upload["sha256"],
+                filename=upload["filename"],
+            )
+            (recorded,) = await append(request, caller.user_id, [event])
+            position = recorded.position.token()
+            await conn.execute(
+                "UPDATE ingest.media_uploads SET completed_at = $2, verified_key = $3,"
+                " completed_position = $4 WHERE media_id = $1",
+                upload["media_id"],
+                dt.datetime.now(dt.UTC),
+                verified,
+                position,
+            )
+        recorded_here = True
+    finally:
+        # The upload itself is never served: only the verified copy recorded above is.
+        await asyncio.to_thread(
+            _delete, client, upload["object_key"] if recorded_here else verified
         )
-    event = MediaUploaded(
-        media_id=upload["media_id"],
-        uploader_id=caller.user_id,
-        content_type=upload["content_type"],
-        size=upload["size"],
-        sha256=upload["sha256"],
-        filename=upload["filename"],
-    )
-    (recorded,) = await append(request, caller.user_id, [event])
-    await request.app[STORE].pool.execute(
-        "UPDATE ingest.media_uploads SET completed_at = $2 WHERE media_id = $1",
-        upload["media_id"],
-        dt.datetime.now(dt.UTC),
-    )
-    return json_response(Accepted(position=recorded.position.token()), 202)
+    return json_response(Accepted(position=position), 202)
 
 
 async def completed_by(request: web.Request, media_id: uuid.UUID, uploader: uuid.UUID) -> bool:
@@ -142,7 +238,7 @@ async def download(request: web.Request) -> web.Response:
     media_id = path_uuid(request, "media_id")
     pool = request.app[STORE].pool
     row = await pool.fetchrow(
-        "SELECT object_key, uploader_id FROM ingest.media_uploads"
+        "SELECT verified_key, uploader_id FROM ingest.media_uploads"
         " WHERE media_id = $1 AND completed_at IS NOT NULL",
         media_id,
     )
@@ -160,7 +256,7 @@ async def download(request: web.Request) -> web.Response:
     url = await asyncio.to_thread(
         _client(request).generate_presigned_url,
         "get_object",
-        Params={"Bucket": MEDIA_BUCKET, "Key": row["object_key"]},
+        Params={"Bucket": MEDIA_BUCKET, "Key": row["verified_key"]},
         ExpiresIn=URL_TTL,
     )
     return web.Response(status=302, headers={"Location": url})
@@ -183,7 +279,10 @@ OPERATIONS = (
         method="POST",
         path="/v1/media",
         handler=declare,
-        summary="Declare an upload; answers a presigned URL to PUT the bytes to",
+        summary=(
+            "Declare an upload; answers a presigned URL to PUT the bytes to, with the headers"
+            " the PUT must carry (upload_headers: Content-Type, x-amz-checksum-sha256)"
+        ),
         status=201,
         body=MediaBody,
         answer=MediaCreated,
@@ -192,7 +291,10 @@ OPERATIONS = (
         method="POST",
         path="/v1/media/{media_id}/complete",
         handler=complete,
-        summary="Verify the uploaded object against its size and sha256, then publish it",
+        summary=(
+            "Verify the uploaded object against its size and sha256, then publish it"
+            " (a retry answers the first completion's position)"
+        ),
         status=202,
         answer=Accepted,
         problems=(409,),

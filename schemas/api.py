@@ -183,6 +183,10 @@ class MediaCreated(Answer, frozen=True, kw_only=True):
     media_id: Id
     upload_url: str
     expires_in: int
+    upload_headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Headers the ``PUT`` to ``upload_url`` must carry, exactly (they are signed into it):
+    ``Content-Type`` and ``x-amz-checksum-sha256``, the declared digest in base64, by which the
+    store refuses any other bytes."""
 
 
 class Profile(Answer, frozen=True, kw_only=True):

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import uuid
+from typing import Any
 
 import aiohttp
 
+from eventstore import RecordedEvent
+from eventstore.objects import MEDIA_BUCKET, s3_client
+from schemas import MediaUploaded
 from tests.system_fixtures import Api, System, User
 
 PROBLEM = "urn:backbone:problem:"
 
 
-async def _declare(api: Api, user: User, data: bytes, sha: str | None = None) -> dict[str, str]:
+async def _declare(api: Api, user: User, data: bytes, sha: str | None = None) -> dict[str, Any]:
     reply = await api.call(
         "POST",
         "/v1/media",
@@ -28,12 +34,61 @@ async def _declare(api: Api, user: User, data: bytes, sha: str | None = None) ->
     return dict(reply.body)
 
 
-async def _put(url: str, data: bytes) -> None:
+def _checksum(sha256_hex: str) -> str:
+    """The ``x-amz-checksum-sha256`` header value of a hex sha256: its digest in base64."""
+    return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+
+
+async def _try_put(url: str, data: bytes, sha256_hex: str | None = None) -> int:
+    """PUT ``data`` to ``url`` with the headers a client sends (the declared content type and,
+    when the URL was signed with it, the declared sha256); answer the status."""
+    headers = {"Content-Type": "image/png"}
+    if sha256_hex is not None and "x-amz-checksum-sha256" in url.lower():
+        headers["x-amz-checksum-sha256"] = _checksum(sha256_hex)
+    async with aiohttp.ClientSession() as http, http.put(url, data=data, headers=headers) as got:
+        await got.read()
+        return got.status
+
+
+async def _put(url: str, data: bytes, sha256_hex: str | None = None) -> None:
+    status = await _try_put(url, data, sha256_hex or hashlib.sha256(data).hexdigest())
+    assert status == 200, status
+
+
+async def _put_as_told(declared: dict[str, Any], data: bytes) -> None:
+    """PUT ``data`` as a client does: to ``upload_url`` with exactly ``upload_headers``."""
+    headers = declared["upload_headers"]
+    assert set(headers) == {"Content-Type", "x-amz-checksum-sha256"}
     async with (
         aiohttp.ClientSession() as http,
-        http.put(url, data=data, headers={"Content-Type": "image/png"}) as response,
+        http.put(declared["upload_url"], data=data, headers=headers) as got,
     ):
-        assert response.status == 200, await response.text()
+        assert got.status == 200, await got.text()
+
+
+async def _download(api: Api, user: User, media_id: str) -> bytes:
+    async with api.client.get(
+        f"/v1/media/{media_id}",
+        headers={"Authorization": f"Bearer {user.access}"},
+        allow_redirects=False,
+    ) as redirect:
+        assert redirect.status == 302
+        location = redirect.headers["Location"]
+    async with aiohttp.ClientSession() as http, http.get(location) as got:
+        assert got.status == 200
+        return await got.read()
+
+
+async def _uploaded_events(system: System, media_id: str) -> list[MediaUploaded]:
+    async with system.store.reader(("user",)) as reader:
+        return [
+            item.event
+            async for batch in reader.batches_until_end()
+            for item in batch.items
+            if isinstance(item, RecordedEvent)
+            and isinstance(item.event, MediaUploaded)
+            and str(item.event.media_id) == media_id
+        ]
 
 
 async def test_upload_verify_share_and_download(system: System) -> None:
@@ -46,7 +101,7 @@ async def test_upload_verify_share_and_download(system: System) -> None:
 
     early = await api.call("POST", complete, token=alice.access)
     assert early.status == 409, early.body
-    await _put(declared["upload_url"], data)
+    await _put_as_told(declared, data)
     assert (await api.call("POST", complete, token=bob.access)).status == 404
     done = await api.call("POST", complete, token=alice.access)
     assert done.status == 202, done.body
@@ -99,22 +154,102 @@ async def test_an_upload_that_does_not_match_its_declaration_is_refused(system: 
     alice = await api.user()
     data = b"the real bytes"
     declared = await _declare(api, alice, data, sha="0" * 64)
-    await _put(declared["upload_url"], data)
-    refused = await api.call(
-        "POST", f"/v1/media/{declared['media_id']}/complete", token=alice.access
+    media_id = declared["media_id"]
+    # The upload URL is signed for the declared sha256: S3 itself refuses other bytes, with or
+    # without the header, and with their own checksum (the signature covers its value).
+    assert await _try_put(declared["upload_url"], data, "0" * 64) == 400
+    assert await _try_put(declared["upload_url"], data) == 403
+    assert await _try_put(declared["upload_url"], data, hashlib.sha256(data).hexdigest()) == 403
+    nothing = await api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access)
+    assert (nothing.status, nothing.body["type"]) == (409, PROBLEM + "conflict")
+    # Should a store not check checksums, complete still does (bytes written behind the URL).
+    key = await system.store.pool.fetchval(
+        "SELECT object_key FROM ingest.media_uploads WHERE media_id = $1", uuid.UUID(media_id)
     )
+    client = s3_client(system.settings)
+    try:
+        await asyncio.to_thread(client.put_object, Bucket=MEDIA_BUCKET, Key=key, Body=data)
+    finally:
+        client.close()
+    refused = await api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access)
     assert (refused.status, refused.body["type"]) == (422, PROBLEM + "upload-mismatch")
-    # Never completed: it cannot be sent.
+    # Never completed: it cannot be sent, nor downloaded.
     room = await api.call("POST", "/v1/conversations", token=alice.access, json={"name": "r"})
     sent = await api.call(
         "POST",
         f"/v1/conversations/{room.body['conversation_id']}/messages",
         token=alice.access,
-        json={
-            "client_msg_id": "x",
-            "content": "x",
-            "type": "media",
-            "media_id": declared["media_id"],
-        },
+        json={"client_msg_id": "x", "content": "x", "type": "media", "media_id": media_id},
     )
     assert sent.status == 422
+    assert (await api.call("GET", f"/v1/media/{media_id}", token=alice.access)).status == 404
+
+
+async def test_a_put_after_complete_cannot_change_what_is_downloaded(system: System) -> None:
+    api = system.api
+    alice = await api.user()
+    good, evil = b"hello", b"not what was verified"
+    declared = await _declare(api, alice, good)
+    media_id, url = declared["media_id"], declared["upload_url"]
+    await _put(url, good)
+    done = await api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access)
+    assert done.status == 202, done.body
+    assert await _download(api, alice, media_id) == good
+
+    # The upload URL is still valid; every way of sending other bytes through it is refused.
+    declared_sha = hashlib.sha256(good).hexdigest()
+    assert await _try_put(url, evil) != 200
+    assert await _try_put(url, evil, declared_sha) != 200
+    assert await _try_put(url, evil, hashlib.sha256(evil).hexdigest()) != 200
+    # Even bytes landing at the upload key (a store that checks no checksum) are never served:
+    # downloads come from the copy complete verified, which the upload URL cannot reach.
+    key = await system.store.pool.fetchval(
+        "SELECT object_key FROM ingest.media_uploads WHERE media_id = $1", uuid.UUID(media_id)
+    )
+    client = s3_client(system.settings)
+    try:
+        await asyncio.to_thread(client.put_object, Bucket=MEDIA_BUCKET, Key=key, Body=evil)
+    finally:
+        client.close()
+    assert await _download(api, alice, media_id) == good
+    # A retried complete does not pick the new bytes up either.
+    again = await api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access)
+    assert (again.status, again.body) == (202, done.body)
+    assert await _download(api, alice, media_id) == good
+
+
+async def test_a_second_complete_answers_the_first_and_appends_nothing(system: System) -> None:
+    api = system.api
+    alice = await api.user()
+    data = b"\x89PNG once" * 10
+    declared = await _declare(api, alice, data)
+    media_id = declared["media_id"]
+    complete = f"/v1/media/{media_id}/complete"
+    await _put(declared["upload_url"], data)
+    first = await api.call("POST", complete, token=alice.access)
+    assert first.status == 202, first.body
+    again = await api.call("POST", complete, token=alice.access)
+    assert (again.status, again.body) == (202, first.body)
+    # Concurrent retries too: one event in all.
+    racing = await asyncio.gather(
+        *(api.call("POST", complete, token=alice.access) for _ in range(4))
+    )
+    assert {(r.status, r.body["position"]) for r in racing} == {(202, first.body["position"])}
+    (event,) = await _uploaded_events(system, media_id)
+    assert (event.size, event.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+async def test_concurrent_first_completes_append_one_event(system: System) -> None:
+    api = system.api
+    alice = await api.user()
+    data = b"raced"
+    declared = await _declare(api, alice, data)
+    media_id = declared["media_id"]
+    await _put(declared["upload_url"], data)
+    answers = await asyncio.gather(
+        *(api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access) for _ in range(5))
+    )
+    assert {r.status for r in answers} == {202}, [r.body for r in answers]
+    assert len({r.body["position"] for r in answers}) == 1
+    assert len(await _uploaded_events(system, media_id)) == 1
+    assert await _download(api, alice, media_id) == data
