@@ -14,7 +14,7 @@ from aiohttp import web
 
 from eventstore import InvalidPosition, Position, stream_placement
 from ingest import checks
-from ingest.context import CONFIG, READ, STORE, Principal
+from ingest.context import CONFIG, ENDS, READ, STORE, Principal
 from ingest.http import json_response, path_uuid
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
@@ -37,7 +37,14 @@ def _limit(request: web.Request, default: int = 50) -> int:
 
 
 async def _min_position(request: web.Request) -> None:
-    """Honour ``?min_position=``: wait (bounded) until the read model has applied it."""
+    """Honour ``?min_position=``: wait (bounded) until the read model has applied it.
+
+    A position the log does not hold (no such partition, or past the partition's end) is bad
+    input, answered 400 at once: no wait would ever see it applied, and it had been answered
+    503 after the whole wait. The log's end is asked only when the model has not applied the
+    position yet (the slow path, which waits anyway): a position some command answered is
+    always below it, as an acknowledged record is below the high watermark.
+    """
     token = request.query.get("min_position")
     if token is None:
         return
@@ -48,8 +55,17 @@ async def _min_position(request: web.Request) -> None:
         raise ProblemError("invalid-parameter", "min_position is not a position") from None
     if position.epoch != store.epoch:
         raise ProblemError("stale-epoch", "the position is from another epoch of the log")
-    target = {(store.layout.topic(position.stream), position.partition): position.offset + 1}
-    if not await request.app[READ].wait_applied(target, within=request.app[CONFIG].read_wait_max):
+    if position.partition >= store.layout.partitions(position.stream):
+        raise ProblemError("invalid-parameter", "min_position names no partition of the log")
+    partition = (store.layout.topic(position.stream), position.partition)
+    target = {partition: position.offset + 1}
+    read = request.app[READ]
+    if await read.wait_applied(target, within=0):
+        return
+    end = (await request.app[ENDS].end_offsets([partition]))[partition]
+    if position.offset >= end:
+        raise ProblemError("invalid-parameter", "min_position is past the end of the log")
+    if not await read.wait_applied(target, within=request.app[CONFIG].read_wait_max):
         raise ProblemError(
             "read-model-lagging",
             "the read model has not reached min_position in time",
