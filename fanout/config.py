@@ -45,7 +45,10 @@ class FanoutConfig(msgspec.Struct, frozen=True, kw_only=True):
     resume_wait: float = 2.0
     """How long a resume waits for the recent-history cache before reading the log."""
     resume_timeout: float = 20.0
-    """Bound on reading a resume's missed events from the log."""
+    """Bound on reading a resume's missed events from the log (waiting for a reader included)."""
+    replay_stall: float = 10.0
+    """Seconds a resuming socket may leave its replay unread (send buffer past high water)
+    before it is closed with 4008, like a socket whose queue passed ``queue_limit``."""
     membership_window: float = 120.0
     """Seconds of membership changes kept to reconcile a bootstrap with the live tail."""
     shutdown_grace: float = 5.0

@@ -13,7 +13,9 @@ control frames (pong, close) go through the socket's own wsproto connection.
 and the socket's own frames: pongs, errors, ``ready``) the socket's unsent bytes are checked
 against ``queue_limit`` and a socket that cannot keep up is closed with 4008 (the client
 resumes with its cursors). Writes never wait, so one slow reader cannot hold up delivery to
-the others.
+the others. Frames the hub holds back for a socket during a resume (``held``, in bytes) count
+as queued too; only a resume's replay waits for the socket to drain (:meth:`drained`), and a
+replay is written in steps, so a socket that does not read never has a whole history queued.
 """
 
 from __future__ import annotations
@@ -64,14 +66,17 @@ _CAN_CLOSE: Final = frozenset({ConnectionState.OPEN, ConnectionState.REMOTE_CLOS
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "_drain",
         "_fragments",
         "_http",
         "_partial",
         "_partial_size",
+        "_paused",
         "_stamp",
         "_tokens",
         "_violations",
         "_ws",
+        "held",
         "hub",
         "last_seen",
         "pending",
@@ -104,6 +109,12 @@ class Connection(asyncio.Protocol):
         """Tail position when the socket subscribed: what it was sent live starts here."""
         self.resuming: dict[uuid.UUID, Buffered] | None = None
         """Live frames held back per conversation while its missed events are replayed."""
+        self.held = 0
+        """Bytes in ``resuming``: queued for the socket as much as its transport's buffer."""
+        self._paused = False
+        """Whether the transport asked us to stop writing (its buffer is past high water)."""
+        self._drain: asyncio.Future[None] | None = None
+        """Resolved when the transport resumes writing (or the socket goes): see :meth:`drained`."""
         self.pending: list[bytes] | None = None
         self.typing_at: dict[uuid.UUID, float] | None = None
         self._tokens = float(hub.config.frame_burst)
@@ -117,6 +128,10 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport implements asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        # The replay of a resume waits for the buffer to fall back under the low-water mark
+        # once it passes the high one; the high one must come before ``queue_limit``.
+        high = min(64 * 1024, self.hub.config.queue_limit // 2)
+        self.transport.set_write_buffer_limits(high=high)
         if self.hub.config.send_buffer:
             sock = transport.get_extra_info("socket")
             if sock is not None:
@@ -131,7 +146,21 @@ class Connection(asyncio.Protocol):
         self._partial = None
         self.pending = None
         self.resuming = None
+        self.held = 0
+        self._wake()
         self.hub.lost(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -319,7 +348,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.state == CLOSED:
             return
-        if transport.get_write_buffer_size() > self.hub.config.queue_limit:
+        if transport.get_write_buffer_size() + self.held > self.hub.config.queue_limit:
             self.hub.too_slow(self)
             return
         transport.write(data)
@@ -334,10 +363,30 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.state == CLOSED:
             return
-        if transport.get_write_buffer_size() > self.hub.config.queue_limit:
+        if transport.get_write_buffer_size() + self.held > self.hub.config.queue_limit:
             self.hub.too_slow(self)
             return
         transport.writelines(data)
+
+    def over_limit(self) -> bool:
+        """Whether the socket's queue (unsent bytes and held frames) is past ``queue_limit``."""
+        return self.buffered() + self.held > self.hub.config.queue_limit
+
+    async def drained(self, within: float) -> bool:
+        """Wait until the transport takes writes again (its buffer fell under low water).
+
+        False if it did not within ``within`` seconds, or the socket closed meanwhile.
+        """
+        if self._paused and self.state != CLOSED:
+            drain = self._drain
+            if drain is None:
+                drain = self._drain = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(within):
+                    await asyncio.shield(drain)
+            except TimeoutError:
+                return False
+        return self.state != CLOSED
 
     def close(self, code: int, reason: str = "") -> None:
         """Send a close frame and close; the hub aborts the socket if it never drains."""
@@ -349,6 +398,8 @@ class Connection(asyncio.Protocol):
         self._partial = None
         self.pending = None
         self.resuming = None
+        self.held = 0
+        self._wake()
         if ws is not None and ws.state in _CAN_CLOSE:
             self.transport.write(ws.send(CloseConnection(code=code, reason=reason)))
         self.transport.close()

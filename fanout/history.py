@@ -74,12 +74,20 @@ class History:
     async def _from_log(
         self, conversation_id: uuid.UUID, partition: int, after: int, upto: int
     ) -> Frames:
+        """Read the range from the log; ``log_timeout`` bounds it all, the wait for one of the
+        ``log_readers`` slots included (a queue of resumes must not wait unbounded)."""
         found: Frames = []
-        async with self._log_slots:
+        deadline = asyncio.get_running_loop().time() + self._log_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._log_slots.acquire()
+        except TimeoutError:
+            raise ResumeFailed(f"no log reader free for {conversation_id} in time") from None
+        try:
             reader = self._store.reader(("conversation",), max_records=2000)
-            await reader.start("end", offsets={(self._topic, partition): after + 1})
             try:
-                async with asyncio.timeout(self._log_timeout):
+                async with asyncio.timeout_at(deadline):
+                    await reader.start("end", offsets={(self._topic, partition): after + 1})
                     while True:
                         batch = await reader.next_batch(timeout_ms=200)
                         for item in batch.items:
@@ -98,3 +106,5 @@ class History:
                 raise ResumeFailed(f"reading the log for {conversation_id} timed out") from None
             finally:
                 await reader.stop()
+        finally:
+            self._log_slots.release()

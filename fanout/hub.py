@@ -15,9 +15,21 @@ code between two batches of the tail, which is what makes resumes gap- and dupli
   ``resume`` still loses and repeats nothing, but live frames it already got may precede
   older replayed ones (positions order them).
 
+A resume is bounded like any other output: held-back frames count against the socket's
+``queue_limit`` (past it, 4008); the replay is written in steps of a fraction of the limit,
+each once the socket has drained the previous ones (a socket that leaves its replay unread for
+``replay_stall`` seconds is closed with 4008), and only the final step (the last replayed
+frames, the held-back ones and ``resynced``) is synchronous. A socket that goes has its
+replays cancelled.
+
 Authorization changes follow log order: a ``MemberLeft`` is delivered to the leaver and the
-leaver's sockets leave the room in the same step; sessions revoked (Redis feed or log) and
-erased users have their sockets closed with 4001.
+leaver's sockets leave the room in the same step (a socket resuming that conversation gets
+the replay, the held-back frames up to its removal and ``resynced``, then nothing more);
+sessions revoked (Redis feed or log) and erased users have their sockets closed with 4001.
+Revocations published only on the feed (refresh-token reuse, a password change) are lost while
+it is down, so each time it is (re)subscribed every open socket's session is checked against
+the session store (:meth:`Hub.on_subscribed`), and a socket authenticated while the feed was
+down, or before it came back, is checked once it is open.
 
 Credentials run out too: a socket is closed with ``token_expired`` and 4001 once its access
 token's ``exp`` (plus the verification leeway) has passed, unless the client sent a later
@@ -87,6 +99,9 @@ _REVOKED_MEMORY: Final = 300.0
 _CLOSE_GRACE: Final = 5.0
 """Seconds a closed socket gets to drain its close frame before it is aborted."""
 _BOOTSTRAP_WAIT: Final = 5.0
+_RECHECK_PARALLEL: Final = 32
+"""Session checks in flight at once when open sockets are re-checked after a feed gap."""
+_RECHECK_RETRY: Final = 1.0
 _LOCAL = EVENTS.labels("local")
 _NOBODY = EVENTS.labels("none")
 
@@ -138,6 +153,7 @@ class Hub:
         self.expiries: Expiries[Connection] = Expiries()
         self._revoked: dict[uuid.UUID, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._replays: dict[Connection, set[asyncio.Task[None]]] = {}
         self.signals: Signals | None = None
         self.http_routes: dict[str, Route] = {}
         self.draining = False
@@ -151,6 +167,8 @@ class Hub:
     def lost(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self.expiries.discard(conn)
+        for task in self._replays.pop(conn, ()):
+            task.cancel()
         if self.draining and not self.connections:
             self.emptied.set()
         user_id = conn.user_id
@@ -219,6 +237,7 @@ class Hub:
         return claims.expires_at + self._tokens.leeway
 
     async def _admit(self, conn: Connection, auth: frames.Auth) -> None:
+        feed = self._feed()
         try:
             claims = await self._authenticate(auth.token)
         except InvalidToken:
@@ -253,6 +272,7 @@ class Hub:
         conn.write_raw(frames.ready(self.epoch, user_id))
         if first and self.signals is not None:
             self.signals.online(user_id, self.audiences.conversations(user_id))
+        self._recheck_if_unheard(conn, feed)
         if auth.cursors:
             self.resume(conn, auth.cursors)
 
@@ -263,6 +283,7 @@ class Hub:
         live; it may name another session of that user (a new login), which the socket then
         belongs to (its revocation closes it). Cursors in the frame are resumed as usual.
         """
+        feed = self._feed()
         try:
             claims = await self._authenticate(auth.token)
         except InvalidToken as exc:
@@ -294,6 +315,7 @@ class Hub:
             self._by_session.setdefault(session_id, set()).add(conn)
         self.expiries.set(conn, self._deadline(claims))
         REAUTHS.labels("ok").inc()
+        self._recheck_if_unheard(conn, feed)
         if auth.cursors:
             self.resume(conn, auth.cursors)
 
@@ -367,7 +389,19 @@ class Hub:
             upto = min(conn.since.get(partition, 0), self.tail.offsets.get(partition, 0))
             plans.append(ResumePlan(conversation_id, partition, position.offset, upto))
         if plans:
-            self._spawn(self._replay(conn, plans))
+            task = asyncio.create_task(self._replay(conn, plans))
+            self._tasks.add(task)
+            replays = self._replays.setdefault(conn, set())
+            replays.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda done: self._replayed(conn, done))
+
+    def _replayed(self, conn: Connection, task: asyncio.Task[None]) -> None:
+        replays = self._replays.get(conn)
+        if replays is not None:
+            replays.discard(task)
+            if not replays:
+                del self._replays[conn]
 
     async def _replay(self, conn: Connection, plans: list[ResumePlan]) -> None:
         async def one(plan: ResumePlan) -> None:
@@ -384,25 +418,61 @@ class Hub:
                 self.close(conn, CLOSE_INTERNAL, "resume failed; try again")
                 return
             RESUMES.labels(source).inc()
-            self._finish(conn, plan, found)
+            await self._finish(conn, plan, found)
 
         await asyncio.gather(*(one(plan) for plan in plans))
 
-    def _finish(self, conn: Connection, plan: ResumePlan, found: list[tuple[int, bytes]]) -> None:
+    async def _finish(
+        self, conn: Connection, plan: ResumePlan, found: list[tuple[int, bytes]]
+    ) -> None:
+        """Write the replay in steps as the socket drains, then, in one synchronous step, its
+        last frames, the held-back ones and ``resynced``.
+
+        A socket removed from the conversation meanwhile still gets all of it: its held
+        frames end with the ``MemberLeft`` (it left the room in that step, so nothing later
+        was held). Live frames of the conversation are held until the end, counted against
+        ``queue_limit`` by :meth:`apply`.
+        """
+        step = max(4096, self.config.queue_limit // 4)
+        last = plan.after
+        out: list[bytes] = []
+        size = 0
+        for offset, data in found:
+            if offset <= last:
+                continue
+            out.append(data)
+            size += len(data)
+            last = offset
+            if size >= step:
+                if not await self._write_step(conn, out):
+                    return
+                out, size = [], 0
         resuming = conn.resuming
         held = None if resuming is None else resuming.pop(plan.conversation_id, None)
         if held is None or conn.state != OPEN:
-            return  # closed, or left the conversation meanwhile
+            return  # closed meanwhile
         if resuming is not None and not resuming:
             conn.resuming = None
-        last = plan.after
-        out: list[bytes] = []
-        for offset, data in (*found, *held):
+        for offset, data in held:
+            conn.held -= len(data)
             if offset > last:
                 out.append(data)
                 last = offset
         out.append(frames.resynced(plan.conversation_id))
         conn.send(out)
+
+    async def _write_step(self, conn: Connection, out: list[bytes]) -> bool:
+        """Write part of a replay; wait until the socket takes more. False: it is closed."""
+        if conn.state != OPEN:
+            return False
+        conn.send(out)
+        if conn.state != OPEN:
+            return False
+        if await conn.drained(self.config.replay_stall):
+            return True
+        if conn.state == OPEN:
+            self.too_slow(conn)
+        return False
 
     # --- the log -----------------------------------------------------------------------
 
@@ -430,6 +500,9 @@ class Hub:
                             held = conn_resuming.get(conversation_id)
                             if held is not None:
                                 held.append((offset, data))
+                                conn.held += len(data)
+                                if conn.over_limit():
+                                    self.too_slow(conn)
                                 continue
                         pending = conn.pending
                         if pending is None:
@@ -484,9 +557,9 @@ class Hub:
                 now,
             )
         )
-        for conn in self.audiences.leave(event.conversation_id, event.user_id):
-            if conn.resuming is not None:
-                conn.resuming.pop(event.conversation_id, None)
+        # A socket resuming the conversation keeps what it holds (the MemberLeft last): the
+        # replay ends with it (see _finish); out of the room, nothing more is held for it.
+        self.audiences.leave(event.conversation_id, event.user_id)
 
     # --- revocation, typing, presence --------------------------------------------------
 
@@ -497,6 +570,57 @@ class Hub:
 
     def on_revocation(self, signal: RevocationSignal) -> None:
         self.revoke_session(signal.session_id)
+
+    def _feed(self) -> int | None:
+        """The revocation feed's generation while it is up (None: down; 0: no feed here)."""
+        signals = self.signals
+        if signals is None:
+            return 0
+        return signals.generation if signals.subscribed.is_set() else None
+
+    def _recheck_if_unheard(self, conn: Connection, feed: int | None) -> None:
+        """After a socket's session was checked: if the feed was not up throughout since
+        then, a revocation may have gone unheard, so check the session again."""
+        if feed is None or feed != self._feed():
+            self._spawn(self._recheck([conn]))
+
+    def on_subscribed(self) -> None:
+        """The feed is (re)subscribed: re-check every open socket's session, since anything
+        revoked while it was down was not heard (ingest's feed does the same for its cache)."""
+        self._spawn(self._recheck(None))
+
+    async def _recheck(self, only: list[Connection] | None) -> None:
+        """Close the sockets (all open ones, or ``only``) whose session is no longer live.
+
+        Retried until the session store answers: a revocation must not survive a gap.
+        """
+        slots = asyncio.Semaphore(_RECHECK_PARALLEL)
+
+        async def live(session_id: uuid.UUID) -> bool:
+            async with slots:
+                return await self._sessions.is_session_active(session_id)
+
+        while True:
+            sessions = {
+                c.session_id
+                for c in (self.connections if only is None else only)
+                if c.state == OPEN and c.session_id is not None
+            }
+            if not sessions:
+                return
+            ordered = list(sessions)
+            try:
+                answers = await asyncio.gather(*(live(s) for s in ordered))
+            except Exception:  # Redis/PostgreSQL down: try again
+                log.warning("fanout.session_recheck_failed", exc_info=True)
+                await asyncio.sleep(_RECHECK_RETRY)
+                continue
+            ended = [s for s, ok in zip(ordered, answers, strict=True) if not ok]
+            for session_id in ended:
+                self.revoke_session(session_id)
+            if ended:
+                log.info("fanout.sessions_ended_during_feed_gap", count=len(ended))
+            return
 
     def on_epoch(self, signal: EpochSignal) -> None:
         """The log was restored under a new epoch: every cursor is stale, every socket resyncs.

@@ -103,6 +103,7 @@ class FanoutNode:
             on_presence=hub.on_presence,
             on_revocation=hub.on_revocation,
             on_epoch=hub.on_epoch,
+            on_subscribed=hub.on_subscribed,
         )
         hub.http_routes = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": _metrics}
         self._spawn(tail.run(hub.apply), "tail")

@@ -17,11 +17,20 @@ node, "offline" when the last node leaves. A crashed node's entries lapse with t
 
 Outgoing signals go through one queue and one sender task: the socket code never awaits
 Redis, and bursts are pipelined.
+
+Revocations published while the subscription is down are never heard (pub/sub delivers at
+most once), so the listener works like ingest's revocation feed (:mod:`ingest.auth.feed`):
+it PINGs every ``ping_interval`` seconds and declares the subscription lost after three
+silent intervals (a half-open connection otherwise looks idle for minutes); and every time Redis
+confirms a (re)subscription, ``generation`` grows and ``on_subscribed`` runs, for the hub to
+re-check the session of every open socket against the session store: whatever was revoked
+during the gap is found there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -35,6 +44,10 @@ from eventstore.epoch import epoch_channel
 from eventstore.redisclient import close_pubsub
 
 log = structlog.get_logger(__name__)
+
+DEFAULT_PING_INTERVAL = 5.0
+"""Seconds between PINGs on the subscription; three silent intervals mean it is lost."""
+_RETRY_PAUSE = 1.0
 
 
 class TypingSignal(msgspec.Struct, frozen=True):
@@ -81,7 +94,11 @@ class Signals:
         on_presence: Callable[[PresenceSignal], None],
         on_revocation: Callable[[RevocationSignal], None],
         on_epoch: Callable[[EpochSignal], None],
+        on_subscribed: Callable[[], None] | None = None,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
     ) -> None:
+        if ping_interval <= 0:
+            raise ValueError("ping_interval must be positive")
         self._redis = redis
         self._ns = namespace
         self._node = node_id
@@ -92,8 +109,14 @@ class Signals:
             f"{namespace}:revocations": lambda raw: on_revocation(_revocation(raw)),
             epoch_channel(namespace): lambda raw: on_epoch(_epoch(raw)),
         }
+        self._on_subscribed = on_subscribed
+        self.ping_interval = ping_interval
         self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.subscribed = asyncio.Event()
+        """Set while the subscription is confirmed by Redis and believed alive."""
+        self.generation = 0
+        """How many times a subscription was confirmed: a socket authenticated under one
+        generation and admitted under another may have missed a revocation in between."""
 
     def _presence_key(self, user_id: uuid.UUID) -> str:
         return f"{self._ns}:presence:{user_id}"
@@ -171,36 +194,60 @@ class Signals:
     # --- in ----------------------------------------------------------------------------
 
     async def listen(self) -> None:
-        """Receive the three channels until cancelled; reconnects after Redis errors."""
+        """Receive the channels until cancelled; resubscribe after Redis errors or silence."""
+        loop = asyncio.get_running_loop()
         while True:
             _raise_if_cancelled()
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(*self._on)
-                self.subscribed.set()
+                confirmed = 0
+                heard = pinged = loop.time()
                 while True:
                     _raise_if_cancelled()
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    channel = message["channel"]
-                    handler = self._on.get(
-                        channel.decode() if isinstance(channel, bytes) else channel
-                    )
-                    if handler is None:
-                        continue
-                    try:
-                        handler(message["data"])
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        log.warning("fanout.bad_signal", channel=str(channel))
+                    message = await pubsub.get_message(timeout=min(1.0, self.ping_interval))
+                    now = loop.time()
+                    if message is not None:
+                        heard = now
+                        kind = message["type"]
+                        if kind == "message":
+                            self._dispatch(message["channel"], message["data"])
+                        elif kind == "subscribe":
+                            confirmed += 1
+                            if confirmed == len(self._on):
+                                self._up()
+                    if now - pinged >= self.ping_interval:
+                        await pubsub.ping()
+                        pinged = now
+                    if now - heard > 3 * self.ping_interval:
+                        raise ConnectionError("the signal subscription went silent")
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis went away: resubscribe after a pause
                 self.subscribed.clear()
                 log.warning("fanout.pubsub_lost", exc_info=True)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(_RETRY_PAUSE)
             finally:
-                await close_pubsub(pubsub)
+                self.subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await close_pubsub(pubsub)
+
+    def _up(self) -> None:
+        """Every channel is confirmed: from here on nothing published is missed."""
+        self.generation += 1
+        self.subscribed.set()
+        log.info("fanout.pubsub_up", generation=self.generation)
+        if self._on_subscribed is not None:
+            self._on_subscribed()
+
+    def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
+        handler = self._on.get(channel.decode() if isinstance(channel, bytes) else channel)
+        if handler is None:
+            return
+        try:
+            handler(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("fanout.bad_signal", channel=str(channel))
 
 
 def _raise_if_cancelled() -> None:

@@ -644,3 +644,67 @@ async def test_killed_process_clients_resume_on_another_with_no_gap(
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)
                     await proc.wait()
+
+
+async def _kill_subscriber(system: System, node: FanoutNode) -> None:
+    """Kill the node's pub/sub connection on the real Redis (by the client's local port, so
+    that no other process's subscription is touched)."""
+    redis = node._redis
+    assert redis is not None
+    ports = set()
+    for conn in redis.connection_pool._get_in_use_connections():
+        writer = getattr(conn, "_writer", None)
+        if writer is not None:
+            ports.add(writer.get_extra_info("sockname")[1])
+    victims = [
+        client["id"]
+        for client in await system.redis.client_list(_type="pubsub")
+        if int(str(client["addr"]).rsplit(":", 1)[1]) in ports
+    ]
+    assert len(victims) == 1, victims
+    await system.redis.client_kill_filter(_id=victims[0])
+
+
+async def test_a_revocation_published_while_the_signal_feed_is_down_still_closes_the_socket(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password change revokes by Redis PUBLISH only; published while the node's
+    subscription is down it is never heard. Once the node subscribes again it re-checks its
+    sockets' sessions, so the socket is still closed with 4001."""
+    async with deployment(base_settings) as (system, (node,)):
+        user = await system.api.user()
+        client = await connect(node.port, user.access)
+        hub, redis = node.hub, node._redis
+        assert hub is not None
+        assert hub.signals is not None
+        assert redis is not None
+        signals = hub.signals
+        # Hold the resubscription until the revocation is done: it surely falls in the gap.
+        gate = asyncio.Event()
+        subscriptions = redis.pubsub
+
+        def gated(**kwargs: Any) -> Any:
+            pubsub = subscriptions(**kwargs)
+            subscribe = pubsub.subscribe
+
+            async def held(*channels: Any, **more: Any) -> Any:
+                await gate.wait()
+                return await subscribe(*channels, **more)
+
+            pubsub.subscribe = held  # type: ignore[method-assign]
+            return pubsub
+
+        monkeypatch.setattr(redis, "pubsub", gated)
+        await _kill_subscriber(system, node)
+        await _until(lambda: not signals.subscribed.is_set())
+        reply = await system.api.call(
+            "POST",
+            "/v1/users/me/password",
+            token=user.access,
+            json={"current_password": user.password, "new_password": "another-Secret-42!"},
+        )
+        assert reply.status == 202, reply.body
+        assert client.close_code is None  # not heard: the subscription is down
+        gate.set()
+        assert await client.closed() == 4001
+        await client.close()

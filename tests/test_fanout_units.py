@@ -6,21 +6,32 @@ an in-memory transport and a hub double that records what reaches it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
 import uuid
 from typing import Any
 
 import h11
+import msgspec
 import pytest
 from wsproto.frame_protocol import FrameProtocol
 
+from eventstore import Batch, Position, RecordedEvent
+from eventstore.cloudevents import frame
+from eventstore.topics import TopicLayout
 from fanout import frames
 from fanout.audiences import Audiences
 from fanout.config import FanoutConfig
-from fanout.connection import AUTH, CLOSED, Connection
+from fanout.connection import AUTH, CLOSED, OPEN, Connection
 from fanout.expiry import Expiries
 from fanout.handshake import HttpRefusal, RequestHead, accept, check_upgrade
+from fanout.history import History, ResumeFailed
+from fanout.hub import Hub
 from fanout.membership import Change, MembershipWindow
+from fanout.signals import Signals
 from fanout.wire import text_frame
+from schemas import Envelope, Event, MemberLeft, MessageSent
 
 UPGRADE = (
     b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -51,6 +62,9 @@ class Transport:
 
     def get_extra_info(self, name: str) -> None:
         return None
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
 
 
 class HubDouble:
@@ -300,3 +314,317 @@ def test_expiries_hand_out_due_sockets_once_and_follow_moves_and_closes() -> Non
     assert expiries.due(1000.0) == ["c", "moved"]
     assert len(expiries) == 0
     assert expiries._seconds == []
+
+
+# --- the hub: resumes ---------------------------------------------------------------------
+
+EPOCH = 3
+LAYOUT = TopicLayout(
+    prefix="t", user_partitions=1, conversation_partitions=1, replication_factor=1, min_insync=1
+)
+TIME = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+
+
+class StoreDouble:
+    epoch = EPOCH
+    layout = LAYOUT
+
+
+class TailDouble:
+    def __init__(self, offset: int) -> None:
+        self.offsets = {0: offset}
+        self.start_offsets = {0: 0}
+
+
+class StuckTransport(Transport):
+    """A peer that never reads: every byte written stays unsent, and past the high-water mark
+    the protocol is told to pause, as asyncio's transports do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: Connection | None = None
+        self.high = 64 * 1024
+        self.paused = False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = 64 * 1024 if high is None else high
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._grew(len(data))
+
+    def writelines(self, data: list[bytes]) -> None:
+        super().writelines(data)
+        self._grew(sum(len(d) for d in data))
+
+    def _grew(self, size: int) -> None:
+        self.unsent += size
+        if self.unsent > self.high and not self.paused and self.protocol is not None:
+            self.paused = True
+            self.protocol.pause_writing()
+
+
+class HistoryDouble:
+    """``missed`` answers ``found`` once ``release`` is set; records whether it was cancelled."""
+
+    def __init__(self, found: list[tuple[int, bytes]]) -> None:
+        self.found = found
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def missed(
+        self, conversation_id: uuid.UUID, partition: int, after: int, upto: int
+    ) -> tuple[str, list[tuple[int, bytes]]]:
+        self.called.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return "log", [(o, d) for o, d in self.found if after < o < upto]
+
+
+def recorded(event: Event, offset: int) -> RecordedEvent:
+    envelope = Envelope(
+        id=uuid.uuid4(), source="urn:t", type=event.type_name(), subject="s", time=TIME
+    )
+    return RecordedEvent(envelope, event, Position(EPOCH, "conversation", 0, offset))
+
+
+def message(room: uuid.UUID, user: uuid.UUID, offset: int, body: str = "") -> RecordedEvent:
+    return recorded(
+        MessageSent(
+            conversation_id=room,
+            message_id=uuid.uuid4(),
+            sender_id=user,
+            client_msg_id=f"c{offset}",
+            body=body or f"m{offset}",
+        ),
+        offset,
+    )
+
+
+def live_hub(history: HistoryDouble, tail_offset: int, **config: Any) -> tuple[Hub, TailDouble]:
+    tail = TailDouble(tail_offset)
+    hub = Hub(
+        FanoutConfig(**config),
+        StoreDouble(),  # type: ignore[arg-type]
+        tail,  # type: ignore[arg-type]
+        tokens=None,  # type: ignore[arg-type]
+        sessions=None,  # type: ignore[arg-type]
+        read_side=None,  # type: ignore[arg-type]
+        history=history,  # type: ignore[arg-type]
+        snapshots=None,  # type: ignore[arg-type]
+    )
+    return hub, tail
+
+
+def member_socket(
+    hub: Hub, user: uuid.UUID, room: uuid.UUID, transport: Transport | None = None
+) -> tuple[Connection, Transport]:
+    """An open socket of ``user`` (a member of ``room``) subscribed at the tail's position."""
+    conn = Connection(hub)
+    transport = transport or Transport()
+    if isinstance(transport, StuckTransport):
+        transport.protocol = conn
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(UPGRADE + b"\r\n")
+    hub.audiences.add(conn, user, [room])
+    conn.user_id, conn.session_id = user, uuid.uuid4()
+    conn.since = hub.tail.offsets
+    conn.state = OPEN
+    return conn, transport
+
+
+def cursor(offset: int) -> str:
+    return Position(EPOCH, "conversation", 0, offset).token()
+
+
+def received(transport: Transport) -> list[Any]:
+    """What the socket got after its 101: decoded frames, and close codes as ``("close", n)``."""
+    found: list[Any] = []
+    for opcode, payload in server_frames(transport.written):
+        if opcode == 0x8:
+            found.append(("close", payload[0]))
+        else:
+            found.append(msgspec.json.decode(payload))
+    return found
+
+
+def summary(document: Any) -> Any:
+    if isinstance(document, tuple):
+        return document
+    if document["type"] == "event":
+        return (document["event"]["type"], int(document["position"].rsplit(".", 1)[1]))
+    return (document["type"],)
+
+
+async def replays_done(hub: Hub) -> None:
+    async with asyncio.timeout(5):
+        while hub._tasks:
+            await asyncio.gather(*hub._tasks, return_exceptions=True)
+
+
+async def test_a_member_removed_during_a_resume_gets_the_replay_up_to_its_removal() -> None:
+    """Removed while its resume reads history, the socket still gets the missed events, the
+    frames held meanwhile up to and including its removal, and ``resynced``; nothing after."""
+    alice, owner, room = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    missed = [message(room, owner, 6), message(room, owner, 8)]
+    history = HistoryDouble([(r.position.offset, text_frame(frame(r))) for r in missed])
+    hub, _ = live_hub(history, tail_offset=10)
+    conn, transport = member_socket(hub, alice, room)
+    hub.resume(conn, {str(room): cursor(5)})
+    async with asyncio.timeout(5):
+        await history.called.wait()
+    removal = recorded(MemberLeft(conversation_id=room, user_id=alice, removed_by=owner), 11)
+    hub.apply(Batch([message(room, owner, 10), removal, message(room, owner, 12)], {}))
+    assert received(transport) == []  # held back while the replay is read
+    history.release.set()
+    await replays_done(hub)
+    assert [summary(f) for f in received(transport)] == [
+        ("chat.message.sent", 6),
+        ("chat.message.sent", 8),
+        ("chat.message.sent", 10),
+        ("chat.member.left", 11),
+        ("resynced",),
+    ]
+    assert conn.state == OPEN
+    assert conn.resuming is None
+    assert conn.held == 0
+
+
+async def test_a_replay_larger_than_the_queue_limit_to_a_socket_that_never_reads() -> None:
+    """Resuming from 0 with far more history than ``queue_limit`` on a socket that never
+    reads: closed with 4008 after little more than the limit was written, not the whole
+    history."""
+    user, room = uuid.uuid4(), uuid.uuid4()
+    history_frames = [
+        (r.position.offset, text_frame(frame(r)))
+        for r in (message(room, user, o, "x" * 1000) for o in range(1, 401))
+    ]
+    total = sum(len(d) for _, d in history_frames)
+    limit = 16 * 1024
+    history = HistoryDouble(history_frames)
+    history.release.set()
+    hub, _ = live_hub(history, tail_offset=401, queue_limit=limit, replay_stall=0.2)
+    conn, transport = member_socket(hub, user, room, StuckTransport())
+    assert total > 20 * limit
+    hub.resume(conn, {str(room): cursor(0)})
+    await replays_done(hub)
+    assert conn.state == CLOSED
+    got = received(transport)
+    assert got[-1] == ("close", 4008)
+    assert ("resynced",) not in [summary(f) for f in got]
+    assert len(transport.written) < 2 * limit
+
+
+async def test_frames_held_during_a_resume_count_against_the_queue_limit() -> None:
+    """Live frames held back while history is read are queued bytes like any other: past
+    ``queue_limit`` the socket is closed with 4008 instead of holding them without bound."""
+    user, room = uuid.uuid4(), uuid.uuid4()
+    history = HistoryDouble([])
+    hub, _ = live_hub(history, tail_offset=10, queue_limit=8192)
+    conn, transport = member_socket(hub, user, room)
+    hub.resume(conn, {str(room): cursor(5)})
+    async with asyncio.timeout(5):
+        await history.called.wait()
+    for offset in range(10, 30):
+        hub.apply(Batch([message(room, user, offset, "y" * 1000)], {}))
+    assert conn.state == CLOSED
+    assert received(transport) == [("close", 4008)]
+    assert conn.held == 0
+    history.release.set()
+    await replays_done(hub)
+
+
+async def test_a_lost_socket_has_its_replay_cancelled() -> None:
+    user, room = uuid.uuid4(), uuid.uuid4()
+    history = HistoryDouble([])
+    hub, _ = live_hub(history, tail_offset=10)
+    conn, _ = member_socket(hub, user, room)
+    hub.resume(conn, {str(room): cursor(5)})
+    async with asyncio.timeout(5):
+        await history.called.wait()
+    conn.connection_lost(None)
+    async with asyncio.timeout(5):
+        await history.cancelled.wait()
+    await replays_done(hub)
+
+
+async def test_the_wait_for_a_log_reader_is_inside_the_resume_bound() -> None:
+    """With every log reader busy, a resume that must read the log fails within
+    ``log_timeout`` instead of queueing without bound."""
+    history = History(
+        StoreDouble(),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        cache_wait=0.0,
+        log_timeout=0.1,
+        log_readers=1,
+    )
+    await history._log_slots.acquire()  # another resume holds the only reader
+    with pytest.raises(ResumeFailed):
+        async with asyncio.timeout(5):
+            await history._from_log(uuid.uuid4(), 0, 0, 10)
+
+
+async def test_a_half_open_signal_subscription_is_detected_and_replaced() -> None:
+    """A subscription that goes silent (not even a PONG) is declared lost after three ping
+    intervals and replaced; each confirmed subscription bumps the generation and tells the
+    hub, which re-checks its sockets."""
+
+    class Silent:
+        """A pub/sub whose connection is half-open: commands go out, nothing comes back."""
+
+        def __init__(self, answer: bool) -> None:
+            self.answer = answer
+            self.pings = 0
+            self.channels: list[str] = []
+
+        async def subscribe(self, *channels: str) -> None:
+            self.channels = list(channels)
+
+        async def get_message(self, timeout: float) -> dict[str, Any] | None:
+            if self.answer and self.channels:
+                return {"type": "subscribe", "channel": self.channels.pop(), "data": 1}
+            await asyncio.sleep(timeout / 10)
+            return None
+
+        async def ping(self) -> None:
+            self.pings += 1
+
+        async def aclose(self) -> None:
+            pass
+
+    made: list[Silent] = []
+
+    class FakeRedis:
+        def pubsub(self, **kwargs: Any) -> Silent:
+            made.append(Silent(answer=True))
+            return made[-1]
+
+    ups: list[int] = []
+    signals = Signals(
+        FakeRedis(),  # type: ignore[arg-type]
+        "ns",
+        "node",
+        presence_ttl=60.0,
+        on_typing=lambda s: None,
+        on_presence=lambda s: None,
+        on_revocation=lambda s: None,
+        on_epoch=lambda s: None,
+        on_subscribed=lambda: ups.append(signals.generation),
+        ping_interval=0.05,
+    )
+    listening = asyncio.create_task(signals.listen())
+    try:
+        async with asyncio.timeout(5):
+            while len(ups) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+    assert ups[:2] == [1, 2]
+    assert made[0].pings >= 1
