@@ -6,11 +6,13 @@ permission matrix these handlers enforce is documented in ``docs/permissions.md`
 
 Idempotent sends: a message's id is derived from (sender, ``client_msg_id``) (UUIDv5), so the
 same pair always names the same message, across restarts of anything, without a write to any
-database before the append. Redis remembers each send's position for ``SENT_TTL``, so a retry
-is answered from it without appending again. Only if that memory is lost (or two identical
-requests race) can the log hold the same message twice; both copies carry the same
-``message_id``, and the read model and subscribers keep the first (documented in API.md's
-terms: "ids let it drop duplicates").
+database before the append. Redis remembers each send for ``SENT_TTL`` (its position, its
+conversation and a digest of the rest of its request, see :func:`sent_record`), so a retry is
+answered from it without appending again, and a send that reuses the id for another message
+is refused (409 ``client-msg-id-reused``, see :func:`_remembered`) instead of being answered
+as the first one's retry. Only if that memory is lost (or two requests race) can the log hold
+the same message id twice; the read model and subscribers keep the first (documented in
+API.md's terms: "ids let it drop duplicates").
 
 That memory is written behind the answer, not before it: the 202 waits for Kafka's
 acknowledgement (what makes the send durable), not for Redis. The record is queued before the
@@ -27,13 +29,15 @@ latency at half the maximum rate.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import structlog
 from aiohttp import web
 from prometheus_client import Counter
+from redis.asyncio import Redis
 
 from eventstore import RecordedEvent
 from eventstore.codec import uuid_text
@@ -81,7 +85,7 @@ T = TypeVar("T")
 MESSAGE_NAMESPACE = uuid.UUID("0b7e4d8a-52c3-5f19-a6e2-93d1c7f04e65")
 """UUIDv5 namespace of message ids, derived from (sender, client_msg_id)."""
 SENT_TTL = 7 * 24 * 3600
-"""How long Redis remembers a send's position for retries (seconds)."""
+"""How long Redis remembers a send for retries (seconds)."""
 SENDS_NOT_REMEMBERED = Counter(
     "backbone_ingest_sends_not_remembered_total",
     "Acknowledged sends whose position Redis did not store (a retry would append them again).",
@@ -97,6 +101,44 @@ def message_id_for(sender_id: uuid.UUID, client_msg_id: str) -> uuid.UUID:
 
 def sent_key(namespace: str, sender_id: uuid.UUID, client_msg_id: str) -> str:
     return f"{namespace}:sent:{uuid_text(sender_id)}:{client_msg_id}"
+
+
+async def forget_sends(redis: Redis, namespace: str, sender_id: uuid.UUID) -> int:
+    """Delete every send record of ``sender_id`` (erasure): they hold a digest of each message's
+    content, which must not outlive the person's data key. Returns how many were deleted."""
+    forgotten = 0
+    pattern = sent_key(namespace, sender_id, "*")  # ids and prefixes hold no glob characters
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            forgotten += await redis.unlink(*batch)
+            batch = []
+    if batch:
+        forgotten += await redis.unlink(*batch)
+    return forgotten
+
+
+def request_digest(body: SendMessageBody) -> str:
+    """What a retry must repeat besides the conversation: kind, references and content, hashed.
+
+    The fixed-form fields come first, so the content (free text) cannot shift them. 128 bits
+    of SHA-256 (faster than BLAKE2b where the CPU accelerates it): about 1 µs for a short
+    message, 20 µs for one of 4,000 non-ASCII characters.
+    """
+    refs = "".join(uuid_text(r) if r is not None else "-" for r in (body.reply_to, body.media_id))
+    digest = hashlib.sha256(f"{body.kind}:{refs}:".encode())
+    digest.update(body.content.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32]
+
+
+def sent_record(position: str, conversation_id: str, digest: str) -> str:
+    """The value of a send's ``sent_key``: ``"<position> <conversation id> <request digest>"``.
+
+    Records written before the conversation and the digest were kept hold the position alone
+    (a position token has no space); :func:`_remembered` reads both.
+    """
+    return f"{position} {conversation_id} {digest}"
 
 
 DIRECT_NAMESPACE = uuid.UUID("6f3b9d2e-0c41-5a7e-9b8d-2f1e4c6a8b10")
@@ -331,15 +373,20 @@ async def _send(
         await checks.member_role(request, conversation_id, caller.user_id)
     for body in bodies:
         await _check_message_body(request, caller, conversation_id, body)
+    conversation = uuid_text(conversation_id)
     answers: dict[str, Accepted] = {}
     events: list[MessageSent] = []
-    pending: list[str] = []
+    pending: list[tuple[str, str]] = []
     for body, key, sent in zip(bodies, keys, admission.claims, strict=True):
         message_id = message_id_for(caller.user_id, body.client_msg_id)
-        if sent is not None:
-            answers[body.client_msg_id] = Accepted(position=sent.decode(), message_id=message_id)
+        digest = request_digest(body)
+        if sent is not None:  # a retry, or a refusal (raised before anything is appended)
+            position = await _remembered(
+                request, conversation_id, conversation, body, message_id, digest, sent
+            )
+            answers[body.client_msg_id] = Accepted(position=position, message_id=message_id)
             continue
-        pending.append(key)
+        pending.append((key, digest))
         events.append(
             MessageSent(
                 conversation_id=conversation_id,
@@ -355,13 +402,65 @@ async def _send(
     if events:
         recorded = await append(request, caller.user_id, events)
         autopipe = request.app[AUTH].autopipe
-        for event, rec, key in zip(events, recorded, pending, strict=True):
+        for event, rec, (key, digest) in zip(events, recorded, pending, strict=True):
             token = rec.position.token()
             answers[event.client_msg_id] = Accepted(position=token, message_id=event.message_id)
             # Written behind the answer (see the module doc): queued before the response is,
             # it rides with the next pipeline, ahead of any retry's admission.
-            autopipe.defer("SET", key, token, "EX", SENT_TTL).add_done_callback(_sent_recorded)
+            record = sent_record(token, conversation, digest)
+            autopipe.defer("SET", key, record, "EX", SENT_TTL).add_done_callback(_sent_recorded)
     return [answers[b.client_msg_id] for b in bodies]
+
+
+async def _remembered(
+    request: web.Request,
+    conversation_id: uuid.UUID,
+    conversation: str,
+    body: SendMessageBody,
+    message_id: uuid.UUID,
+    digest: str,
+    sent: bytes,
+) -> str:
+    """The position of the earlier send ``sent`` records, if this request is its retry.
+
+    A ``client_msg_id`` names one message of its sender (its id is derived from the pair), so
+    a send that reuses it is a retry only when it repeats the request: the same conversation,
+    and the same kind, content, ``reply_to`` and ``media_id``. Anything else is another
+    message, refused with 409 ``client-msg-id-reused`` (nothing appended), as an idempotency
+    key reused with other parameters is (Stripe's stance): answering it with the first
+    message's id and position had told the client a message was sent that never was. Retries
+    resend the body they failed to get an answer for, so refusing changed content costs a
+    correct client nothing; the comparison is of a digest kept in the same Redis record the
+    admission already reads, so it costs no round trip.
+
+    Records in the old format (the position alone, written before this check) carry neither:
+    the read model decides whether that message is in this conversation (waiting for it to
+    catch up before refusing, as other checks do). That costs a query, only for such records,
+    which expire after ``SENT_TTL``; their content is not compared.
+    """
+    position, _, rest = sent.decode().partition(" ")
+    if rest:
+        earlier, _, earlier_digest = rest.partition(" ")
+        if earlier != conversation:
+            _reused(body, "in another conversation")
+        if earlier_digest != digest:
+            _reused(body, "for a different message (content, type, reply_to or media_id)")
+        return position
+    read = request.app[READ]
+    found = await checks.settled(
+        request, conversation_id, lambda: read.message(conversation_id, message_id)
+    )
+    if found is None:
+        _reused(body, "in another conversation")
+    return position
+
+
+def _reused(body: SendMessageBody, how: str) -> NoReturn:
+    raise ProblemError(
+        "client-msg-id-reused",
+        f"client_msg_id {body.client_msg_id} was already used {how};"
+        " a retry must repeat its request, another message needs another client_msg_id",
+    )
 
 
 def _sent_recorded(stored: asyncio.Future[Any]) -> None:
@@ -485,10 +584,14 @@ OPERATIONS = (
         method="POST",
         path=ONE + "/messages",
         handler=send_message,
-        summary="Send a message; a retry with the same client_msg_id answers the same message",
+        summary=(
+            "Send a message; a retry with the same client_msg_id answers the same message,"
+            " another message with it is refused (409 client-msg-id-reused)"
+        ),
         status=202,
         body=SendMessageBody,
         answer=Accepted,
+        problems=(409,),
     ),
     Operation(
         method="POST",
@@ -545,6 +648,7 @@ OPERATIONS = (
         status=202,
         body=SendBatchBody,
         answer=BatchAccepted,
+        problems=(409,),
     ),
     Operation(
         method="PATCH",

@@ -7,7 +7,8 @@ Order matters, and each step is idempotent so a failed erasure is simply run aga
 2. append ``UserErased``: the projectors redact read models and caches, the fan-out tier
    closes the person's sockets, and the log records that it happened;
 3. end every session (PostgreSQL, Redis, the revocation feed) and revoke every API key;
-4. release the credentials (username, email, password hash) in ingest's account store.
+4. release the credentials (username, email, password hash) in ingest's account store;
+5. forget the person's send records in Redis (each holds a digest of a message's content).
 
 If step 2 fails, the key is already gone (the essential part), nothing else changed, and the
 caller can retry with the same token.
@@ -20,6 +21,7 @@ import uuid
 import structlog
 
 from eventstore import EventStore, RecordedEvent
+from ingest.commands import forget_sends
 from ingest.security import AuthService
 from schemas import UserErased
 
@@ -42,6 +44,7 @@ async def erase_user(
     sessions = await auth.sessions.revoke_user_sessions(user_id, "erasure")
     keys = await auth.api_keys.revoke_owner(user_id)
     await auth.accounts.mark_erased(user_id)
+    sends = await forget_sends(auth.redis, auth.namespace, user_id)
     log.warning(
         "privacy.user_erased",
         user_id=str(user_id),
@@ -49,6 +52,7 @@ async def erase_user(
         key_destroyed=destroyed,
         sessions_ended=sessions,
         api_keys_revoked=keys,
+        send_records_forgotten=sends,
         position=recorded.position.token(),
     )
     return recorded

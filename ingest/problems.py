@@ -39,6 +39,7 @@ CATALOG: Final[dict[str, tuple[int, str]]] = {
     "taken": (409, "Already taken"),
     "conflict": (409, "The request conflicts with the current state"),
     "stale-epoch": (409, "The position is from another epoch of the log; resync"),
+    "client-msg-id-reused": (409, "The client_msg_id was already used for another message"),
     "weak-password": (422, "The password does not meet the policy"),
     "upload-mismatch": (422, "The uploaded object does not match its declared size and hash"),
     "rate-limited": (429, "Too many requests"),

@@ -54,6 +54,9 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
     admission: AsyncScript
     autopipe: AutoPipeline
     feed: RevocationFeed
+    redis: Redis
+    namespace: str
+    """The deployment's Redis key prefix (the topic prefix)."""
 
     @classmethod
     def build(
@@ -94,6 +97,8 @@ class AuthService(msgspec.Struct, frozen=True, kw_only=True):
             admission=redis.register_script(_ADMIT),
             autopipe=AutoPipeline(pipelined or redis),
             feed=RevocationFeed(redis, sessions.revocations_channel, api_keys),
+            redis=redis,
+            namespace=namespace,
         )
 
     async def start(self) -> None:

@@ -6,12 +6,14 @@ import uuid
 from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
 
 from eventstore import Position, Settings
 from ingest.app import KEYS, create_app
+from ingest.commands import sent_key
 from projectors.read.contract import members_key
 from tests.system_fixtures import Api, Reply, System, User, running_system
-from tests.test_projector_support import log_end
+from tests.test_projector_support import log_end, wait_for
 
 
 async def group(api: Api, owner: User, *members: User, name: str = "room") -> str:
@@ -171,6 +173,105 @@ async def test_client_msg_id_is_idempotent_also_across_a_restart(system: System)
     assert third.body == first.body
     page = await messages(api, alice, cid, first.body["position"])
     assert [m["message_id"] for m in page.body["items"]] == [first.body["message_id"]]
+
+
+REUSED = "urn:backbone:problem:client-msg-id-reused"
+
+
+async def send_batch(api: Api, user: User, cid: str, *items: tuple[str, str]) -> Reply:
+    return await api.call(
+        "POST",
+        f"/v1/conversations/{cid}/messages:batch",
+        token=user.access,
+        json={"messages": [{"client_msg_id": c, "content": t} for c, t in items]},
+    )
+
+
+async def test_a_client_msg_id_reused_in_another_conversation_is_refused(system: System) -> None:
+    """The id names one message of the sender: a send to another conversation with it is no
+    retry (it had been answered 202 with the first message's id and position, and appended
+    nothing, so the message was silently lost). It is refused (409) and changes nothing, on the
+    single and the batch path and from a restarted process; the true retry still answers."""
+    api = system.api
+    alice = await api.user()
+    room_a, room_b = await group(api, alice, name="a"), await group(api, alice, name="b")
+    first = await send(api, alice, room_a, "to a", client_id="1")
+    assert first.status == 202, first.body
+    end = await log_end(system.store)
+
+    for content in ("to b", "to a"):  # another conversation: refused, whatever the content
+        reused = await send(api, alice, room_b, content, client_id="1")
+        assert (reused.status, reused.body.get("type")) == (409, REUSED), reused.body
+        assert "another conversation" in reused.body["detail"]
+    batch = await send_batch(api, alice, room_b, ("fresh", "new"), ("1", "to b"))
+    assert (batch.status, batch.body.get("type")) == (409, REUSED), batch.body
+    app = create_app(system.settings, system.config, system.api.client.app[KEYS])
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        restarted = await send(Api(client), alice, room_b, "to b", client_id="1")
+    assert (restarted.status, restarted.body.get("type")) == (409, REUSED), restarted.body
+    assert await log_end(system.store) == end  # nothing appended, not even the batch's "fresh"
+
+    again = await send(api, alice, room_a, "to a", client_id="1")
+    assert (again.status, again.body) == (202, first.body)
+    retried = await send_batch(api, alice, room_a, ("1", "to a"), ("2", "also to a"))
+    assert retried.status == 202, retried.body
+    assert retried.body["items"][0] == first.body
+    page = await messages(api, alice, room_a, retried.body["items"][1]["position"])
+    assert [m["content"] for m in page.body["items"]] == ["to a", "also to a"]
+    marker = await send(api, alice, room_b, "only this", client_id="3")
+    page = await messages(api, alice, room_b, marker.body["position"])
+    assert [m["content"] for m in page.body["items"]] == ["only this"]
+
+
+async def test_a_client_msg_id_reused_with_other_content_is_refused(system: System) -> None:
+    """A retry repeats its request: the same id with other content (or type, reply_to,
+    media_id) in the same conversation is another message, refused as an idempotency key reused
+    with other parameters is, rather than answered as if it had been sent."""
+    api = system.api
+    alice = await api.user()
+    cid = await group(api, alice)
+    first = await send(api, alice, cid, "hello", client_id="k")
+    assert first.status == 202, first.body
+    end = await log_end(system.store)
+    for content, extra in (
+        ("hello!", {}),
+        ("hello", {"reply_to": first.body["message_id"]}),
+    ):
+        changed = await send(api, alice, cid, content, client_id="k", **extra)
+        assert (changed.status, changed.body.get("type")) == (409, REUSED), changed.body
+        assert "different message" in changed.body["detail"]
+    batch = await send_batch(api, alice, cid, ("k", "hello?"))
+    assert (batch.status, batch.body.get("type")) == (409, REUSED), batch.body
+    assert await log_end(system.store) == end
+    again = await send(api, alice, cid, "hello", client_id="k")
+    assert (again.status, again.body) == (202, first.body)
+    page = await messages(api, alice, cid, first.body["position"])
+    assert [m["content"] for m in page.body["items"]] == ["hello"]
+
+
+async def _has(redis: Redis, key: str, part: bytes) -> bool:
+    return part in (await redis.get(key) or b"")
+
+
+async def test_a_send_remembered_in_the_old_format_is_told_apart_too(system: System) -> None:
+    """Records written before the conversation and a digest were kept hold the position alone:
+    the read model tells whether that message is in the conversation sent to."""
+    api = system.api
+    alice = await api.user()
+    room_a, room_b = await group(api, alice, name="a"), await group(api, alice, name="b")
+    first = await send(api, alice, room_a, "to a", client_id="old")
+    assert first.status == 202, first.body
+    key = sent_key(system.settings.topic_prefix, alice.user_id, "old")
+    # The record is written behind the answer; this one is in the new format.
+    await wait_for(lambda: _has(system.redis, key, b" "), 5, "the send's record")
+    await system.redis.set(key, first.body["position"], ex=60)
+    end = await log_end(system.store)
+    reused = await send(api, alice, room_b, "to b", client_id="old")
+    assert (reused.status, reused.body.get("type")) == (409, REUSED), reused.body
+    assert await log_end(system.store) == end
+    again = await send(api, alice, room_a, "to a", client_id="old")
+    assert (again.status, again.body) == (202, first.body)
+    assert await log_end(system.store) == end
 
 
 async def test_edit_delete_react_with_permissions(system: System) -> None:

@@ -9,6 +9,7 @@ import uuid
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ingest.commands import sent_key
 from ingest.exports import collect
 from projectors.read import recent_key
 from tests.system_fixtures import Api, Reply, System, User
@@ -96,7 +97,12 @@ async def test_erasing_me_redacts_everywhere_and_ends_my_sessions(system: System
     assert profile.body.get("username") is None
     assert profile.body.get("display_name") is None
 
-    # Nowhere in the caches or the raw log.
+    # Nowhere in the caches or the raw log, nor her send records (a digest of each content).
+    namespace = system.settings.topic_prefix
+    assert [
+        k async for k in system.redis.scan_iter(match=sent_key(namespace, alice.user_id, "*"))
+    ] == []
+    assert await system.redis.exists(sent_key(namespace, bob.user_id, "b1"))
     cached = await system.redis.zrange(recent_key(system.settings.topic_prefix, cid), 0, -1)
     assert cached
     assert not any(b"my secret words" in frame for frame in cached)

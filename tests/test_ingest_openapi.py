@@ -46,6 +46,12 @@ async def test_the_document_lists_every_route_with_generated_schemas(system: Sys
     assert "type" in send["properties"]  # the wire name, not the Python attribute
     problem = document["paths"]["/v1/conversations"]["post"]["responses"]["422"]
     assert "application/problem+json" in problem["content"]
+    for path in (
+        "/v1/conversations/{conversation_id}/messages",
+        "/v1/conversations/{conversation_id}/messages:batch",
+    ):
+        conflict = document["paths"][path]["post"]["responses"]["409"]
+        assert "urn:backbone:problem:client-msg-id-reused" in conflict["description"]
 
 
 def _fuzz(base_url: str, token: str) -> list[str]:
