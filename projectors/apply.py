@@ -49,8 +49,8 @@ class Applied(msgspec.Struct):
     """Every decoded conversation event, applied or not: the recent history mirrors the log."""
     membership: set[uuid.UUID] = msgspec.field(default_factory=set)
     """Conversations whose member list changed."""
-    member_users: set[uuid.UUID] = msgspec.field(default_factory=set)
-    """Users whose set of conversations changed."""
+    member_changes: set[tuple[uuid.UUID, uuid.UUID]] = msgspec.field(default_factory=set)
+    """(conversation, user) of every membership the batch created, changed or ended."""
     conversations: set[uuid.UUID] = msgspec.field(default_factory=set)
     """Conversations whose summary row changed."""
     conversation_rows: dict[uuid.UUID, ConversationRow] = msgspec.field(default_factory=dict)
@@ -158,7 +158,7 @@ def _note_changes(applied: Applied, work: _WorkingSet) -> None:
         else:  # left: the key alone says who (as ints, see projectors.rows.Key)
             conversation_id, user_id = (uuid.UUID(int=part) for part in key)
         applied.membership.add(conversation_id)
-        applied.member_users.add(user_id)
+        applied.member_changes.add((conversation_id, user_id))
     for (number,), row in work.changed.get(schema.CONVERSATIONS.name, {}).items():
         if isinstance(row, ConversationRow):
             applied.conversations.add(row.conversation_id)

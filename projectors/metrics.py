@@ -37,3 +37,8 @@ LAG = Gauge(
     "Records in the log not yet applied (log end - next offset to apply), per partition.",
     ["topic", "partition"],
 )
+FENCED_CACHE_WRITES = Counter(
+    "backbone_projector_cache_writes_fenced_total",
+    "Batch cache writes refused (for some partitions) because a later batch's write was there "
+    "already: a worker resumed after its transaction had ended (projectors.caches).",
+)

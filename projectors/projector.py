@@ -4,7 +4,10 @@ It is a :class:`~eventstore.GroupReader`'s handler and position store. One batch
 PostgreSQL transaction: claim the partitions (compare-and-set on ``offsets``), apply the
 items, write the caches, advance the offsets, commit. A crash anywhere before the commit
 leaves nothing behind but idempotent cache writes, and the batch is applied again from the
-stored offsets; after the commit, the stored offsets say it is done.
+stored offsets; after the commit, the stored offsets say it is done. The cache writes carry
+the batch's offsets, and Redis refuses one a later batch of the same partition has overtaken
+(a worker frozen before its write, whose transaction has ended since: see
+:mod:`projectors.caches`).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class Projector:
                 raise
             applied = await apply_items(conn, self.schema, self._layout, batch.items)
             if self._caches is not None:
-                await self._caches.write(conn, self.schema, applied)
+                await self._caches.write(conn, self.schema, applied, batch.ranges, self._layout)
             await advance(conn, self.schema, batch.ranges)
         self._committed(batch.ranges, applied, len(batch.items), time.perf_counter() - started)
 

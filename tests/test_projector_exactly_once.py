@@ -445,4 +445,10 @@ async def test_cache_keys_stay_in_the_deployment_namespace(world: World) -> None
     await world.write([group(room, owner), message(room, owner, "hi")])
     await world.catch_up()
     keys = [k async for k in world.redis.scan_iter(match=f"{world.namespace}:*")]
-    assert {k.split(b":")[1] for k in keys} == {b"members", b"user", b"recent", b"summary"}
+    assert {k.split(b":")[1] for k in keys} == {
+        b"members",
+        b"user",
+        b"recent",
+        b"summary",
+        b"fences",
+    }
