@@ -345,13 +345,9 @@ class Connection(asyncio.Protocol):
         dropping would let a client that never reads hold ``queue_limit`` bytes for as long
         as it keeps pinging (its pings count as activity against ``idle_timeout``).
         """
-        transport = self.transport
-        if transport is None or self.state == CLOSED:
-            return
-        if transport.get_write_buffer_size() + self.held > self.hub.config.queue_limit:
-            self.hub.too_slow(self)
-            return
-        transport.write(data)
+        transport = self._writable()
+        if transport is not None:
+            transport.write(data)
 
     def flush(self) -> None:
         """Write what the hub queued during a batch, or close the socket if it is too slow."""
@@ -360,13 +356,20 @@ class Connection(asyncio.Protocol):
             self.send(pending)
 
     def send(self, data: Sequence[bytes]) -> None:
+        transport = self._writable()
+        if transport is not None:
+            transport.writelines(data)
+
+    def _writable(self) -> asyncio.Transport | None:
+        """The transport, if the socket is open and within ``queue_limit`` (unsent and held
+        bytes); past it the socket is closed as too slow (4008) and None returned."""
         transport = self.transport
         if transport is None or self.state == CLOSED:
-            return
+            return None
         if transport.get_write_buffer_size() + self.held > self.hub.config.queue_limit:
             self.hub.too_slow(self)
-            return
-        transport.writelines(data)
+            return None
+        return transport
 
     def over_limit(self) -> bool:
         """Whether the socket's queue (unsent bytes and held frames) is past ``queue_limit``."""

@@ -291,6 +291,30 @@ def _masked(payload: bytes, opcode: int = 0x1) -> bytes:
     return head + mask + body
 
 
+async def _slow_reader(port: int, token: str) -> tuple[socket.socket, bytes]:
+    """A raw WebSocket with a 4 KiB receive buffer, upgraded and authenticated with ``token``;
+    with the bytes received up to its ``ready`` frame (the caller reads no further)."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(
+        raw,
+        (
+            f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        + _masked(msgspec.json.encode({"type": "auth", "token": token})),
+    )
+    received = b""
+    async with asyncio.timeout(WITHIN):
+        while b'"ready"' not in received:
+            received += await loop.sock_recv(raw, 4096)
+    return raw, received
+
+
 def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
     found, i = [], 0
     while i + 2 <= len(data):
@@ -318,24 +342,8 @@ async def test_a_slow_client_is_closed_with_4008_while_a_fast_one_gets_everythin
         sender, fast_user, slow_user = [await system.api.user() for _ in range(3)]
         cid = await group(system, sender, fast_user, slow_user)
         fast = await connect(node.port, fast_user.access)
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.setblocking(False)
+        raw, _ = await _slow_reader(node.port, slow_user.access)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(raw, ("127.0.0.1", node.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        await loop.sock_sendall(
-            raw,
-            (
-                f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-            + _masked(msgspec.json.encode({"type": "auth", "token": slow_user.access})),
-        )
-        greeting = b""
-        async with asyncio.timeout(WITHIN):
-            while b'"ready"' not in greeting:
-                greeting += await loop.sock_recv(raw, 4096)
         body = "x" * 3000
         for batch in range(20):
             reply = await system.api.call(
@@ -462,24 +470,8 @@ async def test_a_client_that_pings_and_never_reads_is_closed_with_4008(
         (node,),
     ):
         user = await system.api.user()
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.setblocking(False)
+        raw, received = await _slow_reader(node.port, user.access)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(raw, ("127.0.0.1", node.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        await loop.sock_sendall(
-            raw,
-            (
-                f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-            + _masked(msgspec.json.encode({"type": "auth", "token": user.access})),
-        )
-        received = b""
-        async with asyncio.timeout(WITHIN):
-            while b'"ready"' not in received:
-                received += await loop.sock_recv(raw, 4096)
         slow_before = REGISTRY.get_sample_value("fanout_slow_disconnects_total") or 0.0
         # About 250 kB of pongs, far more than the limit and the two kernel buffers hold.
         await loop.sock_sendall(raw, _masked(b"p" * 125, opcode=0x9) * 2000)
