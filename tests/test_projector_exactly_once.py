@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
 import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from eventstore import Batch, RecordedEvent, codec, create_pool
+from eventstore import Batch, Position, RecordedEvent, codec, create_pool
 from eventstore.codec import stream_placement
 from eventstore.consumer import Partition, PositionsMoved
 from ingest.media import SHARED_WITH_SQL
@@ -19,6 +20,7 @@ from projectors.dead_letters import list_dead_letters, retry_dead_letter
 from projectors.metrics import EVENTS
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA, members_key, user_conversations_key
+from projectors.read.queries import Reads
 from projectors.rows import ROW_CLASSES
 from projectors.schema import TABLES, create_schema, ensure_live_schema
 from tests.store_fixtures import fresh_database
@@ -437,6 +439,44 @@ async def test_a_first_batch_that_does_not_start_at_offset_0_is_refused(world: W
     await world.projector.handle(await batch_from(0))
     stored = await world.projector.positions.load([partition])
     assert stored == {partition: written[-1].position.offset + 1}
+
+
+async def test_a_message_page_never_claims_a_position_it_does_not_hold(world: World) -> None:
+    """A page's ``position`` says which writes it includes: a batch committed while the page is
+    read must not make it claim a message that is not on it (the rows had been read before
+    the stored offset, and a commit in between did exactly that)."""
+    owner, room = uuid.uuid4(), uuid.uuid4()
+    await world.write([group(room, owner), message(room, owner, "first")])
+    await world.catch_up()
+    (sent,) = await world.write([message(room, owner, "second")])
+    partition = sent.position.partition
+    topic = world.store.layout.topic("conversation")
+    reader = world.store.reader()
+    stored = await world.projector.positions.load([(topic, partition)])
+    await reader.start("beginning", dict(stored), partitions=[(topic, partition)])
+    try:
+        (pending,) = [b async for b in reader.batches_until_end()]
+    finally:
+        await reader.stop()
+    pool = world.store.pool
+
+    class CommitsDuringTheRead:
+        """The read model's pool, where a batch commits right after the rows are read."""
+
+        async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+            rows = await pool.fetch(sql, *args)
+            if "FROM chat.messages" in sql:
+                await world.projector.handle(pending)
+            return rows
+
+        async def fetchval(self, sql: str, *args: object) -> object:
+            return await pool.fetchval(sql, *args)
+
+    reads = Reads(CommitsDuringTheRead(), world.store.layout, world.store.epoch)  # type: ignore[arg-type]
+    page = await reads.messages(room, partition, owner)
+    assert [m.content for m in page.items] == ["first"]
+    assert page.position is not None
+    assert Position.parse(page.position).offset < sent.position.offset
 
 
 async def test_cache_keys_stay_in_the_deployment_namespace(world: World) -> None:

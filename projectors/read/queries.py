@@ -129,6 +129,10 @@ class Reads:
             bound, direction, args = 'AND "offset" < $2', "DESC", [before]
         else:
             bound, direction, args = "", "DESC", []
+        # The position first: the rows, read after it, hold at least what it says (read the
+        # other way round, a batch committed in between made the page claim a message that
+        # is not on it).
+        reflected = await self.reflected(partition)
         rows = await self._pool.fetch(
             f"SELECT {_MESSAGE_COLUMNS} FROM chat.messages"  # noqa: S608 - constant fragments
             f' WHERE conversation_id = $1 {bound} ORDER BY "offset" {direction}'
@@ -149,7 +153,7 @@ class Reads:
             items=items,
             prev=items[0].position if items and older else None,
             next=items[-1].position if items and newer else None,
-            position=await self.reflected(partition),
+            position=reflected,
         )
 
     async def message(self, message_id: uuid.UUID, viewer: uuid.UUID) -> MessageItem | None:
