@@ -10,7 +10,8 @@
 * every event of their own stream in the log (registration, profile, sessions, erasure).
 
 After an erasure the same export holds nothing readable of them: the key is gone, the read
-model holds no content, and their stream's personal fields decode as erased.
+model holds no content, and their stream's personal fields decode as erased. Erasure also
+deletes every export the person had (:func:`forget_exports`): the archives are plain text.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -121,6 +122,54 @@ async def collect(store: EventStore, user_id: uuid.UUID) -> dict[str, Any]:
     }
 
 
+ERASED_SQL: Final = (
+    "SELECT EXISTS (SELECT 1 FROM ingest.accounts WHERE user_id = $1 AND state = 'erased')"
+    " OR EXISTS (SELECT 1 FROM data_keys WHERE subject = $1 AND erased_at IS NOT NULL)"
+)
+"""Whether person ``$1`` is erased (their account released, or their data key destroyed)."""
+
+
+def object_prefix(user_id: uuid.UUID) -> str:
+    """Where every export archive of ``user_id`` is stored (erasure deletes it all)."""
+    return f"exports/{user_id}/"
+
+
+def object_key(user_id: uuid.UUID, export_id: uuid.UUID) -> str:
+    return f"{object_prefix(user_id)}{export_id}.json"
+
+
+async def forget_exports(store: EventStore, s3: Any, user_id: uuid.UUID) -> int:
+    """Erasure's step: delete every export of ``user_id``, rows then archives; the number of
+    archives deleted. Idempotent.
+
+    The rows go first (a GET of one answers 404 from then on, as for an unknown export,
+    and no download URL is issued), waiting for any export that is writing its archive
+    (see :meth:`Exports._write`), then every object under the person's prefix, whether a
+    row names it or not: a rerun after a failure here finds what is left by the prefix.
+    Called after the account is marked erased, so that no export writes afterwards.
+    """
+    rows = await store.pool.fetch(
+        "DELETE FROM ingest.exports WHERE user_id = $1 RETURNING object_key", user_id
+    )
+    named = {r["object_key"] for r in rows if r["object_key"] is not None}
+    return await asyncio.to_thread(
+        delete_objects, s3, EXPORTS_BUCKET, [object_prefix(user_id)], named
+    )
+
+
+def delete_objects(s3: Any, bucket: str, prefixes: list[str], keys: set[str]) -> int:
+    """Delete ``keys`` and every object under ``prefixes`` in ``bucket``; how many were found
+    (worker thread). Errors propagate: erasure must fail, to be run again, if one stays."""
+    found = set(keys)
+    paginator = s3.get_paginator("list_objects_v2")
+    for prefix in prefixes:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            found.update(item["Key"] for item in page.get("Contents", ()))
+    for key in sorted(found):
+        s3.delete_object(Bucket=bucket, Key=key)  # deleting a missing key succeeds
+    return len(found)
+
+
 class Exports:
     """Export requests of one deployment (rows in ``ingest.exports``, objects in S3)."""
 
@@ -144,10 +193,47 @@ class Exports:
         return export_id
 
     async def _build(self, export_id: uuid.UUID, user_id: uuid.UUID) -> None:
-        key = f"exports/{user_id}/{export_id}.json"
+        key = object_key(user_id, export_id)
         try:
             document = await collect(self._store, user_id)
             body = json.dumps(document, default=_json_default, ensure_ascii=False).encode()
+            written = await self._write(export_id, user_id, key, body)
+        except Exception as exc:
+            log.exception("privacy.export_failed", export_id=str(export_id))
+            await self._finish(export_id, "failed", None, type(exc).__name__)
+            return
+        if not written:
+            log.info("privacy.export_dropped", export_id=str(export_id), user_id=str(user_id))
+            return
+        log.info(
+            "privacy.exported", export_id=str(export_id), user_id=str(user_id), bytes=len(body)
+        )
+
+    async def _write(self, export_id: uuid.UUID, user_id: uuid.UUID, key: str, body: bytes) -> bool:
+        """Store the archive and mark the export done; False (nothing stored) if the person was
+        erased meanwhile.
+
+        An export still running while its person is erased must not leave its archive behind
+        (it was collected, maybe before the read models were redacted, in plain text). The
+        object is written only while this transaction holds the export's row lock, after
+        checking that the row still exists and that the person is not erased, and the row is
+        marked done in the same transaction. Erasure (:func:`forget_exports`) marks the
+        account erased, *then* deletes the rows (waiting for any such lock), *then* deletes
+        every object under the person's prefix. So either this write finished before the
+        rows were deleted, and erasure deletes the object after it, or it starts after, and
+        finds the row gone or the account erased and writes nothing. An archive that was
+        written by a process that died before committing stays under the prefix with its row
+        ``running``: erasure deletes it all the same.
+        """
+        async with self._store.pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchval(
+                "SELECT 1 FROM ingest.exports WHERE export_id = $1 FOR UPDATE", export_id
+            )
+            if found is None:
+                return False  # deleted by an erasure
+            if await conn.fetchval(ERASED_SQL, user_id):
+                await conn.execute("DELETE FROM ingest.exports WHERE export_id = $1", export_id)
+                return False
             await asyncio.to_thread(
                 self._s3.put_object,
                 Bucket=EXPORTS_BUCKET,
@@ -155,14 +241,14 @@ class Exports:
                 Body=body,
                 ContentType="application/json",
             )
-        except Exception as exc:
-            log.exception("privacy.export_failed", export_id=str(export_id))
-            await self._finish(export_id, "failed", None, type(exc).__name__)
-            return
-        await self._finish(export_id, "done", key, None)
-        log.info(
-            "privacy.exported", export_id=str(export_id), user_id=str(user_id), bytes=len(body)
-        )
+            await conn.execute(
+                "UPDATE ingest.exports SET state = 'done', object_key = $2, error = NULL,"
+                " finished_at = $3 WHERE export_id = $1",
+                export_id,
+                key,
+                dt.datetime.now(dt.UTC),
+            )
+        return True
 
     async def _finish(
         self, export_id: uuid.UUID, state: str, key: str | None, error: str | None
@@ -178,10 +264,13 @@ class Exports:
         )
 
     async def status(self, user_id: uuid.UUID, export_id: uuid.UUID) -> dict[str, Any] | None:
-        """The export's state (and download URL once done); None if not the caller's."""
+        """The export's state (and download URL once done); None if not the caller's, or if
+        the caller is erased (from the instant their key is destroyed: erasure then deletes
+        the rows and archives, see :func:`forget_exports`)."""
         row = await self._store.pool.fetchrow(
             "SELECT state, object_key, created_at, finished_at FROM ingest.exports"
-            " WHERE export_id = $1 AND user_id = $2",
+            " WHERE export_id = $1 AND user_id = $2 AND NOT EXISTS (SELECT 1 FROM data_keys"
+            " WHERE subject = $2 AND erased_at IS NOT NULL)",
             export_id,
             user_id,
         )

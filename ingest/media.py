@@ -16,7 +16,9 @@
 3. A message of type ``media`` names a completed upload of its sender.
 4. ``GET /v1/media/{id}`` answers 302 to a short-lived presigned ``GET`` URL of the verified
    copy, for the uploader and for members of a conversation where a message carries it; 404 for
-   anyone else.
+   anyone else, and for everyone once the uploader is erased.
+5. Erasing the uploader (:func:`forget_media`, from :func:`ingest.erasure.erase_user`) clears
+   the filename and deletes the upload and every verified copy from S3.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from eventstore import EventStore
 from eventstore.objects import MEDIA_BUCKET, s3_client
 from ingest.context import STORE, Principal, append
+from ingest.exports import ERASED_SQL, delete_objects
 from ingest.http import json_response, path_uuid, read_body
 from ingest.openapi import Operation
 from ingest.problems import ProblemError
@@ -44,6 +48,16 @@ URL_TTL = 15 * 60
 """Seconds an upload or download URL stays valid."""
 
 MEDIA_S3 = web.AppKey("media_s3", object)
+
+
+def upload_prefix(user_id: uuid.UUID) -> str:
+    """Where the upload URLs of ``user_id`` write (erasure deletes all of it)."""
+    return f"uploads/{user_id}/"
+
+
+def verified_prefix(user_id: uuid.UUID) -> str:
+    """Where the verified copies of ``user_id``'s uploads are (erasure deletes all of it)."""
+    return f"verified/{user_id}/"
 
 
 def _client(request: web.Request) -> Any:
@@ -92,7 +106,7 @@ async def declare(request: web.Request) -> web.Response:
     caller = await guard(request, "write", scope="messages:write")
     body = await read_body(request, MediaBody)
     media_id = uuid.uuid4()
-    key = f"uploads/{caller.user_id}/{media_id}"
+    key = f"{upload_prefix(caller.user_id)}{media_id}"
     await request.app[STORE].pool.execute(
         "INSERT INTO ingest.media_uploads (media_id, uploader_id, content_type, size, sha256,"
         " filename, object_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -157,16 +171,22 @@ async def complete(request: web.Request) -> web.Response:
     and the one downloads are served from. Concurrent completes each copy and verify; the row
     lock then lets exactly one append and record its copy (the others answer its position and
     delete theirs). The lock spans only the append (a Kafka acknowledgement), not the copy or
-    the hashing. Should the process die between the append and the commit, a retry appends
-    ``MediaUploaded`` again for the same media id; the projector keeps the first.
+    the hashing. The uploader's erasure takes the same lock (:func:`forget_media`): a complete
+    that locks after it finds the person erased and records nothing. Should the process die
+    between the append and the commit, a retry appends ``MediaUploaded`` again for the same
+    media id; the projector keeps the first.
     """
     caller = await guard(request, "write", scope="messages:write")
     upload = await _upload_of(request, caller, path_uuid(request, "media_id"))
     if upload["completed_at"] is not None:
         return _already_completed(upload)
     client = _client(request)
-    verified = f"verified/{caller.user_id}/{upload['media_id']}/{uuid.uuid4().hex}"
+    verified = f"{verified_prefix(caller.user_id)}{upload['media_id']}/{uuid.uuid4().hex}"
     if not await asyncio.to_thread(_copy, client, upload["object_key"], verified):
+        # A concurrent complete may have recorded its copy and deleted the upload meanwhile.
+        again = await _upload_of(request, caller, upload["media_id"])
+        if again["completed_at"] is not None:
+            return _already_completed(again)
         raise ProblemError("conflict", "nothing was uploaded to the URL yet")
     recorded_here = False
     try:
@@ -183,7 +203,7 @@ async def complete(request: web.Request) -> web.Response:
                 " WHERE media_id = $1 FOR UPDATE",
                 upload["media_id"],
             )
-            if current is None:
+            if current is None or await conn.fetchval(ERASED_SQL, caller.user_id):
                 raise ProblemError("not-found", "no such upload")
             if current["completed_at"] is not None:  # another complete won the race
                 return _already_completed(current)
@@ -225,6 +245,31 @@ async def completed_by(request: web.Request, media_id: uuid.UUID, uploader: uuid
     return found is not None
 
 
+async def forget_media(store: EventStore, s3: Any, user_id: uuid.UUID) -> int:
+    """Erasure's step: forget every upload of ``user_id``; the number of objects deleted.
+    Idempotent.
+
+    Media are the uploader's personal data. Their rows keep the id, size and digest but lose
+    the filename and the verified key (a completed upload without one is never served), then
+    every object under the person's two prefixes is deleted (uploads, verified copies, and
+    copies of completes that lost a race), whether a row names it or not: a rerun after a
+    failure here finds what is left by the prefixes. The update locks the rows as
+    :func:`complete` does, so a complete in flight either recorded its copy before (and the
+    copy is deleted here) or finds the person erased and records nothing. Downloads answer
+    404 from the instant the key is destroyed (see :func:`download`), before this step runs.
+    """
+    rows = await store.pool.fetch(
+        "WITH old AS (SELECT media_id, object_key, verified_key FROM ingest.media_uploads"
+        " WHERE uploader_id = $1 FOR UPDATE)"
+        " UPDATE ingest.media_uploads u SET filename = NULL, verified_key = NULL FROM old"
+        " WHERE u.media_id = old.media_id RETURNING old.object_key, old.verified_key",
+        user_id,
+    )
+    named = {k for r in rows for k in (r["object_key"], r["verified_key"]) if k is not None}
+    prefixes = [upload_prefix(user_id), verified_prefix(user_id)]
+    return await asyncio.to_thread(delete_objects, s3, MEDIA_BUCKET, prefixes, named)
+
+
 SHARED_WITH_SQL: Final = (
     "SELECT 1 FROM chat.messages m JOIN chat.members mb"
     " ON mb.conversation_id = m.conversation_id AND mb.user_id = $2"
@@ -234,12 +279,16 @@ SHARED_WITH_SQL: Final = (
 
 
 async def download(request: web.Request) -> web.Response:
+    """302 to the verified copy; 404 unless the caller may see it, and for everyone once the
+    uploader's data key is destroyed (erasure's first step) or their upload forgotten."""
     caller = await guard(request, "read", scope="read")
     media_id = path_uuid(request, "media_id")
     pool = request.app[STORE].pool
     row = await pool.fetchrow(
-        "SELECT verified_key, uploader_id FROM ingest.media_uploads"
-        " WHERE media_id = $1 AND completed_at IS NOT NULL",
+        "SELECT verified_key, uploader_id FROM ingest.media_uploads u"
+        " WHERE media_id = $1 AND completed_at IS NOT NULL AND verified_key IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM data_keys k"
+        " WHERE k.subject = u.uploader_id AND k.erased_at IS NOT NULL)",
         media_id,
     )
     allowed = row is not None and (

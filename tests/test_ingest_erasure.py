@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import Any
 
 import aiohttp
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+import ingest.exports as exports_module
+from eventstore.objects import EXPORTS_BUCKET, s3_client
 from ingest.commands import sent_key
+from ingest.context import EXPORTS
 from ingest.exports import collect
+from ops.privacy import erase_async
 from projectors.read import recent_key
 from tests.system_fixtures import Api, Reply, System, User
 
@@ -172,3 +178,88 @@ async def test_export_holds_everything_and_nothing_readable_after_erasure(system
     assert alice.username not in text
     assert "exporting" not in text
     assert '"kind": "erased"' in text
+
+
+def _export_keys(system: System, user_id: uuid.UUID) -> list[str]:
+    """Every archive key of ``user_id`` in the exports bucket (worker thread)."""
+    client = s3_client(system.settings)
+    try:
+        listed = client.list_objects_v2(Bucket=EXPORTS_BUCKET, Prefix=f"exports/{user_id}/")
+        return [item["Key"] for item in listed.get("Contents", ())]
+    finally:
+        client.close()
+
+
+async def _export_rows(system: System, user_id: uuid.UUID) -> list[str]:
+    rows = await system.store.pool.fetch(
+        "SELECT state FROM ingest.exports WHERE user_id = $1", user_id
+    )
+    return [r["state"] for r in rows]
+
+
+async def test_erasure_deletes_my_exports(system: System) -> None:
+    api = system.api
+    alice, bob = await api.user(), await api.user()
+    await _room_with_message(api, alice, bob, "archived", "x1", "archive me")
+    started = await api.call("POST", "/v1/users/me/export", token=alice.access)
+    path = f"/v1/users/me/export/{started.body['export_id']}"
+    async with asyncio.timeout(30):
+        while (state := await api.call("GET", path, token=alice.access)).body["state"] == "running":
+            await asyncio.sleep(0.05)
+    assert state.body["state"] == "done", state.body
+    url = state.body["download_url"]
+    assert await asyncio.to_thread(_export_keys, system, alice.user_id)
+
+    erased = await api.call("DELETE", "/v1/users/me", token=alice.access)
+    assert erased.status == 202, erased.body
+
+    # The archive is gone, the URL handed out leads nowhere, and the export is unknown: what
+    # GET answers 404 to, with no download URL.
+    async with aiohttp.ClientSession() as http, http.get(url) as got:
+        assert got.status == 404
+    assert await asyncio.to_thread(_export_keys, system, alice.user_id) == []
+    assert await _export_rows(system, alice.user_id) == []
+    export_id = uuid.UUID(started.body["export_id"])
+    assert await system.api.client.app[EXPORTS].status(alice.user_id, export_id) is None
+
+    # Erasing again (a retry after a failure) is harmless.
+    await erase_async(system.settings, alice.user_id)
+    assert await asyncio.to_thread(_export_keys, system, alice.user_id) == []
+
+
+async def test_an_export_running_during_erasure_writes_nothing(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = system.api
+    alice, bob = await api.user(), await api.user()
+    cid, sent = await _room_with_message(api, alice, bob, "racing", "r1", "racing words")
+    await _seen(
+        system, alice.access, f"/v1/conversations/{cid}?min_position={sent.body['position']}"
+    )
+    collected, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_collect(store: Any, user_id: uuid.UUID) -> dict[str, Any]:
+        document = await real_collect(store, user_id)  # before the erasure: in plain text
+        collected.set()
+        await release.wait()
+        return document
+
+    real_collect = exports_module.collect
+    monkeypatch.setattr(exports_module, "collect", slow_collect)
+    exports = system.api.client.app[EXPORTS]
+    started = await api.call("POST", "/v1/users/me/export", token=alice.access)
+    assert started.status == 202, started.body
+    building = set(exports._tasks)
+    async with asyncio.timeout(30):
+        await collected.wait()
+
+    erased = await api.call("DELETE", "/v1/users/me", token=alice.access)
+    assert erased.status == 202, erased.body
+    release.set()
+    async with asyncio.timeout(30):
+        await asyncio.gather(*building)
+
+    assert await asyncio.to_thread(_export_keys, system, alice.user_id) == []
+    assert await _export_rows(system, alice.user_id) == []
+    export_id = uuid.UUID(started.body["export_id"])
+    assert await exports.status(alice.user_id, export_id) is None

@@ -12,6 +12,7 @@ import aiohttp
 
 from eventstore import RecordedEvent
 from eventstore.objects import MEDIA_BUCKET, s3_client
+from ops.privacy import erase_async
 from schemas import MediaUploaded
 from tests.system_fixtures import Api, System, User
 
@@ -253,3 +254,72 @@ async def test_concurrent_first_completes_append_one_event(system: System) -> No
     assert len({r.body["position"] for r in answers}) == 1
     assert len(await _uploaded_events(system, media_id)) == 1
     assert await _download(api, alice, media_id) == data
+
+
+def _stored_keys(system: System, prefix: str) -> list[str]:
+    """Every key under ``prefix`` in the media bucket (worker thread)."""
+    client = s3_client(system.settings)
+    try:
+        listed = client.list_objects_v2(Bucket=MEDIA_BUCKET, Prefix=prefix)
+        return [item["Key"] for item in listed.get("Contents", ())]
+    finally:
+        client.close()
+
+
+async def test_erasing_the_uploader_forgets_their_media(system: System) -> None:
+    api = system.api
+    alice, bob = await api.user(), await api.user()
+    data = b"\x89PNG my face" * 50
+    declared = await _declare(api, alice, data)
+    media_id = declared["media_id"]
+    await _put_as_told(declared, data)
+    done = await api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access)
+    assert done.status == 202, done.body
+    # A second upload, PUT but never completed: its object is hers too.
+    pending = await _declare(api, alice, b"never completed")
+    await _put_as_told(pending, b"never completed")
+    room = await api.call(
+        "POST",
+        "/v1/conversations",
+        token=alice.access,
+        json={"name": "faces", "members": [str(bob.user_id)]},
+    )
+    cid = room.body["conversation_id"]
+    sent = await api.call(
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        token=alice.access,
+        json={"client_msg_id": "m1", "content": "me", "type": "media", "media_id": media_id},
+    )
+    assert sent.status == 202, sent.body
+    seen = f"/v1/conversations/{cid}/messages?min_position={sent.body['position']}"
+    assert (await api.call("GET", seen, token=bob.access)).status == 200
+    async with api.client.get(
+        f"/v1/media/{media_id}",
+        headers={"Authorization": f"Bearer {bob.access}"},
+        allow_redirects=False,
+    ) as redirect:
+        assert redirect.status == 302
+        location = redirect.headers["Location"]
+    prefixes = (f"uploads/{alice.user_id}/", f"verified/{alice.user_id}/")
+    assert all([await asyncio.to_thread(_stored_keys, system, p) for p in prefixes])
+
+    erased = await api.call("DELETE", "/v1/users/me", token=alice.access)
+    assert erased.status == 202, erased.body
+
+    # Not served any more, to anyone; the URL handed out before leads nowhere.
+    missing = await api.call("GET", f"/v1/media/{media_id}", token=bob.access)
+    assert missing.status == 404, missing.body
+    async with aiohttp.ClientSession() as http, http.get(location) as got:
+        assert got.status == 404
+    # No filename left in ingest's records, and no object of hers in the bucket.
+    names = await system.store.pool.fetch(
+        "SELECT filename FROM ingest.media_uploads WHERE uploader_id = $1", alice.user_id
+    )
+    assert [r["filename"] for r in names] == [None, None]
+    for prefix in prefixes:
+        assert await asyncio.to_thread(_stored_keys, system, prefix) == []
+
+    # Erasing again (a retry after a failure) is harmless and changes nothing.
+    await erase_async(system.settings, alice.user_id)
+    assert (await api.call("GET", f"/v1/media/{media_id}", token=bob.access)).status == 404
