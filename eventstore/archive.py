@@ -4,6 +4,8 @@ Layout in the bucket (names sort by offset, so a listing is the chain in order):
 
     <prefix>/<topic>/<partition>/<first:020d>-<last:020d>.seg    the records, zstd
     <prefix>/<topic>/<partition>/<first:020d>-<last:020d>.json   its manifest
+    <prefix>/_meta/started/<topic>/<partition>                    the partition has segments
+    <prefix>/_quarantine/<time>/<topic>/<partition>/<name>.seg   a body taken out of a chain
 
 A segment holds exactly what Kafka holds for offsets ``first`` .. ``last`` of one partition:
 each record's offset, timestamp (and its type), key, value and headers, byte for byte
@@ -23,17 +25,20 @@ time it was made and the format version. A segment counts once its manifest exis
 
 *Restart safety.* The body is written before its manifest, and S3 writes are atomic per object.
 A writer that dies in between leaves a body without manifest at the tail;
-:meth:`Archive.recover` finds it, checks it continues the chain, and writes its manifest (or
-deletes it when it does not fit), so the next segment starts right after it: no gap, no
-overlap. Where the chain ends is read from S3 itself, so there is no second store to disagree
-with. Before each write the writer checks the tail did not move under it (a zombie member).
+:meth:`Archive.recover` finds it, checks it continues the chain and (given the log's records)
+holds exactly what the log holds at its offsets, and writes its manifest (or moves it to the
+quarantine when it does not fit: a body written from another log is never adopted), so the
+next segment starts right after it: no gap, no overlap. Where the chain ends is read from S3
+itself, so there is no second store to disagree with. Before each write the writer checks the
+tail did not move under it (a zombie member).
 
 *Verification* (:func:`check_archive`, pure) works from facts the shell gathers
 (:func:`gather_facts`): every manifest, every body's sha256 and offsets. It names missing
 (offsets in no segment, a manifest without body), altered (body or manifest changed), reordered
 (a body or manifest stored under another segment's name), extra (overlapping or stray objects)
 segments and broken links; a body without manifest at the very tail is *pending* (a writer is
-between its two puts), not an error.
+between its two puts), not an error. A partition without any object is missing when the
+archive shows it held records (:func:`absent_partitions`).
 
 boto3 is synchronous: every S3 call runs in a worker thread (``asyncio.to_thread``).
 """
@@ -48,7 +53,7 @@ import hashlib
 import itertools
 import re
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, Protocol
 
 import msgspec
@@ -57,6 +62,7 @@ import zstandard
 
 from eventstore.errors import EventStoreError
 from eventstore.settings import PREFIX, Settings, env_float, env_int
+from eventstore.topics import TopicLayout
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +70,13 @@ FORMAT: Final = 1
 SEGMENT_SUFFIX: Final = ".seg"
 MANIFEST_SUFFIX: Final = ".json"
 DEFAULT_BUCKET: Final = "backbone-archive"
+META: Final = "_meta"
+"""Key segment under the prefix for what the archive records about itself: ``_meta/started/
+<topic>/<partition>`` exists once a partition's first segment is complete (outside the
+partition's own prefix, so losing every object of a partition does not lose it)."""
+QUARANTINE: Final = "_quarantine"
+"""Key segment under the prefix where bodies taken out of a chain are kept (never a topic
+name position: ``<prefix>/_quarantine/<time>/<topic>/<partition>/<name>`` has five parts)."""
 _NAME = re.compile(r"^(\d{20})-(\d{20})\.(seg|json)$")
 _MSGPACK = msgspec.msgpack.Encoder()
 _JSON = msgspec.json.Encoder()
@@ -269,6 +282,19 @@ def decode_manifest(data: bytes) -> Manifest:
         raise ArchiveError(f"not a manifest: {exc}") from None
 
 
+def records_sha256(records: Iterable[ArchivedRecord]) -> str:
+    """The sha256 over records exactly as a segment keeps them (offsets included)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(_MSGPACK.encode(record))
+    return digest.hexdigest()
+
+
+LogRecords = Callable[[str, int, int, int], Awaitable[Sequence[ArchivedRecord]]]
+"""``(topic, partition, first, last)`` -> the log's records at offsets ``first`` .. ``last``,
+as the archiver would archive them (fewer when the log does not hold them all)."""
+
+
 # --- configuration -------------------------------------------------------------------------
 
 
@@ -367,15 +393,41 @@ class Archive:
         found: set[Partition] = set()
         for key in await self.list_keys(self.prefix + "/"):
             parts = key[len(self.prefix) + 1 :].split("/")
-            if len(parts) == 3 and parts[1].isdigit():
+            if len(parts) == 3 and parts[1].isdigit() and parts[0] not in (META, QUARANTINE):
                 found.add((parts[0], int(parts[1])))
         return sorted(found)
 
-    async def recover(self, topic: str, partition: int) -> ChainHead:
+    def _started_key(self, topic: str, partition: int) -> str:
+        return f"{self.prefix}/{META}/started/{topic}/{partition}"
+
+    async def started(self) -> list[Partition]:
+        """Every (topic, partition) recorded as having had a complete segment (see
+        :data:`META`), whether or not its segments are still there."""
+        under = f"{self.prefix}/{META}/started/"
+        found: set[Partition] = set()
+        for key in await self.list_keys(under):
+            topic, _, number = key[len(under) :].rpartition("/")
+            if topic and number.isdigit():
+                found.add((topic, int(number)))
+        return sorted(found)
+
+    async def mark_started(self, topic: str, partition: int) -> None:
+        """Record that the partition has a complete segment (idempotent)."""
+        await self.put(
+            self._started_key(topic, partition),
+            _JSON.encode({"topic": topic, "partition": partition}),
+            "application/json",
+        )
+
+    async def recover(
+        self, topic: str, partition: int, *, log_records: LogRecords | None = None
+    ) -> ChainHead:
         """Where the partition's chain ends, completing a segment whose writer died.
 
         A body without manifest after the last manifest is adopted when it continues the chain
-        (its manifest is written now) and deleted otherwise (it was never part of the chain).
+        (its manifest is written now) and, given ``log_records``, holds exactly the log's
+        records at its offsets; otherwise it is moved to the quarantine (:meth:`quarantine`):
+        it is not part of this log's chain, and the next segment is archived from the log.
         """
         under = self.partition_prefix(topic, partition)
         keys = await self.list_keys(under)
@@ -400,11 +452,21 @@ class Archive:
         for (first, last), key in sorted(bodies.items()):
             if (first, last) in done or last < tail:
                 continue
-            head = await self._adopt(topic, partition, head, first, key)
+            head = await self._adopt(topic, partition, head, first, key, log_records)
+        if head.next is not None:
+            # Archives written before the marker existed get it here (and a crash between a
+            # first segment and its marker is repaired).
+            await self.mark_started(topic, partition)
         return head
 
     async def _adopt(
-        self, topic: str, partition: int, head: ChainHead, first: int, key: str
+        self,
+        topic: str,
+        partition: int,
+        head: ChainHead,
+        first: int,
+        key: str,
+        log_records: LogRecords | None,
     ) -> ChainHead:
         body = await self.get(key)
         try:
@@ -419,9 +481,19 @@ class Archive:
             == self.partition_prefix(topic, partition) + segment_name(first, records[-1].offset)
         )
         if not fits:
-            log.warning("archive.orphan_deleted", key=key, chain_next=head.next)
-            await self.delete(key)
+            await self.quarantine(key, f"it does not continue the chain (next {head.next})")
             return head
+        if log_records is not None:
+            logged = await log_records(topic, partition, first, records[-1].offset)
+            if records_sha256(logged) != records_sha256(records):
+                await self.quarantine(
+                    key,
+                    f"the log holds other records at offsets {first}..{records[-1].offset} "
+                    f"({len(logged)} found, the body has {len(records)}): it was written from "
+                    "another log (one since restored or replaced); those offsets are archived "
+                    "again from this one",
+                )
+                return head
         manifest = build_manifest(
             topic, partition, first, records, body, head.sha256, dt.datetime.now(dt.UTC)
         )
@@ -432,6 +504,30 @@ class Archive:
         )
         log.info("archive.segment_adopted", key=key, first=first, last=manifest.last)
         return ChainHead(manifest.next, manifest.sha256, key)
+
+    def quarantine_key(self, key: str, stamp: str) -> str:
+        """Where :meth:`quarantine` moves ``key`` (a key under this archive's prefix)."""
+        return f"{self.prefix}/{QUARANTINE}/{stamp}/{key[len(self.prefix) + 1 :]}"
+
+    async def quarantine(self, key: str, reason: str) -> str:
+        """Move ``key`` out of its chain to ``<prefix>/_quarantine/<UTC time>/<topic>/...``
+        (copied, then deleted: never lost), loudly; return its new key.
+
+        The quarantine is no partition of the archive: listings of partitions, chains,
+        ``verify``, restores and replays do not see it. An operator inspects and deletes it.
+        """
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        moved = self.quarantine_key(key, stamp)
+        await self._call(
+            f"copy {key}",
+            self._client.copy_object,
+            Bucket=self.bucket,
+            Key=moved,
+            CopySource={"Bucket": self.bucket, "Key": key},
+        )
+        await self.delete(key)
+        log.error("archive.body_quarantined", key=key, moved_to=moved, reason=reason)
+        return moved
 
     async def append(
         self,
@@ -467,6 +563,8 @@ class Archive:
             encode_manifest(manifest),
             "application/json",
         )
+        if head.next is None:
+            await self.mark_started(topic, partition)
         return ChainHead(manifest.next, manifest.sha256, key), manifest
 
     async def segments(self, topic: str, partition: int) -> list[Manifest]:
@@ -593,8 +691,81 @@ async def gather_facts(
     return result
 
 
-def check_archive(facts: Sequence[PartitionFacts]) -> Verification:
-    """Recompute every partition's chain from ``facts``; name every problem found."""
+def archived_layout(topics: Iterable[str], layout: TopicLayout) -> list[Partition]:
+    """Every partition the layout's counts give the archive's event topics, by role.
+
+    The archive's topics may be another deployment's (``old.users``, a restore maps them by
+    role); a topic of one role found names the other role's (``old.conversations``).
+    """
+    prefixes: set[str] = set()
+    for topic in topics:
+        for stream in ("user", "conversation"):
+            if topic.endswith(f".{stream}s"):
+                prefixes.add(topic[: -len(f".{stream}s")])
+    return sorted(
+        partition
+        for prefix in prefixes
+        for partition in msgspec.structs.replace(layout, prefix=prefix).every_partition()
+    )
+
+
+def absent_partitions(
+    present: Iterable[Partition], started: Iterable[Partition], expected: Iterable[Partition]
+) -> tuple[list[Problem], list[Partition]]:
+    """The partitions without any object in the archive, split into problems (provably lost)
+    and the rest (empty, as far as anything shows).
+
+    Provably lost: a partition whose first segment the archive recorded (``started``: the
+    marker lies outside the partition's prefix). In an archive without any marker (written
+    before they existed), a partition numbered below one of its topic's that has segments: it
+    existed, and nothing can show it was empty. Any other partition without objects (one of
+    ``expected``, the layout's, or a higher-numbered one in an archive without markers) cannot
+    be told from one that never received a record, and is reported empty.
+    """
+    present, started = set(present), set(started)
+    highest: dict[str, int] = {}
+    for topic, partition in present:
+        highest[topic] = max(highest.get(topic, -1), partition)
+    below = {(topic, p) for topic, top in highest.items() for p in range(top)}
+    problems: list[Problem] = []
+    empty: list[Partition] = []
+    for topic, partition in sorted((set(expected) | started | below) - present):
+        if (topic, partition) in started:
+            problems.append(
+                Problem(
+                    "missing",
+                    topic,
+                    partition,
+                    "*",
+                    "the archive recorded segments of this partition "
+                    f"({META}/started/{topic}/{partition}), but it holds none: all were deleted",
+                )
+            )
+        elif not started and partition < highest.get(topic, -1):
+            problems.append(
+                Problem(
+                    "missing",
+                    topic,
+                    partition,
+                    "*",
+                    f"no segment, while partition {highest[topic]} of the topic has segments: "
+                    "it existed, and nothing shows it never held a record",
+                )
+            )
+        else:
+            empty.append((topic, partition))
+    return problems, empty
+
+
+def check_archive(
+    facts: Sequence[PartitionFacts],
+    *,
+    started: Iterable[Partition] = (),
+    expected: Iterable[Partition] = (),
+) -> Verification:
+    """Recompute every partition's chain from ``facts``; name every problem found, and every
+    partition without objects that provably held records (:func:`absent_partitions`; empty
+    ones are listed as chains of no segment)."""
     # Where each recorded sha256 belongs, to recognise a body stored under the wrong name.
     owners: dict[str, str] = {}
     for part in facts:
@@ -607,6 +778,10 @@ def check_archive(facts: Sequence[PartitionFacts]) -> Verification:
         found, chain = _check_partition(part, owners)
         problems.extend(found)
         chains.append(chain)
+    lost, empty = absent_partitions(((f.topic, f.partition) for f in facts), started, expected)
+    problems.extend(lost)
+    chains.extend(ChainSummary(topic, partition, 0, 0, None, None) for topic, partition in empty)
+    chains.sort(key=lambda c: (c.topic, c.partition))
     return Verification(chains, problems)
 
 
@@ -711,7 +886,18 @@ def _check_partition(
 
 
 async def verify_archive(
-    archive: Archive, partitions: Iterable[Partition] | None = None
+    archive: Archive,
+    partitions: Iterable[Partition] | None = None,
+    *,
+    layout: TopicLayout | None = None,
 ) -> Verification:
-    """Gather the archive's facts from S3 and check every chain."""
-    return check_archive(await gather_facts(archive, partitions))
+    """Gather the archive's facts from S3 and check every chain (of ``partitions``, default
+    all); for the whole archive, also every partition that should be there: recorded by the
+    archive, or given by ``layout``'s counts (see :func:`absent_partitions`)."""
+    facts = await gather_facts(archive, partitions)
+    if partitions is not None:
+        return check_archive(facts)
+    started = await archive.started()
+    topics = {f.topic for f in facts} | {topic for topic, _ in started}
+    expected = archived_layout(topics, layout) if layout is not None else []
+    return check_archive(facts, started=started, expected=expected)

@@ -3,8 +3,13 @@
 Reads every manifest and segment under the archive's prefix, recomputes each segment's sha256
 and each partition's chain, and names every segment that is missing (offsets in no segment, a
 manifest without its body), altered (bytes changed), reordered (stored under another segment's
-name), extra (overlapping or stray) or whose link is broken. A body without manifest at the
-very tail is reported as pending (an archiver is between its two writes) and is not an error.
+name), extra (overlapping or stray) or whose link is broken, and every partition that lost all
+its objects: one the archive recorded as holding segments (``_meta/started``), or, in an
+archive written before those records, one numbered below a partition of its topic with
+segments. The partition counts of the settings (``BACKBONE_USER_PARTITIONS`` /
+``_CONVERSATION_PARTITIONS``) name the partitions to look for; one without objects that nothing
+shows held a record is listed as empty. A body without manifest at the very tail is reported
+as pending (an archiver is between its two writes) and is not an error.
 Exit status 0 when the archive is sound, 1 when anything is wrong, 2 when it cannot be read.
 """
 
@@ -18,7 +23,7 @@ import sys
 
 import msgspec
 
-from eventstore import EventStoreError, Settings
+from eventstore import EventStoreError, Settings, TopicLayout
 from eventstore.archive import Archive, ArchiveConfig, Verification, verify_archive
 from eventstore.objects import s3_client
 from eventstore.runtime import run_command
@@ -28,7 +33,10 @@ from ops.deployment import command_settings
 async def verify(settings: Settings, config: ArchiveConfig) -> Verification:
     client = s3_client(settings)
     try:
-        return await verify_archive(Archive(client, config.bucket, config.prefix))
+        return await verify_archive(
+            Archive(client, config.bucket, config.prefix),
+            layout=TopicLayout.from_settings(settings),
+        )
     finally:
         await asyncio.to_thread(client.close)
 

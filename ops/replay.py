@@ -7,13 +7,17 @@ fan-out tier: nothing is written to Kafka, so nothing is pushed again. On a term
 progress bar on stderr; ``--json`` prints one JSON object per line on stdout instead
 (``progress`` lines, then one ``result`` line with the checksum of what was swapped in).
 
-``--from s3`` reads the S3 archive (bucket ``backbone-archive``, prefix: the topic prefix unless
-``--archive-prefix``) instead of Kafka. ``--until TIME|POSITION`` (an RFC 3339 time with a zone,
-or a position token) stops every partition at that point, so the model is the state then
-(messages after it absent); it requires ``--into SCHEMA``: the point-in-time model is left in a
-schema of its own (e.g. for an audit) and never swapped in, since the live projector would
-carry a swapped-in past forward to the log end again. ``--into`` also works without ``--until``
-(a model beside the live one). Rerun with the same options to resume; drop the schema when done
+``--from s3`` reads the S3 archive instead of Kafka: the archive the archiver writes, verify
+checks and restore-log restores (``BACKBONE_ARCHIVE_BUCKET``, default ``backbone-archive``;
+``BACKBONE_ARCHIVE_PREFIX``, default the topic prefix), or ``--archive-bucket`` /
+``--archive-prefix``. An archive that holds no record at all is refused (nothing is built or
+swapped in): it is a wrong location, not an empty log.
+``--until TIME|POSITION`` (an RFC 3339 time with a zone, or a position token) stops every
+partition at that point, so the model is the state then (messages after it absent); it
+requires ``--into SCHEMA``: the point-in-time model is left in a schema of its own (e.g. for
+an audit) and never swapped in, since the live projector would carry a swapped-in past forward
+to the log end again. ``--into`` also works without ``--until`` (a model beside the live one).
+Rerun with the same options to resume; drop the schema when done
 (``DROP SCHEMA <name> CASCADE``).
 
 ``checksum`` prints the fingerprint of a read-model schema: equal checksums mean equal tables
@@ -26,16 +30,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Final, TextIO
 
 import msgspec
 from redis.asyncio import Redis
 
 from eventstore import EventStore, EventStoreError, Settings, TopicLayout, create_pool
-from eventstore.archive import Archive
-from eventstore.objects import ARCHIVE_BUCKET, s3_client
+from eventstore.archive import Archive, ArchiveConfig
+from eventstore.objects import s3_client
 from eventstore.runtime import run_command
 from ops.deployment import command_settings
 from projectors.checksum import checksum
@@ -43,7 +49,13 @@ from projectors.errors import ProjectorError
 from projectors.read.contract import LIVE_SCHEMA
 from projectors.rebuild import Progress, Rebuild, RebuildResult
 from projectors.schema import checked_schema_name, schema_exists
-from projectors.sources import REPLAY_BATCH, ArchiveSource, RecordSource, Until
+from projectors.sources import (
+    REPLAY_BATCH,
+    ArchiveSource,
+    RecordSource,
+    ReplaySourceError,
+    Until,
+)
 
 PROJECTORS: Final = {"chat": LIVE_SCHEMA}
 """Projector name -> the live schema it owns."""
@@ -113,13 +125,16 @@ async def replay(
     workers: int | None = None,
     source: str = "kafka",
     archive_prefix: str | None = None,
+    archive_bucket: str | None = None,
     until: Until | None = None,
     into: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> RebuildResult:
     """Rebuild ``schema`` of the deployment ``settings`` names; see :mod:`projectors.rebuild`.
 
-    ``source``: ``kafka`` or ``s3`` (the archive under ``archive_prefix``, default the topic
-    prefix); ``until``/``into``: a point-in-time model / a schema of its own, no swap.
+    ``source``: ``kafka`` or ``s3`` (the archive :func:`archive_config` names);
+    ``until``/``into``: a point-in-time model / a schema of its own, no swap.
+    :class:`ReplaySourceError` when the archive holds no record.
     """
     redis = Redis.from_url(settings.redis_url)
     client = s3_client(settings) if source == "s3" else None
@@ -127,9 +142,16 @@ async def replay(
         async with await EventStore.open(settings, with_producer=False) as store:
             records: RecordSource | None = None
             if client is not None:
-                prefix = (archive_prefix or settings.topic_prefix).strip("/")
-                archive = Archive(client, ARCHIVE_BUCKET, prefix)
+                config = archive_config(settings, env, prefix=archive_prefix, bucket=archive_bucket)
+                archive = Archive(client, config.bucket, config.prefix)
                 records = ArchiveSource(archive, TopicLayout.from_settings(settings), batch=batch)
+                if not any((await records.ends()).values()):
+                    raise ReplaySourceError(
+                        f"the archive s3://{config.bucket}/{config.prefix}/ holds no record: "
+                        "refusing to build (and swap in) an empty model; check "
+                        "BACKBONE_ARCHIVE_BUCKET / BACKBONE_ARCHIVE_PREFIX (or --archive-bucket "
+                        "/ --archive-prefix)"
+                    )
             rebuild = Rebuild(
                 store,
                 live=schema,
@@ -147,6 +169,24 @@ async def replay(
         if client is not None:
             client.close()
         await redis.aclose()
+
+
+def archive_config(
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+    *,
+    prefix: str | None = None,
+    bucket: str | None = None,
+) -> ArchiveConfig:
+    """The archive a replay reads: the one the archiver writes
+    (:meth:`~eventstore.archive.ArchiveConfig.from_env`, ``env`` defaulting to the process
+    environment), with ``prefix``/``bucket`` over it."""
+    config = ArchiveConfig.from_env(settings, os.environ if env is None else env)
+    if prefix and prefix.strip("/"):
+        config = msgspec.structs.replace(config, prefix=prefix.strip("/"))
+    if bucket and bucket.strip():
+        config = msgspec.structs.replace(config, bucket=bucket.strip())
+    return config
 
 
 def summary(result: RebuildResult, *, kept: bool = False) -> str:
@@ -172,6 +212,7 @@ def run_replay(args: argparse.Namespace) -> int:
                 on_progress=reporter,
                 source=args.source,
                 archive_prefix=args.archive_prefix,
+                archive_bucket=args.archive_bucket,
                 until=args.until,
                 into=args.into,
             )
@@ -241,8 +282,10 @@ def _run_checked(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     def run(args: argparse.Namespace) -> int:
         if args.until is not None and args.into is None:
             parser.error("--until needs --into SCHEMA: a point-in-time model is never swapped in")
-        if args.archive_prefix is not None and args.source != "s3":
-            parser.error("--archive-prefix is for --from s3")
+        if args.source != "s3" and (
+            args.archive_prefix is not None or args.archive_bucket is not None
+        ):
+            parser.error("--archive-prefix and --archive-bucket are for --from s3")
         return run_replay(args)
 
     parser.set_defaults(func=run)
@@ -278,7 +321,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="read the log from Kafka (default) or from the S3 archive",
     )
     parser.add_argument(
-        "--archive-prefix", help="key prefix of the archive in the bucket (default: topic prefix)"
+        "--archive-prefix",
+        help="key prefix of the archive in the bucket (default: BACKBONE_ARCHIVE_PREFIX, else "
+        "the topic prefix)",
+    )
+    parser.add_argument(
+        "--archive-bucket",
+        help="bucket of the archive (default: BACKBONE_ARCHIVE_BUCKET, else backbone-archive)",
     )
     parser.add_argument(
         "--until",

@@ -6,7 +6,11 @@ before the next starts:
 1. **Verify the archive.** Every hash chain is recomputed (as ``backbone archive verify``
    does); a damaged archive (missing, altered, reordered, extra segment, broken link) is
    refused, naming each problem. A body without manifest at a chain's tail (an archiver
-   between its two writes) is not part of the chain and is not restored; it is reported.
+   that died between its two writes) is not part of the chain and is not restored: before
+   anything is published it is moved to the archive's quarantine
+   (``<prefix>/_quarantine/<time>/...``, never deleted) and reported, so that the archiver,
+   restarted on the restored log, does not adopt it in place of the records the restored log
+   gets at those offsets.
 2. **Check the targets.** The deployment's event topics (``<topic prefix>.users`` and
    ``.conversations``; the archive's topics are mapped to them by role, so an archive can be
    restored under another prefix) must be absent or empty, with the layout's partition
@@ -35,7 +39,9 @@ duplicates records. If a run dies while publishing, the topics hold a prefix of 
 the rerun refuses and says to delete the partially restored topics first. If it dies after
 publishing (before the epoch moved), the topics hold exactly the archive: the rerun says so,
 and ``--finish`` then verifies them and performs steps 5-6 only. Stop every writer (ingest)
-before restoring: records written meanwhile would interleave with the restored ones.
+before restoring: records written meanwhile would interleave with the restored ones. Stop
+the archiver too (it would be writing the tail this moves) and start it after: it continues
+each chain on the restored log (and quarantines any tail body the log does not hold).
 
 Exit status 0 when restored, 1 when refused (damaged archive, topics not empty, a restore
 that does not verify), 2 when a part cannot be reached or is misconfigured.
@@ -299,7 +305,9 @@ class RestoreResult(msgspec.Struct, frozen=True):
     partitions: list[PartitionResult]
     offsets_preserved: bool
     pending: list[str]
-    """Tail bodies without manifest (being written when the archive was read): not restored."""
+    """Tail bodies without manifest (``topic/partition/name``): not restored."""
+    quarantined: list[str]
+    """Where each of ``pending`` was moved (its key in the bucket), in the same order."""
     previous_epoch: int
     epoch: int
     channel: str
@@ -592,12 +600,27 @@ def _compare(
     return differences
 
 
+async def quarantine_pending(archive: Archive, verification: Verification) -> list[str]:
+    """Move every pending tail body out of its chain (see the module docstring, step 1);
+    the keys they were moved to."""
+    moved: list[str] = []
+    for problem in verification.problems:
+        if problem.kind == "pending":
+            moved.append(
+                await archive.quarantine(
+                    archive.partition_prefix(problem.topic, problem.partition) + problem.name,
+                    "restore-log: a body without manifest is not part of the restored log",
+                )
+            )
+    return moved
+
+
 async def restore_log(
     settings: Settings, archive: Archive, redis: Redis, *, finish: bool = False
 ) -> RestoreResult:
     """Restore the deployment's event topics from ``archive``; see the module docstring."""
     layout = TopicLayout.from_settings(settings)
-    verification = await verify_archive(archive)
+    verification = await verify_archive(archive, layout=layout)
     plans = plan_restore(verification, layout)
     pending = [
         f"{p.topic}/{p.partition}/{p.name}" for p in verification.problems if p.kind == "pending"
@@ -632,11 +655,13 @@ async def restore_log(
                 "after publishing). Nothing was written. Rerun with --finish to verify them, "
                 "bump the epoch and announce it"
             )
+        quarantined = await quarantine_pending(archive, verification)
         published = False
     else:
         if finish:
             raise RestoreError("--finish needs topics that hold the archive; they are empty")
         await check_placement(archive, plans)
+        quarantined = await quarantine_pending(archive, verification)
         created = await ensure_topics(settings, layout)
         expected = await publish(settings, archive, plans)
         published = True
@@ -695,6 +720,7 @@ async def restore_log(
         partitions=results,
         offsets_preserved=all(r.offsets_preserved for r in results),
         pending=pending,
+        quarantined=quarantined,
         previous_epoch=previous,
         epoch=epoch,
         channel=channel,
@@ -714,8 +740,11 @@ def summary(result: RestoreResult) -> str:
             f"  {r.topic}/{r.partition}: {r.records:,} records, {span}, sha256 {r.sha256[:16]}"
             f"{moved}"
         )
-    for name in result.pending:
-        lines.append(f"  not restored (no manifest yet): {name}")
+    for name, moved in zip(result.pending, result.quarantined, strict=True):
+        lines.append(
+            f"  not restored (a body without manifest): {name}, moved to "
+            f"s3://{result.bucket}/{moved}"
+        )
     if result.published:
         lines.append(
             f"published {result.records:,} records in {result.publish_seconds:.1f} s "

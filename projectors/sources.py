@@ -43,7 +43,7 @@ from eventstore import (
     TopicLayout,
     decode_records,
 )
-from eventstore.archive import Archive, Manifest
+from eventstore.archive import Archive, Manifest, absent_partitions, archived_layout
 from eventstore.consumer import Partition
 from eventstore.ends import end_offsets, quick_start_options
 from eventstore.objects import s3_client
@@ -263,7 +263,17 @@ class ArchiveSource:
 
     async def _manifests(self) -> dict[Partition, list[Manifest]]:
         if not self._segments:
-            for archived, partition in await self._archive.partitions():
+            present = await self._archive.partitions()
+            started = await self._archive.started()
+            topics = {t for t, _ in present} | {t for t, _ in started}
+            lost, _ = absent_partitions(present, started, archived_layout(topics, self._layout))
+            if lost:
+                raise ReplaySourceError(
+                    f"the archive s3://{self._archive.bucket}/{self._archive.prefix}/ lost "
+                    + "; ".join(f"{p.topic}/{p.partition} ({p.detail})" for p in lost)
+                    + ": a model built from it would miss them (backbone archive verify)"
+                )
+            for archived, partition in present:
                 topic = self._topic(archived)
                 if topic is not None:
                     found = await self._archive.segments(archived, partition)

@@ -27,7 +27,7 @@ from typing import Any, Final
 import aiohttp
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from botocore.exceptions import ClientError
 
@@ -35,6 +35,7 @@ from eventstore import Batch, EventStore, OffsetRange, Settings, TopicLayout
 from eventstore.archive import (
     FORMAT,
     MANIFEST_SUFFIX,
+    QUARANTINE,
     Archive,
     ArchiveConfig,
     ArchivedRecord,
@@ -137,6 +138,26 @@ async def raw_log(settings: Settings) -> dict[Partition, list[ArchivedRecord]]:
         return records
     finally:
         await consumer.stop()
+
+
+async def produce_raw(settings: Settings, partition: Partition, count: int, tag: str) -> None:
+    """``count`` raw records (the archiver never decodes) appended to one partition."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for n in range(count):
+            await producer.send(
+                partition[0], b"%s %d" % (tag.encode(), n), key=b"k", partition=partition[1]
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def quarantined(archive: Archive) -> dict[str, bytes]:
+    """Every object in the archive's quarantine, by key."""
+    keys = await archive.list_keys(f"{archive.prefix}/{QUARANTINE}/")
+    return {key: await archive.get(key) for key in keys}
 
 
 async def archived_records(archive: Archive) -> dict[Partition, list[ArchivedRecord]]:
@@ -290,6 +311,49 @@ async def test_verify_names_each_damaged_segment(
     assert blamed <= {n.replace(MANIFEST_SUFFIX, ".seg") for n in names.values()}
 
 
+async def delete_partition(archive: Archive, partition: Partition) -> None:
+    """Every object of one partition's prefix deleted."""
+    for key in await archive.list_keys(archive.partition_prefix(*partition)):
+        await archive.delete(key)
+
+
+async def test_verify_names_a_partition_that_lost_every_object(archived: Archived) -> None:
+    """Every object of a partition deleted: verify names it missing, whether a partition above
+    it is intact or not, since the archive recorded that it held segments; in an archive
+    without those records (written before them), it names one below an intact partition of its
+    topic and cannot tell the highest from an empty one. The layout's partitions that hold no
+    object and that nothing shows held records are listed as empty chains."""
+    layout = TopicLayout.from_settings(archived.settings)
+    rooms = [p for p in partitions_of(archived.settings) if p[0] == layout.topic("conversation")]
+    assert all(archived.ends[p] for p in rooms), "every conversation partition holds records"
+    archive = await copy_archive(archived.archive, archived.client)
+    await delete_partition(archive, rooms[1])
+    for given in (layout, None):
+        result = await verify_archive(archive, layout=given)
+        assert not result.ok
+        assert [(p.kind, p.topic, p.partition) for p in result.problems] == [("missing", *rooms[1])]
+    for key in await archive.list_keys(f"{archive.prefix}/_meta/"):
+        await archive.delete(key)  # an archive as written before the records existed
+    result = await verify_archive(archive, layout=layout)
+    assert [(p.kind, p.topic, p.partition) for p in result.problems] == [("missing", *rooms[1])]
+    # The highest partition: the record shows it held segments; without it, nothing does.
+    archive = await copy_archive(archived.archive, archived.client)
+    await delete_partition(archive, rooms[-1])
+    result = await verify_archive(archive, layout=layout)
+    assert [(p.kind, p.topic, p.partition) for p in result.problems] == [("missing", *rooms[-1])]
+    for key in await archive.list_keys(f"{archive.prefix}/_meta/"):
+        await archive.delete(key)
+    result = await verify_archive(archive, layout=layout)
+    assert result.problems == []
+    empty = [(c.topic, c.partition) for c in result.chains if not c.segments]
+    assert empty == [rooms[-1]], "the highest partition cannot be told from an empty one"
+    # The layout names partitions no listing shows: one more conversation partition, empty.
+    wider = msgspec.structs.replace(layout, conversation_partitions=len(rooms) + 1)
+    result = await verify_archive(archive, layout=wider)
+    empty = [(c.topic, c.partition) for c in result.chains if not c.segments]
+    assert empty == [rooms[-1], (rooms[0][0], len(rooms))]
+
+
 async def test_verify_cli_exit_status_and_json(archived: Archived, stack: StackInfo) -> None:
     """``backbone archive verify --json`` exits 0 on a sound archive and 1 naming the altered
     segment after one byte changed."""
@@ -334,6 +398,48 @@ async def test_recover_completes_a_segment_whose_manifest_was_never_written(
     rewritten = (await archive.segments(topic, int(number)))[-1]
     assert msgspec.structs.replace(rewritten, created=last.created) == last
     assert (await verify_archive(archive)).ok
+
+
+async def test_the_archiver_adopts_a_pending_body_only_when_the_log_holds_its_records(
+    base_settings: Settings, client: Any
+) -> None:
+    """A body without manifest at a chain's tail is adopted when the log holds exactly its
+    records (a crash between the two writes); one written from another log (the old log's
+    offsets 30..39, before a restore) is moved to the quarantine, never adopted, and the
+    log's own records at those offsets are archived: the archive equals the log."""
+    settings = await fresh_topics(base_settings, user_partitions=1, conversation_partitions=1)
+    users, rooms = partitions_of(settings)
+    await produce_raw(settings, users, 30, "first")
+    await produce_raw(settings, rooms, 30, "first")
+    archive = Archive(client, BUCKET, settings.topic_prefix)
+    await archive_log(settings, archive, segment_records=10)
+    # rooms: a crash lost the last manifest; the log holds the body's records.
+    crashed = (await archive.segments(*rooms))[-1]
+    await archive.delete(
+        archive.partition_prefix(*rooms) + segment_name(crashed.first, 29, MANIFEST_SUFFIX)
+    )
+    # users: a body of other records at the offsets the log is about to get.
+    foreign = encode_segment(
+        users[0],
+        users[1],
+        [
+            ArchivedRecord(o, 1_700_000_000_000, 0, b"k", b"old log %d" % o, [])
+            for o in range(30, 40)
+        ],
+    )
+    foreign_key = archive.partition_prefix(*users) + segment_name(30, 39)
+    await archive.put(foreign_key, foreign, "application/octet-stream")
+    await produce_raw(settings, users, 15, "new log")
+    await archive_log(settings, archive, segment_records=10)
+    log = await raw_log(settings)
+    assert await archived_records(archive) == log
+    assert (await verify_archive(archive)).problems == []
+    assert (await archive.segments(*rooms))[-1].sha256 == crashed.sha256, "adopted"
+    moved = await quarantined(archive)
+    assert list(moved.values()) == [foreign]
+    [key] = moved
+    assert key.startswith(f"{archive.prefix}/{QUARANTINE}/")
+    assert key.endswith(foreign_key[len(archive.prefix) :])
 
 
 def test_check_archive_is_clean_on_an_empty_archive() -> None:

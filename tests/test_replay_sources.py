@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import os
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from eventstore import Batch, OffsetRange, RecordedEvent
-from eventstore.archive import Archive
+from eventstore.archive import Archive, ArchiveConfig
 from eventstore.objects import ARCHIVE_BUCKET, s3_client
 from ops.replay import register
 from ops.replay import replay as cli_replay
@@ -26,7 +30,7 @@ from projectors.checksum import checksum
 from projectors.projector import Projector
 from projectors.rebuild import Rebuild
 from projectors.schema import create_schema, schema_exists
-from projectors.sources import Cut, SourceRecord, Until
+from projectors.sources import Cut, ReplaySourceError, SourceRecord, Until
 from tests.test_archive import archive_log
 from tests.test_projector_drills import produce, workload
 from tests.test_projector_support import (
@@ -35,6 +39,8 @@ from tests.test_projector_support import (
     world_fixture,  # noqa: F401 - provides the `world` fixture
 )
 from tests.test_rebuild import clean_checksum, rooms_and_senders
+
+OTHER_BUCKET = "backbone-archive-elsewhere"
 
 
 @pytest.fixture
@@ -149,12 +155,21 @@ async def test_point_in_time_replay_equals_the_state_at_that_time(
     assert await schema_exists(world.store.pool, "chat")
 
 
-async def test_a_replay_from_the_archive_equals_one_from_kafka(world: World, client: Any) -> None:
+async def test_a_replay_from_the_archive_equals_one_from_kafka(
+    world: World, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After archiving the log: a replay from S3 (swapped in) and one from Kafka (into a schema
-    of its own) have the same checksum, equal to a clean replay."""
+    of its own) have the same checksum, equal to a clean replay. The archive is where the
+    archiver's settings put it (``BACKBONE_ARCHIVE_BUCKET`` / ``_PREFIX``), and the replay
+    reads it there."""
     events, _ = workload(rooms=12, users=20, messages=2000, seed=9)
     await produce(world.store, events)
-    archive = Archive(client, ARCHIVE_BUCKET, world.settings.topic_prefix)
+    with contextlib.suppress(ClientError):  # made by an earlier run
+        await asyncio.to_thread(client.create_bucket, Bucket=OTHER_BUCKET)
+    monkeypatch.setenv("BACKBONE_ARCHIVE_BUCKET", OTHER_BUCKET)
+    monkeypatch.setenv("BACKBONE_ARCHIVE_PREFIX", f"elsewhere-{uuid.uuid4().hex[:8]}")
+    config = ArchiveConfig.from_env(world.settings, os.environ)
+    archive = Archive(client, config.bucket, config.prefix)
     await archive_log(world.settings, archive, segment_records=250)
 
     from_kafka = await Rebuild(world.store, batch=400, workers=2, into="from_kafka").run()
@@ -163,6 +178,31 @@ async def test_a_replay_from_the_archive_equals_one_from_kafka(world: World, cli
     assert from_s3.records == from_kafka.records == len(events)
     assert from_s3.positions == from_kafka.positions
     assert from_s3.checksum == from_kafka.checksum == await clean_checksum(world)
+
+
+async def test_a_replay_from_an_archive_without_records_is_refused(world: World) -> None:
+    """``replay --from s3`` pointed at a location that holds no record (a wrong bucket or
+    prefix) refuses, naming it, and swaps nothing in: the live model stays as it was."""
+    events, _ = workload(rooms=3, users=4, messages=40, seed=3)
+    await produce(world.store, events)
+    await world.catch_up()
+    async with world.store.pool.acquire() as conn:
+        live = await checksum(conn, "chat")
+        messages = await conn.fetchval("SELECT count(*) FROM chat.messages")
+    assert messages > 0
+    prefix = f"nothing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ReplaySourceError, match=f"s3://{ARCHIVE_BUCKET}/{prefix}/ holds no record"):
+        await cli_replay(
+            world.settings,
+            "chat",
+            batch=400,
+            on_progress=None,
+            source="s3",
+            env={"BACKBONE_ARCHIVE_PREFIX": prefix},
+        )
+    async with world.store.pool.acquire() as conn:
+        assert await checksum(conn, "chat") == live
+        assert await conn.fetchval("SELECT count(*) FROM chat.messages") == messages
 
 
 def test_until_needs_into() -> None:

@@ -31,12 +31,15 @@ from eventstore import (
     read_epoch,
 )
 from eventstore.archive import (
+    MANIFEST_SUFFIX,
+    QUARANTINE,
     Archive,
     ArchivedRecord,
     ChainSummary,
     Problem,
     Verification,
     segment_name,
+    verify_archive,
 )
 from eventstore.epoch import epoch_channel
 from ops.environment import stack_env
@@ -55,6 +58,7 @@ from ops.stack import StackInfo
 from projectors.checksum import checksum
 from projectors.projector import Projector
 from projectors.schema import create_schema
+from projectors.sources import ArchiveSource, ReplaySourceError
 from schemas import MessageSent, UserRegistered
 from tests.store_fixtures import fresh_database, isolated
 from tests.test_archive import (
@@ -62,6 +66,8 @@ from tests.test_archive import (
     archived_records,
     copy_archive,
     log_ends,
+    produce_raw,
+    quarantined,
     raw_log,
     traffic,
 )
@@ -288,6 +294,30 @@ async def test_refuses_a_damaged_archive_naming_the_segment(
     )
 
 
+async def test_a_partition_that_lost_every_object_is_refused(
+    restored: Restored, base_settings: Settings
+) -> None:
+    """Every object of one conversation partition deleted while the others are intact:
+    restore-log refuses before creating anything, naming the partition (it had restored the
+    others and reported success), and so does a replay from the archive (it had built a model
+    without that partition)."""
+    archive = await copy_archive(restored.archive, restored.client)
+    layout = TopicLayout.from_settings(restored.settings)
+    lost = (layout.topic("conversation"), 1)
+    assert restored.before[lost], "the partition held records"
+    for key in await archive.list_keys(archive.partition_prefix(*lost)):
+        await archive.delete(key)
+    settings = msgspec.structs.replace(
+        await fresh_database(restored.settings), topic_prefix=f"t{uuid.uuid4().hex[:10]}"
+    )
+    await _refused_without_topics(
+        settings, archive, ArchiveDamaged, re.escape(f"missing {lost[0]}/{lost[1]}/*")
+    )
+    source = ArchiveSource(archive, TopicLayout.from_settings(settings))
+    with pytest.raises(ReplaySourceError, match=re.escape(f"lost {lost[0]}/{lost[1]} ")):
+        await source.ends()
+
+
 async def test_cli_restores_into_another_prefix_and_prints_json(
     restored: Restored, base_settings: Settings, stack: StackInfo
 ) -> None:
@@ -344,6 +374,44 @@ async def test_refuses_another_partition_count_before_writing(
     await _refused_without_topics(
         settings, restored.archive, ConfigError, "BACKBONE_CONVERSATION_PARTITIONS"
     )
+
+
+async def test_a_pending_tail_is_quarantined_and_the_new_log_archived_in_its_place(
+    base_settings: Settings, client: Any
+) -> None:
+    """The chain ends at N and a body without manifest covers N..M. restore-log publishes
+    0..N-1 and moves that body out of the chain (to the quarantine, reported); records then
+    written at N..M are archived by the restarted archiver, not the old body: the archive
+    equals the restored log."""
+    settings = await isolated(base_settings, user_partitions=1, conversation_partitions=1)
+    async with await EventStore.open(settings) as store:
+        await store.producer.append(traffic(60, rooms=2, users=2))
+    archive = Archive(client, BUCKET, settings.topic_prefix)
+    await archive_log(settings, archive, segment_records=15)
+    partition = (TopicLayout.from_settings(settings).topic("conversation"), 0)
+    pending = (await archive.segments(*partition))[-1]
+    body_key = archive.partition_prefix(*partition) + segment_name(pending.first, pending.last)
+    body = await archive.get(body_key)
+    await archive.delete(body_key[: -len(".seg")] + MANIFEST_SUFFIX)
+    await delete_topics(settings)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        result = await restore_log(settings, archive, redis)
+    finally:
+        await redis.aclose()
+    name = f"{partition[0]}/{partition[1]}/{segment_name(pending.first, pending.last)}"
+    assert result.pending == [name]
+    assert await quarantined(archive) == {result.quarantined[0]: body}
+    assert result.quarantined[0].startswith(f"{archive.prefix}/{QUARANTINE}/")
+    assert result.quarantined[0].endswith(name)
+    assert f"moved to s3://{BUCKET}/{result.quarantined[0]}" in summary(result)
+    assert (await verify_archive(archive)).problems == []
+    assert (await log_ends(settings))[partition] == pending.first
+    await produce_raw(settings, partition, pending.count + 5, "after the restore")
+    await archive_log(settings, archive, segment_records=15)
+    assert await archived_records(archive) == {
+        p: r for p, r in (await raw_log(settings)).items() if r
+    }
 
 
 def test_plan_refuses_a_damaged_or_empty_archive_and_maps_topics_by_role() -> None:

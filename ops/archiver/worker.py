@@ -9,7 +9,10 @@ written (:meth:`eventstore.archive.Archive.append`).
 Positions live in the archive itself: on every assignment the reader asks :meth:`Archiver.load`,
 which reads (and repairs, after a crash between a segment and its manifest) the chain's tail in
 S3 and drops anything buffered for the partition, so the reader resumes right after the last
-segment written: no gap, no overlap. A partition that moved to another member is dropped
+segment written: no gap, no overlap. A body a crash left without manifest is adopted only when
+the log holds exactly its records at its offsets (:func:`kafka_records`); one written from
+another log (before a restore, or a replaced cluster) is moved to the archive's quarantine and
+those offsets are archived again from this log. A partition that moved to another member is dropped
 from the buffers before anything is written for it. Segments are written in the background
 while the reader fetches on (see :meth:`Archiver.flush`); before a partition moves to another
 member, and before the worker exits on SIGTERM/SIGINT, the writes in flight finish. Records
@@ -27,17 +30,29 @@ from typing import Final, cast
 
 import structlog
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from eventstore import Batch, ConfigError, EventStoreError, GroupReader, LogEnds, Settings
+from eventstore import (
+    Batch,
+    ConfigError,
+    EventStoreError,
+    GroupReader,
+    LogEnds,
+    LogUnavailable,
+    Settings,
+)
 from eventstore.archive import (
     Archive,
     ArchiveConfig,
     ArchivedRecord,
     ChainHead,
     KafkaRecord,
+    LogRecords,
 )
+from eventstore.ends import quick_start_options
 from eventstore.objects import s3_client
 from eventstore.runtime import serve_member
 
@@ -49,6 +64,8 @@ METRICS_PORT_VARIABLE: Final = "BACKBONE_ARCHIVER_METRICS_PORT"
 METRICS_HOST_VARIABLE: Final = "BACKBONE_ARCHIVER_METRICS_HOST"
 WORKER_INDEX_VARIABLE: Final = "BACKBONE_WORKER_INDEX"
 _LAG_INTERVAL: Final = 5.0
+_CHECK_SECONDS: Final = 60.0
+"""The longest reading a pending body's offsets back from the log may take."""
 PENDING_SEGMENTS: Final = 8
 """Segments' worth of bytes (``segment_bytes`` each) the archiver writes at once, at most."""
 
@@ -121,8 +138,13 @@ class Archiver:
         config: ArchiveConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        log_records: LogRecords | None = None,
     ) -> None:
+        """``log_records``: reads the log's records at given offsets; a body whose manifest
+        a crash did not write is adopted only when it holds exactly those (the worker always
+        passes :func:`kafka_records`)."""
         self.archive = archive
+        self._log_records = log_records
         self._config = config
         self._clock = clock
         self._heads: dict[Partition, ChainHead] = {}
@@ -145,7 +167,7 @@ class Archiver:
         await self.release(partitions)  # the tail is read once our own writes have landed
         stored: dict[Partition, int] = {}
         for partition in partitions:
-            head = await self.archive.recover(*partition)
+            head = await self.archive.recover(*partition, log_records=self._log_records)
             self._heads[partition] = head
             # Whatever was buffered is read again from the head: never twice in a segment.
             self._buffers.pop(partition, None)
@@ -259,6 +281,47 @@ class Archiver:
         await self.flush()
 
 
+def kafka_records(settings: Settings) -> LogRecords:
+    """Reads a partition's records at offsets ``first`` .. ``last`` from the log (as the
+    archiver's reader gets them: read-committed), for checking a body before adopting it."""
+
+    async def read(topic: str, partition: int, first: int, last: int) -> list[ArchivedRecord]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id="backbone-archiver-check",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            **quick_start_options(True),
+        )
+        tp = TopicPartition(topic, partition)
+        found: list[ArchivedRecord] = []
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            start = (await consumer.beginning_offsets([tp]))[tp]
+            end = min((await consumer.end_offsets([tp]))[tp], last + 1)
+            if start > first or end <= first:
+                return found  # the log does not hold the first of those offsets
+            consumer.seek(tp, first)
+            async with asyncio.timeout(_CHECK_SECONDS):
+                while await consumer.position(tp) < end:
+                    fetched = await consumer.getmany(tp, timeout_ms=500)
+                    found.extend(
+                        ArchivedRecord.of(r) for r in fetched.get(tp, ()) if first <= r.offset < end
+                    )
+        except (KafkaError, TimeoutError) as exc:
+            raise LogUnavailable(
+                f"Kafka at {settings.kafka_bootstrap}: reading {topic}/{partition} offsets "
+                f"{first}..{last}: {exc or type(exc).__name__}"
+            ) from exc
+        finally:
+            await consumer.stop()
+        return found
+
+    return read
+
+
 async def never_decrypts(subjects: Iterable[uuid.UUID], /) -> dict[uuid.UUID, AESGCM | None]:
     raise RuntimeError("the archiver reads raw records and never decrypts")
 
@@ -307,7 +370,11 @@ async def run(
     port = metrics_port(env)
     client = s3_client(settings)
     try:
-        archiver = Archiver(Archive(client, config.bucket, config.prefix), config)
+        archiver = Archiver(
+            Archive(client, config.bucket, config.prefix),
+            config,
+            log_records=kafka_records(settings),
+        )
         reader = _reader(settings, archiver, member=instance_id(settings, env))
         try:
             await _serve(settings, env, port, reader, archiver, config)
@@ -378,7 +445,7 @@ async def archive_until(
     For benchmarks and tests: the same :class:`Archiver` the tier runs, as a group member of
     its own (``<prefix>.archiver``), stopped once the archive holds the log up to ``ends``.
     """
-    archiver = Archiver(archive, config)
+    archiver = Archiver(archive, config, log_records=kafka_records(settings))
     reader = _reader(settings, archiver, max_records=max_records)
     wanted = {p: end for p, end in ends.items() if end}
     task = asyncio.create_task(reader.run())
