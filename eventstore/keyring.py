@@ -11,18 +11,23 @@ It names its own subject, so tools can tell whose key a value needs without the 
 event id is the AES-GCM associated data: a sealed value cannot be replayed into another event.
 
 Keys are cached per process. An erasure is announced with ``NOTIFY`` so every process drops
-its cached copy at once; a process that loses its listening connection drops its whole cache.
+its cached copy at once. A process caches keys only while it listens: one that loses its
+listening connection drops its whole cache, caches nothing until it has subscribed again (with
+backoff), and clears the cache once more then (notices sent in between were missed). A key read
+while a notice arrived is not cached, as that notice found nothing to forget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import binascii
+import contextlib
 import functools
 import os
 import struct
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -173,11 +178,30 @@ def _unwrap(master: MasterKey, subject: uuid.UUID, wrapped: bytes) -> bytes:
         ) from None
 
 
+_BACKOFF_MIN: Final = 0.1
+_BACKOFF_MAX: Final = 5.0
+_SUBSCRIBE_TIMEOUT: Final = 10.0
+_PING_TIMEOUT: Final = 10.0
+
+
+async def _give_back(pool: Pool, conn: PoolConnectionProxy[Any]) -> None:
+    """Release ``conn`` to ``pool`` whatever its state (a dead one is replaced by the pool)."""
+    try:
+        async with asyncio.timeout(_PING_TIMEOUT):
+            await pool.release(conn)
+    except Exception as exc:  # noqa: BLE001 - a connection that cannot be released is dropped
+        log.warning("keyring.release_failed", error=str(exc) or type(exc).__name__)
+        with contextlib.suppress(Exception):  # already detached from its connection
+            conn.terminate()
+
+
 class KeyRing:
     """Data keys of subjects: created on first write, cached, destroyed on erasure.
 
     The pool is owned by the caller. :meth:`start` takes one connection from it to listen for
-    erasures made by other processes; :meth:`close` gives it back.
+    erasures made by other processes (replaced when lost; pinged every ``ping_interval``
+    seconds, as a dropped network closes nothing); :meth:`close` gives it back. A ring that
+    does not listen caches nothing.
     """
 
     def __init__(
@@ -186,29 +210,43 @@ class KeyRing:
         master_keys: Sequence[MasterKey],
         *,
         cache_size: int = 100_000,
+        ping_interval: float = 30.0,
     ) -> None:
         if not master_keys:
             raise ValueError("at least one master key is needed")
         self._pool = pool
         self._masters = {m.key_id: m for m in master_keys}
         self._current = master_keys[0]
+        # Holds entries only while the listener is subscribed (see ``_remember``): a key is
+        # trusted only while this process would hear of its erasure.
         self._cache: OrderedDict[uuid.UUID, AESGCM | None] = OrderedDict()
         self._cache_size = cache_size
+        self._ping_interval = ping_interval
         self._listener: PoolConnectionProxy[Any] | None = None
+        self._listening = False
+        # Bumped by every erasure notice, every loss and every (re)subscription: a key read
+        # from the database is cached only if nothing was bumped since the read began.
+        self._epoch = 0
+        self._subscriptions = 0
+        self._notices = 0
+        self._changed = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
+        self._lost_callback: Callable[[object], None] = lambda _: None
 
     async def start(self) -> None:
-        """Listen for erasures announced by other processes."""
-        conn = await self._pool.acquire()
-        await conn.add_listener(ERASURE_CHANNEL, self._on_erasure_notice)
-        conn.add_termination_listener(self._on_listener_lost)
-        self._listener = conn
+        """Listen for erasures announced by other processes, and keep listening: a lost
+        connection is replaced (with backoff) and the cache is unused until it is."""
+        if self._keeper is not None:
+            return
+        conn = await self._subscribe()
+        self._keeper = asyncio.create_task(self._keep_listening(conn), name="keyring-listener")
 
     async def close(self) -> None:
-        conn, self._listener = self._listener, None
-        if conn is not None and not conn.is_closed():
-            conn.remove_termination_listener(self._on_listener_lost)
-            await conn.remove_listener(ERASURE_CHANNEL, self._on_erasure_notice)
-            await self._pool.release(conn)
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
 
     async def __aenter__(self) -> KeyRing:
         await self.start()
@@ -217,23 +255,159 @@ class KeyRing:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    @property
+    def listening(self) -> bool:
+        """Whether erasures by other processes are heard now (the cache is used only then)."""
+        return self._listening
+
+    @property
+    def listener_pid(self) -> int | None:
+        """The PostgreSQL backend pid of the listening connection, while there is one."""
+        conn = self._listener
+        return None if conn is None or conn.is_closed() else conn.get_server_pid()
+
+    @property
+    def subscriptions(self) -> int:
+        """How many times the listener has subscribed (1 after :meth:`start`)."""
+        return self._subscriptions
+
+    @property
+    def notices(self) -> int:
+        """How many erasure notices were heard."""
+        return self._notices
+
+    async def wait_subscribed(self, count: int) -> None:
+        """Wait until the listener has subscribed ``count`` times in all, and listens."""
+        await self._wait(lambda: self._subscriptions >= count and self._listening)
+
+    async def wait_notices(self, count: int) -> None:
+        """Wait until ``count`` erasure notices in all were heard."""
+        await self._wait(lambda: self._notices >= count)
+
+    async def _wait(self, done: Callable[[], bool]) -> None:
+        while True:
+            changed = self._changed
+            if done():
+                return
+            await changed.wait()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _subscribe(self) -> PoolConnectionProxy[Any]:
+        conn = await self._pool.acquire()
+        try:
+            await conn.add_listener(ERASURE_CHANNEL, self._on_erasure_notice)
+            if conn.is_closed():
+                raise asyncpg.InterfaceError("the listening connection closed")
+        except BaseException:
+            await _give_back(self._pool, conn)
+            raise
+
+        def lost(_: object) -> None:
+            if self._listener is conn:  # not a late word about an older connection
+                self._on_listener_lost()
+
+        conn.add_termination_listener(lost)
+        self._lost_callback = lost
+        # Notices sent while no connection listened were missed: nothing cached before this
+        # point is trusted (the cache is empty then anyway, see ``_remember``).
+        self._cache.clear()
+        self._epoch += 1
+        self._listener = conn
+        self._listening = True
+        self._lost.clear()
+        self._subscriptions += 1
+        self._signal()
+        return conn
+
+    async def _keep_listening(self, conn: PoolConnectionProxy[Any] | None) -> None:
+        """Owns the listening connection: replaces it when lost, gives it back when cancelled."""
+        backoff = _BACKOFF_MIN
+        try:
+            while True:
+                if conn is not None:
+                    await self._watch(conn)
+                    # Lost: stop trusting the cache now, then give the dead connection back.
+                    self._on_listener_lost()
+                    self._listener = None
+                    await _give_back(self._pool, conn)
+                    conn = None
+                try:
+                    async with asyncio.timeout(_SUBSCRIBE_TIMEOUT):
+                        conn = await self._subscribe()
+                    log.info("keyring.listener_resubscribed", action="cache cleared")
+                    backoff = _BACKOFF_MIN
+                except Exception as exc:  # noqa: BLE001 - any failure: retry after a pause
+                    log.warning("keyring.resubscribe_failed", error=str(exc), retry_in=backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+        finally:
+            self._drop_trust()
+            self._listener = None
+            if conn is not None:
+                if not conn.is_closed():
+                    conn.remove_termination_listener(self._lost_callback)
+                    try:
+                        async with asyncio.timeout(_PING_TIMEOUT):
+                            await conn.remove_listener(ERASURE_CHANNEL, self._on_erasure_notice)
+                    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                        conn.terminate()
+                await _give_back(self._pool, conn)
+
+    async def _watch(self, conn: PoolConnectionProxy[Any]) -> None:
+        """Return once ``conn`` is lost: closed, or silent to a ping (a dropped network sends
+        no FIN, so a closed socket alone would not tell)."""
+        while not self._lost.is_set() and not conn.is_closed():
+            try:
+                async with asyncio.timeout(self._ping_interval):
+                    await self._lost.wait()
+                return
+            except TimeoutError:
+                pass
+            try:
+                async with asyncio.timeout(_PING_TIMEOUT):
+                    await conn.execute("SELECT 1")
+            except Exception as exc:  # noqa: BLE001 - whatever the failure, it is lost
+                log.warning("keyring.listener_silent", error=str(exc) or type(exc).__name__)
+                conn.terminate()
+                return
+
     def _on_erasure_notice(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        self._epoch += 1
+        self._notices += 1
         try:
             self.forget(uuid.UUID(str(payload)))
         except ValueError:
             self._cache.clear()
+        self._signal()
 
-    def _on_listener_lost(self, conn: object) -> None:
-        # Notices may have been missed while the connection was down: trust nothing cached.
+    def _on_listener_lost(self) -> None:
+        # Notices may be missed while no connection listens: trust nothing cached, and cache
+        # nothing, until the listener has subscribed again.
+        if self._listening:
+            log.warning("keyring.listener_lost", action="cache cleared until resubscribed")
+        self._drop_trust()
+        self._lost.set()
+
+    def _drop_trust(self) -> None:
+        self._listening = False
+        self._epoch += 1
         self._cache.clear()
-        self._listener = None
-        log.warning("keyring.listener_lost", action="cache cleared")
+        self._signal()
 
     def forget(self, subject: uuid.UUID) -> None:
         """Drop a subject's cached key (after an erasure seen elsewhere)."""
         self._cache.pop(subject, None)
 
-    def _remember(self, subject: uuid.UUID, key: AESGCM | None) -> None:
+    def _remember(self, subject: uuid.UUID, key: AESGCM | None, read_at: int | None) -> None:
+        """Cache ``key``, read from the database when the epoch was ``read_at``: only if the
+        listener is subscribed and no notice (nor loss) came since (a notice that arrived
+        while the read was under way found nothing to forget). An erased subject (``None``,
+        ``read_at`` ``None``) stays erased, so it is cached whenever the listener is."""
+        if not self._listening or (read_at is not None and read_at != self._epoch):
+            return
         self._cache[subject] = key
         self._cache.move_to_end(subject)
         while len(self._cache) > self._cache_size:
@@ -271,6 +445,7 @@ class KeyRing:
             else:
                 missing.append(subject)
         if missing:
+            read_at = self._epoch
             rows = [
                 (s, self._current.key_id, _wrap(self._current, s, AESGCM.generate_key(256)))
                 for s in missing
@@ -293,10 +468,10 @@ class KeyRing:
             for row in stored:
                 subject = row["subject"]
                 if row["wrapped"] is None:
-                    self._remember(subject, None)
+                    self._remember(subject, None, None)
                     raise SubjectErased(f"subject {subject} is erased")
                 key = self._open(subject, row["master_key_id"], row["wrapped"])
-                self._remember(subject, key)
+                self._remember(subject, key, read_at)
                 found[subject] = key
         return found
 
@@ -310,6 +485,7 @@ class KeyRing:
             else:
                 missing.append(subject)
         if missing:
+            read_at = self._epoch
             try:
                 async with self._pool.acquire() as conn:
                     stored = await conn.fetch(
@@ -329,7 +505,7 @@ class KeyRing:
                     if row["wrapped"] is None
                     else self._open(subject, row["master_key_id"], row["wrapped"])
                 )
-                self._remember(subject, key)
+                self._remember(subject, key, None if key is None else read_at)
                 result[subject] = key
         return result
 
@@ -359,7 +535,7 @@ class KeyRing:
                 await conn.execute("VACUUM data_keys")
         except (OSError, asyncpg.PostgresError) as exc:
             raise KeyStoreUnavailable(f"key store unreachable: {exc}") from exc
-        self._remember(subject, None)
+        self._remember(subject, None, None)
         return bool(had_key)
 
     async def is_erased(self, subject: uuid.UUID) -> bool:

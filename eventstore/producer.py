@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -57,6 +57,7 @@ from schemas.events import Event
 log = structlog.get_logger(__name__)
 
 ProducerFactory = Callable[[], AIOKafkaProducer]
+_T = TypeVar("_T")
 
 # Errors after which this producer instance can never send again (sequence state is broken).
 _WEDGED = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch, ProducerFenced)
@@ -103,7 +104,9 @@ class EventProducer:
         self._producer: AIOKafkaProducer | None = None
         self._batcher: PartitionBatcher | None = None
         self._generation = 0
+        # Held while the producer is replaced or stopped: one at a time, never both at once.
         self._rebuild_lock = asyncio.Lock()
+        self._rebuilding: asyncio.Task[None] | None = None
         # Every append shares the send bound: one sweeper instead of a timer per append.
         self._deadline = SharedDeadline(settings.send_timeout)
 
@@ -120,10 +123,14 @@ class EventProducer:
         self._producer = await self._build()
 
     async def stop(self) -> None:
-        """Flush what is pending within the send bound, then close regardless."""
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await self._retire(producer, self._settings.send_timeout)
+        """Flush what is pending within the send bound, then close regardless.
+
+        A rebuild under way is waited for (it is bounded), so the client it builds is closed
+        here rather than left running."""
+        async with self._rebuild_lock:
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                await self._retire(producer, self._settings.send_timeout)
         await self._deadline.close()
 
     async def __aenter__(self) -> EventProducer:
@@ -141,16 +148,28 @@ class EventProducer:
             async with asyncio.timeout(self._settings.send_timeout):
                 await producer.start()
         except (KafkaError, TimeoutError) as exc:
-            await _close(producer, grace=1.0)
+            await _unstoppable(_close(producer, grace=1.0))
             reason = str(exc) or f"no producer id within {self._settings.send_timeout}s"
             raise LogUnavailable(
                 f"Kafka at {self._settings.kafka_bootstrap} is unreachable: {reason}"
             ) from exc
+        except BaseException:
+            # Cut off (cancelled): ``start()`` may have begun the client's own tasks (its
+            # bootstrap starts a metadata task), which would run on forever.
+            await _unstoppable(_close(producer, grace=1.0))
+            raise
         self._generation += 1
         self._batcher = PartitionBatcher(producer, _max_request_size(producer))
         return producer
 
     async def _retire(self, producer: AIOKafkaProducer, grace: float) -> None:
+        """Close ``producer`` (bounded by ``grace``), always completely: it runs as a task of
+        its own, which a caller cut off by its bound leaves to finish. A retirement stopped
+        half-way would leave the old sender retrying (duplicates) while aiokafka, having
+        marked the client closed, makes any later ``stop()`` return at once."""
+        await _unstoppable(self._retire_now(producer, grace))
+
+    async def _retire_now(self, producer: AIOKafkaProducer, grace: float) -> None:
         # Records still queued fail; their appends see the closed batcher and retry on the
         # next producer (or fail for want of one, after ``stop``).
         batcher = self._batcher
@@ -162,15 +181,31 @@ class EventProducer:
             batcher.abandon(closed)
 
     async def _rebuild(self, broken: AIOKafkaProducer, reason: str) -> None:
-        """Replace ``broken`` with a fresh producer, once, however many senders noticed."""
-        async with self._rebuild_lock:
-            if id(self._producer) != id(broken):
-                return  # another append already rebuilt it
-            PRODUCER_RECREATED.inc()
-            log.warning("producer.rebuild", reason=reason, generation=self._generation)
-            # Appends that still hold ``broken`` fail on it and retry on the new producer.
-            await self._retire(broken, grace=1.0)
-            self._producer = await self._build()
+        """Replace ``broken`` with a fresh producer, once, however many senders noticed.
+
+        The work runs as a task of its own, which every append that noticed waits for: an
+        append cut off by its bound stops waiting, but the rebuild goes on, bounded by its own
+        timeouts (the grace to retire, the send bound to build), so a client is never left
+        half-built or half-retired, and the next append does not start another."""
+        task = self._rebuilding
+        if task is None:
+            if self._producer is not broken:
+                return  # another append already rebuilt it (or the producer was stopped)
+            task = self._rebuilding = _background(self._replace(broken, reason))
+        await asyncio.shield(task)
+
+    async def _replace(self, broken: AIOKafkaProducer, reason: str) -> None:
+        try:
+            async with self._rebuild_lock:
+                if self._producer is not broken:
+                    return  # stopped meanwhile
+                PRODUCER_RECREATED.inc()
+                log.warning("producer.rebuild", reason=reason, generation=self._generation)
+                # Appends that still hold ``broken`` fail on it and retry on the new producer.
+                await self._retire(broken, grace=1.0)
+                self._producer = await self._build()
+        finally:
+            self._rebuilding = None
 
     def envelope_for(
         self,
@@ -318,6 +353,30 @@ class EventProducer:
         producer: the old one is wedged, or it was replaced or closed while the record waited."""
         replaced = self._producer is not producer or batcher.closed
         return isinstance(exc, _WEDGED) or replaced or _sender_dead(producer)
+
+
+_finishing: set[asyncio.Task[Any]] = set()
+"""Tasks that must run to their end whoever waited for them (a reference keeps them alive)."""
+
+
+def _background(work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+    task = asyncio.create_task(work)
+    _finishing.add(task)
+    task.add_done_callback(_finished)
+    return task
+
+
+def _finished(task: asyncio.Task[Any]) -> None:
+    _finishing.discard(task)
+    # Whoever waited may have been cut off: the outcome is retrieved here, not reported as
+    # "never retrieved" (failures were logged or reached the appends that waited).
+    if not task.cancelled():
+        task.exception()
+
+
+async def _unstoppable(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``work`` to its end even if the caller is cancelled (the caller still is)."""
+    return await asyncio.shield(_background(work))
 
 
 async def _close(producer: AIOKafkaProducer, grace: float) -> None:

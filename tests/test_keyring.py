@@ -7,6 +7,7 @@ import base64
 import os
 import uuid
 
+import asyncpg
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -145,3 +146,79 @@ def test_a_sealed_value_is_canonical_base64_and_anything_else_is_refused() -> No
     for value in damaged:
         with pytest.raises(DecodeError):
             sealed_bytes(value)
+
+
+async def test_a_lost_listener_resubscribes_and_erasures_elsewhere_are_still_heard(
+    store: EventStore,
+) -> None:
+    """The listening connection is killed (a PostgreSQL restart, a dropped connection): the
+    ring subscribes again, and an erasure made elsewhere afterwards still evicts the key, so
+    nothing new is sealed with it."""
+    subject = uuid.uuid4()
+    async with KeyRing(store.pool, store.settings.master_keys) as ring:
+        await ring.keys_for_write([subject])
+        assert ring.cached_write_key(subject) is not None
+        subscribed, pid = ring.subscriptions, ring.listener_pid
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        async with asyncio.timeout(10):
+            await ring.wait_subscribed(subscribed + 1)
+        assert ring.listener_pid not in (None, pid)
+        await ring.keys_for_write([subject])
+        assert ring.cached_write_key(subject) is not None, "listening again: keys are cached"
+        heard = ring.notices
+        await store.keyring.erase(subject)  # another ring: the erasure reaches us by NOTIFY only
+        async with asyncio.timeout(10):
+            await ring.wait_notices(heard + 1)
+        assert ring.cached_write_key(subject) is None
+        with pytest.raises(SubjectErased):
+            await ring.keys_for_write([subject])
+        assert (await ring.keys_for_read([subject]))[subject] is None
+
+
+async def test_an_erasure_heard_during_a_key_read_keeps_the_key_out_of_the_cache(
+    store: EventStore,
+) -> None:
+    """The notice of an erasure committed after a ring read a key, but heard before the read
+    finished (here: while the pool resets the connection), finds nothing to forget: the ring
+    must not cache the key it read."""
+    subject = uuid.uuid4()
+    await store.keyring.keys_for_write([subject])
+    armed = False
+
+    async def reset(conn: asyncpg.Connection) -> None:
+        nonlocal armed
+        if armed:
+            armed = False
+            heard = ring.notices
+            await store.keyring.erase(subject)
+            async with asyncio.timeout(10):
+                await ring.wait_notices(heard + 1)
+        await conn.reset()
+
+    pool = await asyncpg.create_pool(
+        store.settings.postgres_dsn, min_size=1, max_size=3, reset=reset
+    )
+    try:
+        async with KeyRing(pool, store.settings.master_keys) as ring:
+            armed = True
+            read = await ring.keys_for_read([subject])
+            assert read[subject] is not None, "read before the erasure committed"
+            assert not armed
+            assert ring.cached_write_key(subject) is None
+            assert (await ring.keys_for_read([subject]))[subject] is None
+            with pytest.raises(SubjectErased):
+                await ring.keys_for_write([subject])
+    finally:
+        await pool.close()
+
+
+async def test_a_ring_that_does_not_listen_caches_nothing(store: EventStore) -> None:
+    """Without a listener an erasure elsewhere would go unheard: every lookup asks PostgreSQL."""
+    subject = uuid.uuid4()
+    ring = KeyRing(store.pool, store.settings.master_keys)
+    await ring.keys_for_write([subject])
+    assert ring.cached_write_key(subject) is None
+    await store.keyring.erase(subject)
+    with pytest.raises(SubjectErased):
+        await ring.keys_for_write([subject])
