@@ -29,6 +29,19 @@ def quick_start_options(quick_start: bool) -> dict[str, int]:
     return {"retry_backoff_ms": METADATA_RETRY_MS} if quick_start else {}
 
 
+def range_consumer(settings: Settings, client_id: str) -> AIOKafkaConsumer:
+    """A group-less, read-committed consumer (not started) for reading one partition's range
+    to an end, as the tiers read it: a replay's source, the archiver's check of a body."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=client_id,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        **quick_start_options(True),  # it reads to an end
+    )
+
+
 class LogEnds:
     """The next offset to be written per partition, as of the call (read-committed)."""
 

@@ -30,7 +30,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection,
 from typing import Final, Literal, Protocol
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from eventstore import (
@@ -45,7 +45,7 @@ from eventstore import (
 )
 from eventstore.archive import Archive, Manifest, absent_partitions, archived_layout
 from eventstore.consumer import Partition
-from eventstore.ends import end_offsets, quick_start_options
+from eventstore.ends import end_offsets, range_consumer
 from eventstore.objects import s3_client
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
@@ -213,14 +213,7 @@ class KafkaSource:
 
     async def chunks(self, partition: Partition, start: int) -> Chunks:
         settings = self._store.settings
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            client_id="backbone-replay",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            **quick_start_options(True),  # it reads to an end
-        )
+        consumer = range_consumer(settings, "backbone-replay")
         tp = TopicPartition(*partition)
         try:
             await consumer.start()

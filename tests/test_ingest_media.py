@@ -67,14 +67,19 @@ async def _put_as_told(declared: dict[str, Any], data: bytes) -> None:
         assert got.status == 200, await got.text()
 
 
-async def _download(api: Api, user: User, media_id: str) -> bytes:
+async def _download_url(api: Api, user: User, media_id: str) -> str:
+    """Where ``GET /v1/media/{id}`` sends ``user`` (it must answer 302)."""
     async with api.client.get(
         f"/v1/media/{media_id}",
         headers={"Authorization": f"Bearer {user.access}"},
         allow_redirects=False,
     ) as redirect:
         assert redirect.status == 302
-        location = redirect.headers["Location"]
+        return str(redirect.headers["Location"])
+
+
+async def _download(api: Api, user: User, media_id: str) -> bytes:
+    location = await _download_url(api, user, media_id)
     async with aiohttp.ClientSession() as http, http.get(location) as got:
         assert got.status == 200
         return await got.read()
@@ -137,13 +142,7 @@ async def test_upload_verify_share_and_download(system: System) -> None:
     assert page.body["items"][0]["media_id"] == media_id
 
     # A member downloads through a short-lived URL; anyone else gets 404.
-    async with api.client.get(
-        f"/v1/media/{media_id}",
-        headers={"Authorization": f"Bearer {bob.access}"},
-        allow_redirects=False,
-    ) as redirect:
-        assert redirect.status == 302
-        location = redirect.headers["Location"]
+    location = await _download_url(api, bob, media_id)
     async with aiohttp.ClientSession() as http, http.get(location) as got:
         assert await got.read() == data
     assert (await api.call("GET", f"/v1/media/{media_id}", token=eve.access)).status == 404
@@ -294,13 +293,7 @@ async def test_erasing_the_uploader_forgets_their_media(system: System) -> None:
     assert sent.status == 202, sent.body
     seen = f"/v1/conversations/{cid}/messages?min_position={sent.body['position']}"
     assert (await api.call("GET", seen, token=bob.access)).status == 200
-    async with api.client.get(
-        f"/v1/media/{media_id}",
-        headers={"Authorization": f"Bearer {bob.access}"},
-        allow_redirects=False,
-    ) as redirect:
-        assert redirect.status == 302
-        location = redirect.headers["Location"]
+    location = await _download_url(api, bob, media_id)
     prefixes = (f"uploads/{alice.user_id}/", f"verified/{alice.user_id}/")
     assert all([await asyncio.to_thread(_stored_keys, system, p) for p in prefixes])
 

@@ -30,7 +30,7 @@ from typing import Final, cast
 
 import structlog
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -52,7 +52,7 @@ from eventstore.archive import (
     KafkaRecord,
     LogRecords,
 )
-from eventstore.ends import quick_start_options
+from eventstore.ends import range_consumer
 from eventstore.objects import s3_client
 from eventstore.runtime import serve_member
 
@@ -286,14 +286,7 @@ def kafka_records(settings: Settings) -> LogRecords:
     archiver's reader gets them: read-committed), for checking a body before adopting it."""
 
     async def read(topic: str, partition: int, first: int, last: int) -> list[ArchivedRecord]:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            client_id="backbone-archiver-check",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            **quick_start_options(True),
-        )
+        consumer = range_consumer(settings, "backbone-archiver-check")
         tp = TopicPartition(topic, partition)
         found: list[ArchivedRecord] = []
         try:
