@@ -134,7 +134,7 @@ async def _archive(settings: Settings, archive: Archive, config: ArchiveConfig) 
 
 
 async def _rebuild(
-    settings: Settings, source: str, archive_prefix: str, batch: int, workers: int | None
+    settings: Settings, source: str, archive: Archive, batch: int, workers: int | None
 ) -> Rebuilt:
     """Time ``backbone replay --from <source>`` (its library call) into the source's target."""
     reporter = ProgressReporter(as_json=False, out=sys.stdout, err=sys.stderr)
@@ -147,7 +147,9 @@ async def _rebuild(
             on_progress=reporter,
             workers=workers,
             source=source,
-            archive_prefix=archive_prefix if source == "s3" else None,
+            # Where this run archived, whatever BACKBONE_ARCHIVE_* say.
+            archive_prefix=archive.prefix if source == "s3" else None,
+            archive_bucket=archive.bucket if source == "s3" else None,
         )
     finally:
         reporter.finish()
@@ -196,7 +198,7 @@ async def bench(
             rebuilt: dict[str, Rebuilt] = {}
             for source in SOURCES:
                 _say(f"rebuilding from {source}")
-                rebuilt[source] = await _rebuild(settings, source, archive.prefix, batch, workers)
+                rebuilt[source] = await _rebuild(settings, source, archive, batch, workers)
         finally:
             try:
                 await _delete_archive(archive)  # topics and caches go with the deployment
