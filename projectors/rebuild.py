@@ -123,7 +123,8 @@ log = structlog.get_logger(__name__)
 
 # One rebuild at a time per database (session-level advisory lock; value is "rebuild!").
 _REBUILD_LOCK: Final = 0x72656275696C6421
-_VERSION_COMMENT: Final = f"backbone read model v{READ_MODEL_VERSION}"
+_READ_MODEL_COMMENT: Final = "backbone read model v"
+_VERSION_COMMENT: Final = f"{_READ_MODEL_COMMENT}{READ_MODEL_VERSION}"
 # A build pass goes to worker processes from this many batches of records to apply, or from
 # _PARALLEL_RECORDS records if that is fewer (each worker opens connections and a reader of its
 # own, and reads a batch ahead).
@@ -570,13 +571,23 @@ class Rebuild:
         )
 
     async def _prepare_shadow(self) -> bool:
-        """Create the shadow, or keep one of this version to resume; whether it resumed."""
+        """Create the shadow, or keep one of this version to resume; whether it resumed.
+
+        An existing schema is dropped only if it is a read model of another version (its
+        comment says so): any other schema is refused, untouched. ``--into public`` or
+        ``--into ingest`` had dropped the key store or the accounts with ``CASCADE``.
+        """
         if await schema_exists(self._pool, self.shadow):
-            if await _schema_comment(self._pool, self.shadow) == _VERSION_COMMENT:
+            comment = await _schema_comment(self._pool, self.shadow)
+            if comment == _VERSION_COMMENT:
                 applied = await self._pool.fetchval(
                     f"SELECT count(*) FROM {self.shadow}.offsets"  # noqa: S608 - checked name
                 )
                 return bool(applied)
+            if comment is None or not comment.startswith(_READ_MODEL_COMMENT):
+                raise ProjectorError(
+                    f"schema {self.shadow} exists and is not a read model: choose another name"
+                )
             # Left by a rebuild of another read-model version: useless, start over.
             await self._pool.execute(f"DROP SCHEMA {self.shadow} CASCADE")
         async with self._pool.acquire() as conn:

@@ -19,6 +19,7 @@ import pytest
 
 from eventstore import EventStore, GroupReader, Pool, create_pool, stream_placement
 from projectors.checksum import checksum, snapshot_readers
+from projectors.errors import ProjectorError
 from projectors.projector import Projector
 from projectors.read.contract import LIVE_SCHEMA, ReadSide, members_key
 from projectors.read.queries import Reads
@@ -48,6 +49,7 @@ from tests.test_projector_support import (
     World,
     catch_up,
     message,
+    register,
     wait_for,
     world_fixture,  # noqa: F401 - provides the `world` fixture
 )
@@ -211,6 +213,26 @@ async def test_an_interrupted_rebuild_resumes_from_the_shadows_offsets(world: Wo
     expected = await clean_checksum(world)
     assert result.checksum == expected
     assert await live_checksum(world.store.pool) == expected
+
+
+async def test_a_replay_into_a_schema_that_is_not_a_read_model_is_refused(world: World) -> None:
+    """``--into`` names where a point-in-time model goes; a schema there that is not a read
+    model (``public`` holds the key store, ``ingest`` the accounts) is refused, untouched: it
+    had been dropped with CASCADE as if left by a build of another version. One that is a read
+    model of another version is still replaced."""
+    await world.write([register(uuid.uuid4())])
+    pool = world.store.pool
+    await pool.execute("CREATE SCHEMA precious")
+    await pool.execute("CREATE TABLE precious.keys (k int)")
+    await pool.execute("INSERT INTO precious.keys VALUES (1)")
+    with pytest.raises(ProjectorError, match="is not a read model"):
+        await Rebuild(world.store, batch=300, into="precious").run()
+    assert await pool.fetchval("SELECT k FROM precious.keys") == 1
+    await pool.execute("COMMENT ON SCHEMA precious IS 'backbone read model v1'")
+    result = await Rebuild(world.store, batch=300, into="precious").run()
+    assert not result.resumed
+    assert await pool.fetchval("SELECT to_regclass('precious.keys')") is None
+    assert await pool.fetchval("SELECT count(*) FROM precious.users") == 1
 
 
 async def test_read_queries_of_other_connections_work_across_the_swap(world: World) -> None:
