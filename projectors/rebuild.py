@@ -85,6 +85,7 @@ import structlog
 from eventstore import Connection, EventStore, Pool, Settings
 from eventstore.consumer import Partition
 from eventstore.ends import LogEnds, end_offsets
+from eventstore.epoch import read_epoch
 from eventstore.runtime import run as run_loop
 from eventstore.runtime import tune_gc
 from projectors.checksum import snapshot_readers
@@ -124,6 +125,8 @@ log = structlog.get_logger(__name__)
 # One rebuild at a time per database (session-level advisory lock; value is "rebuild!").
 _REBUILD_LOCK: Final = 0x72656275696C6421
 _READ_MODEL_COMMENT: Final = "backbone read model v"
+_EPOCH_COMMENT: Final = "built from the log of epoch "
+"""The comment of a shadow's ``offsets`` table: the log epoch its offsets belong to."""
 _VERSION_COMMENT: Final = f"{_READ_MODEL_COMMENT}{READ_MODEL_VERSION}"
 # A build pass goes to worker processes from this many batches of records to apply, or from
 # _PARALLEL_RECORDS records if that is fewer (each worker opens connections and a reader of its
@@ -577,9 +580,10 @@ class Rebuild:
         comment says so): any other schema is refused, untouched. ``--into public`` or
         ``--into ingest`` had dropped the key store or the accounts with ``CASCADE``.
         """
+        epoch = await read_epoch(self._pool)
         if await schema_exists(self._pool, self.shadow):
             comment = await _schema_comment(self._pool, self.shadow)
-            if comment == _VERSION_COMMENT:
+            if comment == _VERSION_COMMENT and await self._built_in(epoch):
                 applied = await self._pool.fetchval(
                     f"SELECT count(*) FROM {self.shadow}.offsets"  # noqa: S608 - checked name
                 )
@@ -588,11 +592,25 @@ class Rebuild:
                 raise ProjectorError(
                     f"schema {self.shadow} exists and is not a read model: choose another name"
                 )
-            # Left by a rebuild of another read-model version: useless, start over.
+            # Left by a rebuild of another read-model version, or of another log (epoch): its
+            # offsets are not positions of this log. Useless: start over.
             await self._pool.execute(f"DROP SCHEMA {self.shadow} CASCADE")
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
             await create_schema(conn, self.shadow, build=True)
+            await conn.execute(
+                f"COMMENT ON TABLE {self.shadow}.offsets IS '{_EPOCH_COMMENT}{int(epoch)}'"
+            )
         return False
+
+    async def _built_in(self, epoch: int) -> bool:
+        """Whether the shadow was built from the log of ``epoch``. A shadow left by a rebuild
+        that died before a ``restore-log`` holds the old log's offsets, which are not this
+        log's: resumed, it had skipped partitions whose restored end lies below them and
+        swapped in events no log holds (a shadow without the mark is not resumed either)."""
+        comment = await self._pool.fetchval(
+            "SELECT obj_description(to_regclass($1), 'pg_class')", f"{self.shadow}.offsets"
+        )
+        return bool(comment == f"{_EPOCH_COMMENT}{epoch}")
 
     async def _catch_up(self, phase: str) -> int:
         """Apply the log to the shadow from its stored offsets to the log end as of now.

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from eventstore import EventStore, GroupReader, Pool, create_pool, stream_placement
+from eventstore.epoch import bump_epoch
 from projectors.checksum import checksum, snapshot_readers
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
@@ -213,6 +214,31 @@ async def test_an_interrupted_rebuild_resumes_from_the_shadows_offsets(world: Wo
     expected = await clean_checksum(world)
     assert result.checksum == expected
     assert await live_checksum(world.store.pool) == expected
+
+
+async def test_a_shadow_left_before_the_log_was_restored_is_not_resumed(world: World) -> None:
+    """A rebuild that died before a ``restore-log`` left a shadow holding the old log's
+    offsets; once the epoch has moved, the next rebuild starts over rather than resuming on
+    positions of another log (it had skipped partitions and swapped in what no log holds)."""
+    events, _ = workload(rooms=5, users=10, messages=600, seed=5)
+    await produce(world.store, events)
+    total = sum((await log_end(world.store)).values())
+
+    def interrupt(progress: Progress) -> None:
+        if progress.applied and not first.cancelled():
+            first.cancel()
+
+    first = asyncio.create_task(Rebuild(world.store, batch=100, on_progress=interrupt).run())
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    shadow = shadow_schema(LIVE_SCHEMA)
+    assert await world.store.pool.fetchval(f"SELECT sum(next_offset) FROM {shadow}.offsets")
+    await bump_epoch(world.store.pool)  # what restore-log does once the log is back
+
+    result = await Rebuild(world.store, redis=world.redis, batch=300).run()
+    assert not result.resumed
+    assert result.records == total
+    assert result.checksum == await clean_checksum(world)
 
 
 async def test_a_replay_into_a_schema_that_is_not_a_read_model_is_refused(world: World) -> None:
