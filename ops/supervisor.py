@@ -2,8 +2,10 @@
 
 Each tier is a Python module run as ``python -m <module>`` with the stack's environment. A
 tier that exits unexpectedly is restarted with exponential back-off (capped); a tier that
-keeps dying is reported in the log line that restarts it. Stopping sends SIGTERM to every
-child, waits for a bounded grace period, then SIGKILLs what is left.
+keeps dying is reported in the log line that restarts it; a start that fails outright (fork
+failing with EAGAIN or ENOMEM) is just another failed start, retried with the same back-off.
+Stopping sends SIGTERM to every child, waits for a bounded grace period, then SIGKILLs what is
+left; :meth:`Supervisor.run` does that on every exit, including cancellation and errors.
 """
 
 from __future__ import annotations
@@ -70,14 +72,18 @@ class Supervisor:
         name = f"{tier.name}-{index}"
         backoff = 0.5
         while not self._stopping.is_set():
-            proc = await self._spawn(tier, index)
-            self._procs[name] = proc
-            code = await proc.wait()
+            try:
+                proc = await self._spawn(tier, index)
+            except OSError as exc:
+                outcome = f"could not start ({exc})"
+            else:
+                self._procs[name] = proc
+                outcome = f"exited with {await proc.wait()}"
             if self._stopping.is_set():
                 return
             self.restarts[name] = self.restarts.get(name, 0) + 1
             print(
-                f"up: {name} exited with {code}; restart {self.restarts[name]} in {backoff:.1f}s",
+                f"up: {name} {outcome}; restart {self.restarts[name]} in {backoff:.1f}s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -88,11 +94,16 @@ class Supervisor:
 
     async def run(self) -> None:
         """Start every tier and keep them running until :meth:`stop` is called."""
-        async with asyncio.TaskGroup() as group:
-            for tier in self._tiers:
-                for index in range(tier.copies):
-                    group.create_task(self._keep(tier, index))
-            await self._stopping.wait()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for tier in self._tiers:
+                    for index in range(tier.copies):
+                        group.create_task(self._keep(tier, index))
+                await self._stopping.wait()
+                await self._terminate()  # inside the group: the tasks wait for their children
+        finally:
+            # Also when cancelled or when a task failed: no child outlives its supervisor.
+            self._stopping.set()
             await self._terminate()
 
     async def _terminate(self) -> None:

@@ -2,7 +2,12 @@
 
 Starts (or reuses) the local stack, applies migrations and creates topics, then runs every
 tier that exists in this checkout as supervised processes, prints where to reach everything,
-and runs until Ctrl-C, when it stops the tiers and the stack servers it started itself.
+and runs until Ctrl-C (or SIGTERM), when it stops the tiers and the stack servers it started
+itself. Stack parts that already ran before ``up`` are left running. The clean-up runs on every
+exit: a part failing to start, provisioning failing, the supervisor failing, or a signal at any
+time. A signal during ``stack_up`` takes effect once the parts being started are up (or have
+failed): starts run in worker threads that cannot be interrupted, and cleaning up while they
+still run could miss a server they start a moment later.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from ops.environment import stack_env
 from ops.provision import post_up
 from ops.stack import StackInfo, default_stack_dir, stack_down, stack_status, stack_up
+from ops.stack.lifecycle import PARTS
 from ops.supervisor import Supervisor, Tier
 
 BACKGROUND_NICE = 10
@@ -63,10 +72,88 @@ def describe(info: StackInfo, running: list[Tier]) -> str:
     return "\n".join(lines)
 
 
+def running_parts(data_dir: Path) -> set[str]:
+    """The stack parts (``kafka``, ``postgres``, ...) with at least one server running."""
+    return {
+        part
+        for row in stack_status(data_dir)
+        if row.running
+        for part in PARTS
+        if row.name == part or row.name.startswith(f"{part}-")
+    }
+
+
+class StopRequests:
+    """SIGINT and SIGTERM for ``up``: what a stop request does depends on the phase.
+
+    By default it raises KeyboardInterrupt (start-up is abandoned, the clean-up runs); while
+    :meth:`deferred` it is only recorded (checked with :meth:`check`); while a stop callback is
+    set (the supervisor runs) it calls that.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.on_stop: Callable[[], None] | None = None
+        self._deferring = 0
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self.on_stop is not None:
+            self.on_stop()
+        elif self._deferring:
+            print(f"up: {signal.Signals(signum).name}; stopping shortly", file=sys.stderr)
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a stop was requested while deferred."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def run_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.dir) if args.dir else default_stack_dir()
-    was_running = {p.name for p in stack_status(data_dir) if p.running}
-    info = stack_up(data_dir, brokers=args.brokers)
+    stops = StopRequests()
+    stops.install()
+    try:
+        with stops.deferred():
+            before = running_parts(data_dir)
+        try:
+            return start_and_supervise(args, data_dir, stops)
+        except KeyboardInterrupt:
+            print("up: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            with stops.deferred():
+                clean_up(data_dir, before)
+    finally:
+        stops.restore()
+
+
+def start_and_supervise(args: argparse.Namespace, data_dir: Path, stops: StopRequests) -> int:
+    with stops.deferred():
+        info = stack_up(data_dir, brokers=args.brokers)
+    stops.check()
     post_up(info)
     env = stack_env(info)
     env["BACKBONE_INGEST_PORT"] = str(args.ingest_port)
@@ -77,19 +164,30 @@ def run_up(args: argparse.Namespace) -> int:
     async def supervise() -> None:
         supervisor = Supervisor(running, env)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, supervisor.stop)
-        await supervisor.run()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(supervise())
+        def on_stop() -> None:
+            loop.call_soon_threadsafe(supervisor.stop)
+
+        stops.on_stop = on_stop
+        try:
+            stops.check()
+            await supervisor.run()
+        finally:
+            stops.on_stop = None
+
+    asyncio.run(supervise())
     print("up: tiers stopped", file=sys.stderr)
-    if not was_running:
-        stack_down(data_dir)
-        print("up: stack stopped", file=sys.stderr)
-    else:
-        print("up: the stack was running before `up`; left running", file=sys.stderr)
     return 0
+
+
+def clean_up(data_dir: Path, before: set[str]) -> None:
+    """Stop the stack parts ``up`` started itself: those none of whose servers ran before."""
+    started = tuple(part for part in PARTS if part not in before)
+    if started:
+        stack_down(data_dir, parts=started)
+        print(f"up: stopped {', '.join(started)}", file=sys.stderr)
+    if before:
+        print(f"up: {', '.join(sorted(before))} ran before `up`; left running", file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
