@@ -165,21 +165,17 @@ class Caches:
         ``ranges`` (with the ``layout`` naming their topics): the batch's partitions, which
         fence its writes; ``None`` (a dead-letter retry, outside log order) writes unfenced.
         """
-        await self.execute(await self.prepare(conn, schema, applied, ranges, layout))
+        write = CacheWrite(ranges, layout)
+        await self._gather(conn, schema, applied, write)
+        await self._send(write)
         if applied.erased:
             await self._redact_recent(set(applied.erased), applied.redacted_conversations)
 
-    async def prepare(
-        self,
-        conn: Connection,
-        schema: str,
-        applied: Applied,
-        ranges: Mapping[Partition, OffsetRange] | None = None,
-        layout: TopicLayout | None = None,
-    ) -> CacheWrite:
-        """The batch's cache write, its reads done (in the batch's transaction), not yet sent."""
+    async def _gather(
+        self, conn: Connection, schema: str, applied: Applied, write: CacheWrite
+    ) -> None:
+        """The batch's commands into ``write``, its reads done in the batch's transaction."""
         ns = self.namespace
-        write = CacheWrite(ranges, layout)
         _write_recent(write, ns, applied.events)
         if applied.membership:
             rows = await conn.fetch(
@@ -187,10 +183,11 @@ class Caches:
             )
             members = _members_by_conversation(rows)
             for conversation_id in applied.membership:
-                group = write.group_of(conversation_id)
-                key = members_key(ns, conversation_id)
-                write.command(group, "DEL", key)
-                write.pairs(group, "HSET", key, members[conversation_id].items())
+                write.replace_hash(
+                    write.group_of(conversation_id),
+                    members_key(ns, conversation_id),
+                    members[conversation_id].items(),
+                )
             # The batch holds the partition of each of these conversations, which alone
             # changes its members: each membership is read as of the batch's version.
             for conversation_id, user_id in applied.member_changes:
@@ -207,13 +204,13 @@ class Caches:
                 await conn.fetch(in_schema(schema, _SUMMARY_SQL + _SOME), list(unread))
             )
         for row in summaries:
-            group = write.group_of(row["conversation_id"])
-            key = summary_key(ns, row["conversation_id"])
-            write.command(group, "DEL", key)
-            write.pairs(group, "HSET", key, _summary(row).items())
-        return write
+            write.replace_hash(
+                write.group_of(row["conversation_id"]),
+                summary_key(ns, row["conversation_id"]),
+                _summary(row).items(),
+            )
 
-    async def execute(self, write: CacheWrite) -> list[str]:
+    async def _send(self, write: CacheWrite) -> list[str]:
         """Send ``write`` (one script call); the partitions it was refused for (module doc)."""
         if not write.args:
             return []
@@ -279,6 +276,13 @@ class CacheWrite:
 
     def command(self, group: int, *command: EncodableT) -> None:
         self.args += (group, len(command), *command)
+
+    def replace_hash(
+        self, group: int, key: str, fields: Iterable[tuple[EncodableT, EncodableT]]
+    ) -> None:
+        """The hash at ``key`` replaced by ``fields`` (deleted if there are none)."""
+        self.command(group, "DEL", key)
+        self.pairs(group, "HSET", key, fields)
 
     def pairs(
         self, group: int, name: str, key: str, pairs: Iterable[tuple[EncodableT, EncodableT]]
