@@ -731,29 +731,19 @@ def absent_partitions(
     empty: list[Partition] = []
     for topic, partition in sorted((set(expected) | started | below) - present):
         if (topic, partition) in started:
-            problems.append(
-                Problem(
-                    "missing",
-                    topic,
-                    partition,
-                    "*",
-                    "the archive recorded segments of this partition "
-                    f"({META}/started/{topic}/{partition}), but it holds none: all were deleted",
-                )
+            why = (
+                "the archive recorded segments of this partition "
+                f"({META}/started/{topic}/{partition}), but it holds none: all were deleted"
             )
         elif not started and partition < highest.get(topic, -1):
-            problems.append(
-                Problem(
-                    "missing",
-                    topic,
-                    partition,
-                    "*",
-                    f"no segment, while partition {highest[topic]} of the topic has segments: "
-                    "it existed, and nothing shows it never held a record",
-                )
+            why = (
+                f"no segment, while partition {highest[topic]} of the topic has segments: "
+                "it existed, and nothing shows it never held a record"
             )
         else:
             empty.append((topic, partition))
+            continue
+        problems.append(Problem("missing", topic, partition, "*", why))
     return problems, empty
 
 
