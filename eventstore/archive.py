@@ -309,14 +309,22 @@ class ArchiveConfig(msgspec.Struct, frozen=True, kw_only=True):
     """A segment is written at the latest this long after its first record arrived."""
 
     @classmethod
-    def from_env(cls, settings: Settings, env: Mapping[str, str]) -> ArchiveConfig:
+    def from_env(
+        cls,
+        settings: Settings,
+        env: Mapping[str, str],
+        *,
+        prefix: str | None = None,
+        bucket: str | None = None,
+    ) -> ArchiveConfig:
         """``BACKBONE_ARCHIVE_{BUCKET,PREFIX,SEGMENT_RECORDS,SEGMENT_BYTES,FLUSH_SECONDS}``;
-        the prefix defaults to the deployment's topic prefix."""
-        bucket = env.get(PREFIX + "ARCHIVE_BUCKET", "").strip() or DEFAULT_BUCKET
-        prefix = env.get(PREFIX + "ARCHIVE_PREFIX", "").strip().strip("/")
+        the prefix defaults to the deployment's topic prefix. ``prefix``/``bucket`` (a
+        command's options), when given, take the place of the environment's."""
+        bucket = (bucket or "").strip() or env.get(PREFIX + "ARCHIVE_BUCKET", "").strip()
+        prefix = (prefix or "").strip("/") or env.get(PREFIX + "ARCHIVE_PREFIX", "").strip()
         return cls(
-            bucket=bucket,
-            prefix=prefix or settings.topic_prefix,
+            bucket=bucket or DEFAULT_BUCKET,
+            prefix=prefix.strip("/") or settings.topic_prefix,
             segment_records=env_int(env, "ARCHIVE_SEGMENT_RECORDS", 20_000),
             segment_bytes=env_int(env, "ARCHIVE_SEGMENT_BYTES", 8 * 1024 * 1024, minimum=1024),
             flush_seconds=env_float(env, "ARCHIVE_FLUSH_SECONDS", 5.0),

@@ -61,12 +61,7 @@ def report(result: Verification, config: ArchiveConfig) -> str:
 
 def command_archive_config(settings: Settings, args: argparse.Namespace) -> ArchiveConfig:
     """The archive from the environment, with a command's ``--prefix``/``--bucket`` over it."""
-    config = ArchiveConfig.from_env(settings, os.environ)
-    if args.prefix:
-        config = msgspec.structs.replace(config, prefix=args.prefix.strip("/"))
-    if args.bucket:
-        config = msgspec.structs.replace(config, bucket=args.bucket)
-    return config
+    return ArchiveConfig.from_env(settings, os.environ, prefix=args.prefix, bucket=args.bucket)
 
 
 def run_verify(args: argparse.Namespace) -> int:

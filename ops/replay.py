@@ -132,7 +132,9 @@ async def replay(
 ) -> RebuildResult:
     """Rebuild ``schema`` of the deployment ``settings`` names; see :mod:`projectors.rebuild`.
 
-    ``source``: ``kafka`` or ``s3`` (the archive :func:`archive_config` names);
+    ``source``: ``kafka`` or ``s3`` (the archive the archiver writes:
+    :meth:`~eventstore.archive.ArchiveConfig.from_env`, ``env`` defaulting to the process
+    environment, with ``archive_prefix``/``archive_bucket`` over it);
     ``until``/``into``: a point-in-time model / a schema of its own, no swap.
     :class:`ReplaySourceError` when the archive holds no record.
     """
@@ -142,7 +144,12 @@ async def replay(
         async with await EventStore.open(settings, with_producer=False) as store:
             records: RecordSource | None = None
             if client is not None:
-                config = archive_config(settings, env, prefix=archive_prefix, bucket=archive_bucket)
+                config = ArchiveConfig.from_env(
+                    settings,
+                    os.environ if env is None else env,
+                    prefix=archive_prefix,
+                    bucket=archive_bucket,
+                )
                 archive = Archive(client, config.bucket, config.prefix)
                 records = ArchiveSource(archive, TopicLayout.from_settings(settings), batch=batch)
                 if not any((await records.ends()).values()):
@@ -169,24 +176,6 @@ async def replay(
         if client is not None:
             client.close()
         await redis.aclose()
-
-
-def archive_config(
-    settings: Settings,
-    env: Mapping[str, str] | None = None,
-    *,
-    prefix: str | None = None,
-    bucket: str | None = None,
-) -> ArchiveConfig:
-    """The archive a replay reads: the one the archiver writes
-    (:meth:`~eventstore.archive.ArchiveConfig.from_env`, ``env`` defaulting to the process
-    environment), with ``prefix``/``bucket`` over it."""
-    config = ArchiveConfig.from_env(settings, os.environ if env is None else env)
-    if prefix and prefix.strip("/"):
-        config = msgspec.structs.replace(config, prefix=prefix.strip("/"))
-    if bucket and bucket.strip():
-        config = msgspec.structs.replace(config, bucket=bucket.strip())
-    return config
 
 
 def summary(result: RebuildResult, *, kept: bool = False) -> str:
