@@ -199,10 +199,11 @@ class Hub:
             return
         self._spawn(route(conn))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- client frames -----------------------------------------------------------------
 
@@ -389,11 +390,8 @@ class Hub:
             upto = min(conn.since.get(partition, 0), self.tail.offsets.get(partition, 0))
             plans.append(ResumePlan(conversation_id, partition, position.offset, upto))
         if plans:
-            task = asyncio.create_task(self._replay(conn, plans))
-            self._tasks.add(task)
-            replays = self._replays.setdefault(conn, set())
-            replays.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task = self._spawn(self._replay(conn, plans))
+            self._replays.setdefault(conn, set()).add(task)
             task.add_done_callback(lambda done: self._replayed(conn, done))
 
     def _replayed(self, conn: Connection, task: asyncio.Task[None]) -> None:
