@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import structlog
 
-from eventstore import EventStore
+from eventstore import Connection, EventStore
 from eventstore.audit import stream_events
 from eventstore.cloudevents import structured
 from eventstore.objects import EXPORTS_BUCKET, s3_client
@@ -241,19 +241,19 @@ class Exports:
                 Body=body,
                 ContentType="application/json",
             )
-            await conn.execute(
-                "UPDATE ingest.exports SET state = 'done', object_key = $2, error = NULL,"
-                " finished_at = $3 WHERE export_id = $1",
-                export_id,
-                key,
-                dt.datetime.now(dt.UTC),
-            )
+            await self._finish(export_id, "done", key, None, conn)
         return True
 
     async def _finish(
-        self, export_id: uuid.UUID, state: str, key: str | None, error: str | None
+        self,
+        export_id: uuid.UUID,
+        state: str,
+        key: str | None,
+        error: str | None,
+        conn: Connection | None = None,
     ) -> None:
-        await self._store.pool.execute(
+        """Record how the export ended (on ``conn``, inside its transaction, if given)."""
+        await (conn or self._store.pool).execute(
             "UPDATE ingest.exports SET state = $2, object_key = $3, error = $4, finished_at = $5"
             " WHERE export_id = $1",
             export_id,
