@@ -14,7 +14,7 @@ from eventstore import RecordedEvent
 from eventstore.objects import MEDIA_BUCKET, s3_client
 from ops.privacy import erase_async
 from schemas import MediaUploaded
-from tests.system_fixtures import Api, System, User
+from tests.system_fixtures import Api, Reply, System, User
 
 PROBLEM = "urn:backbone:problem:"
 
@@ -85,6 +85,30 @@ async def _download(api: Api, user: User, media_id: str) -> bytes:
         return await got.read()
 
 
+async def _room(api: Api, owner: User, member: User, name: str) -> str:
+    room = await api.call(
+        "POST",
+        "/v1/conversations",
+        token=owner.access,
+        json={"name": name, "members": [str(member.user_id)]},
+    )
+    return str(room.body["conversation_id"])
+
+
+async def _send_media(api: Api, user: User, cid: str, media_id: str, client_msg_id: str) -> Reply:
+    return await api.call(
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        token=user.access,
+        json={
+            "client_msg_id": client_msg_id,
+            "content": "look",
+            "type": "media",
+            "media_id": media_id,
+        },
+    )
+
+
 async def _uploaded_events(system: System, media_id: str) -> list[MediaUploaded]:
     async with system.store.reader(("user",)) as reader:
         return [
@@ -112,27 +136,11 @@ async def test_upload_verify_share_and_download(system: System) -> None:
     done = await api.call("POST", complete, token=alice.access)
     assert done.status == 202, done.body
 
-    room = await api.call(
-        "POST",
-        "/v1/conversations",
-        token=alice.access,
-        json={"name": "pics", "members": [str(bob.user_id)]},
-    )
-    cid = room.body["conversation_id"]
+    cid = await _room(api, alice, bob, "pics")
     # Only your own verified uploads can be sent.
-    theirs = await api.call(
-        "POST",
-        f"/v1/conversations/{cid}/messages",
-        token=bob.access,
-        json={"client_msg_id": "b1", "content": "look", "type": "media", "media_id": media_id},
-    )
+    theirs = await _send_media(api, bob, cid, media_id, "b1")
     assert (theirs.status, theirs.body["type"]) == (422, PROBLEM + "invalid-body")
-    sent = await api.call(
-        "POST",
-        f"/v1/conversations/{cid}/messages",
-        token=alice.access,
-        json={"client_msg_id": "a1", "content": "look", "type": "media", "media_id": media_id},
-    )
+    sent = await _send_media(api, alice, cid, media_id, "a1")
     assert sent.status == 202, sent.body
     page = await api.call(
         "GET",
@@ -277,19 +285,8 @@ async def test_erasing_the_uploader_forgets_their_media(system: System) -> None:
     # A second upload, PUT but never completed: its object is hers too.
     pending = await _declare(api, alice, b"never completed")
     await _put_as_told(pending, b"never completed")
-    room = await api.call(
-        "POST",
-        "/v1/conversations",
-        token=alice.access,
-        json={"name": "faces", "members": [str(bob.user_id)]},
-    )
-    cid = room.body["conversation_id"]
-    sent = await api.call(
-        "POST",
-        f"/v1/conversations/{cid}/messages",
-        token=alice.access,
-        json={"client_msg_id": "m1", "content": "me", "type": "media", "media_id": media_id},
-    )
+    cid = await _room(api, alice, bob, "faces")
+    sent = await _send_media(api, alice, cid, media_id, "m1")
     assert sent.status == 202, sent.body
     seen = f"/v1/conversations/{cid}/messages?min_position={sent.body['position']}"
     assert (await api.call("GET", seen, token=bob.access)).status == 200
