@@ -43,8 +43,8 @@ from schemas.envelope import (
     format_time,
     parse_time,
 )
-from schemas.events import EVENT_TYPES, Event, StreamKind
-from schemas.personal import Erased
+from schemas.events import EVENT_TYPES, Event, MessageSent, StreamKind
+from schemas.personal import ERASED, Erased
 from schemas.upcasting import UPCASTERS, UpcastError, Upcasters
 
 _JSON = msgspec.json.Encoder()
@@ -126,6 +126,29 @@ class ParsedRecord(msgspec.Struct):
 
 
 Decoded = RecordedEvent | Skipped
+
+
+class CompactSent(msgspec.Struct, frozen=True):
+    """A ``MessageSent`` read by :func:`decode_compact`: the event as written (its body still
+    sealed), the body's plaintext (``None`` once erased), its time and position, and the
+    record's headers. No envelope is built: a build's projection reads only the time.
+    :meth:`recorded` is the :class:`RecordedEvent` :func:`decode_records` makes of the record.
+    The ids' ints are kept, as the apply loop keys rows by them (:data:`projectors.rows.Key`).
+    """
+
+    event: MessageSent
+    body: str | None
+    time: dt.datetime
+    position: Position
+    headers: Sequence[tuple[str, bytes]]
+    conversation: int
+    message: int
+    sender: int
+
+    def recorded(self) -> RecordedEvent:
+        body = ERASED if self.body is None else self.body
+        event = msgspec.structs.replace(self.event, body=body)
+        return RecordedEvent(read_envelope(self.headers), event, self.position)
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -356,7 +379,11 @@ def _optional(raw: bytes | None) -> str | None:
 
 def read_envelope(headers: Iterable[tuple[str, bytes]]) -> Envelope:
     """Rebuild the envelope from a record's headers; :class:`DecodeError` if incomplete."""
-    attrs = dict(headers)  # a repeated header: the last one counts
+    return _envelope(dict(headers))  # a repeated header: the last one counts
+
+
+def _envelope(attrs: dict[str, bytes]) -> Envelope:
+    """:func:`read_envelope` of the headers as a dictionary."""
     get = attrs.get
     found_type = get(CONTENT_TYPE_HEADER)
     content_type = CONTENT_TYPE if found_type is None else _text(found_type)
@@ -388,14 +415,20 @@ def _stream_of(layout: TopicLayout, topic: str) -> StreamKind:
     return layout.stream_of(topic)
 
 
-def parse_record(record: RecordLike, layout: TopicLayout, epoch: int) -> ParsedRecord | Skipped:
-    """Read a record's envelope and payload, without keys. Never raises for bad records."""
+def parse_record(
+    record: RecordLike,
+    layout: TopicLayout,
+    epoch: int,
+    attrs: dict[str, bytes] | None = None,
+) -> ParsedRecord | Skipped:
+    """Read a record's envelope and payload, without keys. Never raises for bad records.
+    ``attrs``: the record's headers as a dictionary, if the caller made one."""
     position = Position(epoch, _stream_of(layout, record.topic), record.partition, record.offset)
     headers = record.headers or ()  # not copied: aiokafka's are a tuple, read only
     raw = record.value or b""
     event_type = ""
     try:
-        envelope = read_envelope(headers)
+        envelope = _envelope(dict(headers) if attrs is None else attrs)
         event_type = envelope.type
         cls = EVENT_TYPES.get(event_type)
         if cls is None:
@@ -564,3 +597,109 @@ class KeyFetcher(Protocol):
     async def __call__(
         self, subjects: Iterable[uuid.UUID], /
     ) -> dict[uuid.UUID, AESGCM | None]: ...
+
+
+_SENT_TYPE: Final = MessageSent.type_name().encode()
+_SENT_VERSION: Final = str(MessageSent.version).encode()
+_CONTENT_TYPE: Final = CONTENT_TYPE.encode()
+_SENT_DECODER: Final = _DECODERS[MessageSent]
+_SENT_PERSONAL: Final = _PERSONAL[MessageSent]
+
+
+class _SentParsed(msgspec.Struct, frozen=True):
+    """A ``MessageSent`` record read by :func:`decode_compact`'s first pass (keys not needed)."""
+
+    record: RecordLike
+    position: Position
+    event_id: uuid.UUID
+    time: dt.datetime
+    event: MessageSent
+    sealed: bytes
+
+
+def _parse_sent(
+    record: RecordLike, attrs: dict[str, bytes], layout: TopicLayout, epoch: int
+) -> _SentParsed | None:
+    """``record`` read for :func:`decode_compact`, if it is a ``MessageSent`` in the shape every
+    writer gives it: the current schema version, every header the envelope requires, the
+    content type named, a sealed body. ``None`` for anything else, which
+    :func:`parse_record` reads instead (and judges exactly as for any record)."""
+    if (
+        attrs.get("ce_type") != _SENT_TYPE
+        or attrs.get("ce_specversion") != _SPECVERSION
+        or attrs.get(CONTENT_TYPE_HEADER) != _CONTENT_TYPE
+        or attrs.get("ce_schemaversion") != _SENT_VERSION
+        or "ce_source" not in attrs
+        or "ce_subject" not in attrs
+    ):
+        return None
+    try:
+        event_id = _event_id(attrs["ce_id"])
+        time = _event_time(attrs["ce_time"])
+        event = _SENT_DECODER.decode(record.value or b"")
+        if not isinstance(event.body, str):
+            return None
+        sealed = sealed_bytes(event.body)
+    except (KeyError, ValueError, DecodeError, msgspec.DecodeError):
+        return None  # msgspec's ValidationError is a DecodeError, DecodeError a ValueError
+    position = Position(epoch, _stream_of(layout, record.topic), record.partition, record.offset)
+    return _SentParsed(record, position, event_id, time, event, sealed)
+
+
+def _open_sent(parsed: _SentParsed, keys: HeadKeys) -> CompactSent | None:
+    """The :class:`CompactSent` of ``parsed``, its body unsealed and checked as
+    :func:`_unsealed` checks it; ``None`` if it does not unseal or fit (then
+    :func:`decode_records`' path reads the record, and makes it poison)."""
+    try:
+        text = unseal_bytes(keys, parsed.event_id, parsed.sealed)
+        if isinstance(text, str):
+            msgspec.convert({"body": text}, _SENT_PERSONAL)
+    except (DecodeError, msgspec.ValidationError):
+        return None
+    event = parsed.event
+    return CompactSent(
+        event,
+        text if isinstance(text, str) else None,
+        parsed.time,
+        parsed.position,
+        parsed.record.headers,
+        event.conversation_id.int,
+        event.message_id.int,
+        event.sender_id.int,
+    )
+
+
+async def decode_compact(
+    records: Sequence[RecordLike],
+    layout: TopicLayout,
+    epoch: int,
+    keys_for_read: KeyFetcher,
+    upcasters: Upcasters = UPCASTERS,
+) -> list[Decoded | CompactSent]:
+    """:func:`decode_records` for a build, which reads most of a log's records, the sent
+    messages, as :class:`CompactSent`: no envelope, parsed record or recorded event per
+    message, nor a second pass for its key. Every other record, and a ``MessageSent`` in any
+    other shape or that does not unseal, is decoded exactly as :func:`decode_records` does
+    (a test decodes a log both ways and compares)."""
+    parsed: list[ParsedRecord | Skipped | _SentParsed] = []
+    heads: set[bytes] = set()
+    for record in records:
+        attrs = dict(record.headers or ())
+        sent = _parse_sent(record, attrs, layout, epoch)
+        if sent is None:
+            parsed.append(parse_record(record, layout, epoch, attrs))
+        else:
+            parsed.append(sent)
+            heads.add(sent.sealed[:SUBJECT_BYTES])
+    heads |= _needed_heads(p for p in parsed if not isinstance(p, _SentParsed))
+    keys = keys_by_head(await keys_for_read(map(subject_of_head, heads))) if heads else {}
+    decoded: list[Decoded | CompactSent] = []
+    for item in parsed:
+        if isinstance(item, _SentParsed):
+            opened = _open_sent(item, keys)
+            if opened is not None:
+                decoded.append(opened)
+                continue
+            item = parse_record(item.record, layout, epoch)
+        decoded.append(_finish(item, keys, upcasters))
+    return decoded

@@ -330,12 +330,15 @@ class LogReader:
         max_records: int = 5000,
         max_bytes: int | None = None,
         quick_start: bool = False,
+        decode: bool = True,
     ) -> None:
         """``quick_start``: a reader that runs once to an end (a replay's); see
         :func:`~eventstore.ends.quick_start_options`. ``max_bytes``: see
-        :meth:`batches_until_end`."""
+        :meth:`batches_until_end`. ``decode=False`` hands over raw records
+        (:attr:`Batch.records`) without decoding (a build decodes them its own way)."""
         self._settings = settings
         self._quick_start = quick_start
+        self._decode = decode
         self._layout = TopicLayout.from_settings(settings)
         self._streams = streams
         self._keys = keys
@@ -409,6 +412,11 @@ class LogReader:
         """The next decoded batch (possibly empty when nothing arrived within the timeout)."""
         consumer = self._require()
         records = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
+        return await self._batch(records)
+
+    async def _batch(self, records: Mapping[TopicPartition, Sequence[RecordLike]]) -> Batch:
+        if not self._decode:
+            return _raw(records)
         return await _decode(records, self._layout, self._epoch, self._keys)
 
     async def batches_until_end(self, timeout_ms: int = 500) -> AsyncIterator[Batch]:
@@ -469,8 +477,8 @@ class LogReader:
                         break  # nothing arrived within the timeout: hand over what there is
                     if max_bytes is not None and size >= max_bytes:
                         break
-                batch = await _decode(kept, self._layout, self._epoch, self._keys)
-                if batch.items:
+                batch = await self._batch(kept)
+                if batch.ranges:
                     yield batch
         finally:
             # Unless the reader was stopped meanwhile (then the consumer is closed).

@@ -103,9 +103,10 @@ class EventStore:
         max_records: int = 5000,
         max_bytes: int | None = None,
         quick_start: bool = False,
+        decode: bool = True,
     ) -> LogReader:
         """A group-less reader over ``streams`` (start it with ``start()`` or ``async with``);
-        ``max_bytes``, ``quick_start``: see :class:`LogReader`."""
+        ``max_bytes``, ``quick_start``, ``decode``: see :class:`LogReader`."""
         return LogReader(
             self.settings,
             streams=streams,
@@ -114,6 +115,7 @@ class EventStore:
             max_records=max_records,
             max_bytes=max_bytes,
             quick_start=quick_start,
+            decode=decode,
         )
 
     def group_reader(

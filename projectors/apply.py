@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -30,14 +30,14 @@ import msgspec
 import structlog
 
 from eventstore import Connection, Decoded, RecordedEvent, Skipped, TopicLayout
-from eventstore.codec import envelope_headers
+from eventstore.codec import CompactSent, envelope_headers
 from projectors import schema
 from projectors.metrics import ASSUMED_KEYS_TAKEN, EVENTS
-from projectors.projection import Drop, EraseUser, Put, creates, needs, project
+from projectors.projection import Drop, EraseUser, Put, creates, needs, project, sent_rows
 from projectors.rows import ConversationRow, Key, MemberRow, Row, key_getter
 from projectors.schema import Table, checked_schema_name, in_schema
 from projectors.tables import delete_rows, insert_rows, load_rows, upsert_rows
-from schemas import ConversationEvent, Event, UserErased
+from schemas import ConversationEvent, Event, MessageSent, UserErased
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +66,10 @@ class Applied(msgspec.Struct):
 
 _MISSING: Final[Any] = object()
 _TABLE_NAMED: Final = {table.name: table for table in schema.TABLES}
+_SENT_TYPE: Final = MessageSent.type_name()
+
+Item = Decoded | CompactSent
+"""What a batch applies: decoded records, and a build's compact sent messages."""
 
 
 class _WorkingSet:
@@ -130,13 +134,31 @@ async def _prefetch(
     conn: Connection,
     schema_name: str,
     work: _WorkingSet,
-    events: Sequence[Event],
+    items: Sequence[Item],
     *,
     assume_new: bool,
 ) -> None:
     wanted: dict[Table, dict[Key, None]] = defaultdict(dict)
     known = work.rows  # per event and need, a lookup here rather than a method call
-    for event in events:
+    known_messages = known[schema.MESSAGES.name]
+    known_conversations = known[schema.CONVERSATIONS.name]
+    wanted_messages = wanted[schema.MESSAGES]
+    wanted_conversations = wanted[schema.CONVERSATIONS]
+    for item in items:
+        if type(item) is CompactSent:
+            # What creates() and needs() say of its MessageSent, from the ints it holds.
+            message = (item.message,)
+            if message not in known_messages:
+                if assume_new and message not in wanted_messages:
+                    known_messages[message] = None  # assumed absent
+                else:
+                    wanted_messages[message] = None
+            if (item.conversation,) not in known_conversations:
+                wanted_conversations[(item.conversation,)] = None
+            continue
+        if not isinstance(item, RecordedEvent):
+            continue
+        event = item.event
         if assume_new and (created := creates(event)) is not None:
             table, key = created
             if key not in known[table.name] and key not in wanted[table]:
@@ -266,11 +288,17 @@ async def _erase(conn: Connection, schema_name: str, user_id: uuid.UUID, applied
 
 
 async def apply_items(
-    conn: Connection, schema_name: str, layout: TopicLayout, items: Sequence[Decoded]
+    conn: Connection,
+    schema_name: str,
+    layout: TopicLayout,
+    items: Sequence[Item],
+    *,
+    history: bool = True,
 ) -> Applied:
     """Apply ``items`` (log order per partition) to ``schema_name``; return what changed.
 
-    The caller owns the transaction (and stores the offsets in it).
+    The caller owns the transaction (and stores the offsets in it). ``history=False`` (a
+    build, which writes no cache) leaves :attr:`Applied.events` empty.
 
     Batches of other partitions may be applied concurrently (group members, parallel replay
     workers): their rows are disjoint, except that an erasure redacts rows of every table. So
@@ -290,16 +318,21 @@ async def apply_items(
         schema_name,
         _BATCH_PLANNER,
     )
-    if any(creates(e) is not None for e in events):
+    if len(events) < len(items) or any(creates(e) is not None for e in events):
+        # (Every item that is not a decoded event is poison or a compact sent message: a batch
+        # of poison alone has nothing to assume, and is no cheaper to tell apart.)
         try:
             async with conn.transaction():  # a savepoint: the caller's transaction goes on
-                outcome = await _apply(conn, schema_name, layout, items, events, assume_new=True)
+                outcome = await _apply(
+                    conn, schema_name, layout, items, history=history, assume_new=True
+                )
         except asyncpg.UniqueViolationError:
             ASSUMED_KEYS_TAKEN.inc()
             log.info("projector.assumed_key_taken", items=len(items))
         else:
             return outcome.counted()
-    return (await _apply(conn, schema_name, layout, items, events, assume_new=False)).counted()
+    outcome = await _apply(conn, schema_name, layout, items, history=history, assume_new=False)
+    return outcome.counted()
 
 
 class _Attempt(msgspec.Struct):
@@ -318,25 +351,72 @@ class _Attempt(msgspec.Struct):
         return self.applied
 
 
+def _sent_projection(work: _WorkingSet) -> Callable[[CompactSent], bool]:
+    """:func:`~projectors.projection.project` of a compact sent message, its operations
+    applied to ``work``: it returns ``False`` (having done nothing) if the conversation does
+    not exist, which the general path reports.
+
+    Inlined reads and writes of ``work`` (:meth:`_WorkingSet.get`, the apply loop's) on the
+    three tables a message touches, bound once per batch: for most of a replay's records."""
+    found_conversations = work.rows[schema.CONVERSATIONS.name]
+    found_messages = work.rows[schema.MESSAGES.name]
+    conversations = work.changed[schema.CONVERSATIONS.name]
+    messages = work.changed[schema.MESSAGES.name]
+    markers = work.changed[schema.READ_MARKERS.name]
+
+    def project_sent(item: CompactSent) -> bool:
+        key = (item.conversation,)
+        conversation = conversations.get(key, _MISSING)
+        if conversation is _MISSING:
+            conversation = found_conversations[key]
+        if type(conversation) is not ConversationRow:
+            return False
+        message_key = (item.message,)
+        known = messages.get(message_key, _MISSING)
+        if known is _MISSING:
+            known = found_messages[message_key]
+        if known is not None:
+            return True  # first wins
+        position = item.position
+        message, updated, marker = sent_rows(
+            conversation, item.event, item.body, position.partition, position.offset, item.time
+        )
+        messages[message_key] = message
+        conversations[key] = updated
+        markers[(item.conversation, item.sender)] = marker
+        return True
+
+    return project_sent
+
+
 async def _apply(
     conn: Connection,
     schema_name: str,
     layout: TopicLayout,
-    items: Sequence[Decoded],
-    events: Sequence[Event],
+    items: Sequence[Item],
     *,
+    history: bool,
     assume_new: bool,
 ) -> _Attempt:
     applied = Applied()
     work = _WorkingSet()
-    await _prefetch(conn, schema_name, work, events, assume_new=assume_new)
+    await _prefetch(conn, schema_name, work, items, assume_new=assume_new)
     letters: list[tuple[Any, ...]] = []
     erasures: dict[uuid.UUID, None] = {}
     counts: Counter[tuple[str, str]] = Counter()  # metrics, incremented once per batch
     warnings: list[tuple[str, str]] = []
     changed = work.changed
     applied_types: list[str] = []
-    for item in items:
+    sent = 0
+    project_sent = None if history else _sent_projection(work)
+    for entry in items:
+        if isinstance(entry, CompactSent):
+            if project_sent is not None and project_sent(entry):
+                sent += 1
+                continue
+            item: Decoded = entry.recorded()  # the path of every event (its history, its error)
+        else:
+            item = entry
         if isinstance(item, Skipped):
             if item.reason == "unknown_type":
                 counts["skipped", item.type[:64]] += 1
@@ -346,7 +426,7 @@ async def _apply(
                 applied.failures.append(item.error)
             continue
         event = item.event
-        if isinstance(event, ConversationEvent):
+        if history and isinstance(event, ConversationEvent):
             applied.events.append(item)
         try:
             ops = project(item, work)
@@ -373,6 +453,8 @@ async def _apply(
         applied_types.append(item.envelope.type)
     for type_, count in Counter(applied_types).items():  # counted in C, not per event
         counts["applied", type_] += count
+    if sent:
+        counts["applied", _SENT_TYPE] += sent
     _note_changes(applied, work)
     for name in work.changed:
         table = _TABLE_NAMED[name]

@@ -439,18 +439,40 @@ def _message_sent(rec: RecordedEvent, e: MessageSent, rows: Rows) -> list[Op]:
     message_key = (e.message_id.int,)
     if _get(rows, MessageRow, message_key) is not None:
         return []
-    time, position = rec.envelope.time, rec.position
+    position = rec.position
+    message, updated, marker = sent_rows(
+        conversation, e, _text(e.body), position.partition, position.offset, rec.envelope.time
+    )
+    conversation_id = e.conversation_id.int
+    return [
+        Put(message, message_key),
+        Put(updated, (conversation_id,)),
+        Put(marker, (conversation_id, e.sender_id.int)),
+    ]
+
+
+def sent_rows(
+    conversation: ConversationRow,
+    e: MessageSent,
+    body: str | None,
+    partition: int,
+    offset: int,
+    time: dt.datetime,
+) -> tuple[MessageRow, ConversationRow, ReadMarkerRow]:
+    """The rows a new message writes (its ``body`` as stored): the message, its conversation's
+    summary, the sender's read marker. The projection of a ``MessageSent`` whose id is new, and
+    of a build's :class:`~eventstore.codec.CompactSent` (:mod:`projectors.apply`)."""
     seq = conversation.message_count + 1
     message = MessageRow(
         message_id=e.message_id,
         conversation_id=e.conversation_id,
-        partition=position.partition,
-        offset=position.offset,
+        partition=partition,
+        offset=offset,
         seq=seq,
         sender_id=e.sender_id,
         client_msg_id=e.client_msg_id,
         kind=e.kind,
-        body=_text(e.body),
+        body=body,
         reply_to=e.reply_to,
         media_id=e.media_id,
         created_at=time,
@@ -459,19 +481,14 @@ def _message_sent(rec: RecordedEvent, e: MessageSent, rows: Rows) -> list[Op]:
         conversation,
         message_count=seq,
         last_message_id=e.message_id,
-        last_offset=position.offset,
+        last_offset=offset,
         last_activity_at=time,
     )
     # The sender has read their own message. No marker can be at or past it, so the marker is
     # not read: one points at a message of the conversation (seq <= message_count) or, set by a
     # join, at message_count itself, and message_count only grows. That saves a read per message,
     # most of the keys a batch would look up (:func:`needs` leaves the marker out).
-    conversation_id = e.conversation_id.int
-    return [
-        Put(message, message_key),
-        Put(updated, (conversation_id,)),
-        Put(_marker_at(message, e.sender_id, time), (conversation_id, e.sender_id.int)),
-    ]
+    return message, updated, _marker_at(message, e.sender_id, time)
 
 
 def _marker_at(message: MessageRow, user_id: uuid.UUID, time: dt.datetime) -> ReadMarkerRow:

@@ -13,14 +13,14 @@ the batch's offsets, and Redis refuses one a later batch of the same partition h
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from eventstore import Batch, OffsetRange, Pool, RecordedEvent, TopicLayout
+from eventstore import OffsetRange, Pool, RecordedEvent, TopicLayout
 from eventstore.consumer import Partition, PositionsMoved
-from projectors.apply import Applied, apply_items
+from projectors.apply import Applied, Item, apply_items
 from projectors.metrics import BATCH_EVENTS, BATCH_SECONDS, LAST_APPLIED, POSITIONS_MOVED
 from projectors.offsets import StoredPositions, advance, claim
 from projectors.read.contract import LIVE_SCHEMA
@@ -30,6 +30,16 @@ if TYPE_CHECKING:  # see projectors.rebuild: a replay worker loads no Redis clie
     from projectors.caches import Caches
 
 log = structlog.get_logger(__name__)
+
+
+class Applicable(Protocol):
+    """A batch to apply: a reader's :class:`~eventstore.Batch`, or a build's
+    :class:`~projectors.sources.BuildBatch` (whose sent messages are compact)."""
+
+    @property
+    def items(self) -> Sequence[Item]: ...
+    @property
+    def ranges(self) -> Mapping[Partition, OffsetRange]: ...
 
 
 class Projector:
@@ -62,7 +72,7 @@ class Projector:
         self.applied: dict[Partition, int] = {}
         """Next offset to apply per partition, as of the last batch this process committed."""
 
-    async def handle(self, batch: Batch) -> None:
+    async def handle(self, batch: Applicable) -> None:
         """Apply ``batch`` exactly once, or raise :class:`PositionsMoved` having changed nothing."""
         if not batch.ranges:
             return
@@ -75,7 +85,9 @@ class Projector:
             except PositionsMoved:
                 POSITIONS_MOVED.inc()
                 raise
-            applied = await apply_items(conn, self.schema, self._layout, batch.items)
+            applied = await apply_items(
+                conn, self.schema, self._layout, batch.items, history=self._caches is not None
+            )
             if self._caches is not None:
                 await self._caches.write(conn, self.schema, applied, batch.ranges, self._layout)
             await advance(conn, self.schema, batch.ranges)

@@ -107,6 +107,7 @@ from projectors.sources import (
     RecordSource,
     SourceSpec,
     Until,
+    build_batches,
     open_source,
     read_ahead,
     replay_source,
@@ -282,10 +283,13 @@ async def replay(
     its stored offsets to the end as of now; ``on_batch`` gets each batch's record count."""
     wanted = store.layout.every_partition() if partitions is None else list(partitions)
     stored = await projector.positions.load(wanted)
-    reader = store.reader(max_records=batch, max_bytes=REPLAY_BATCH_BYTES, quick_start=True)
+    reader = store.reader(
+        max_records=batch, max_bytes=REPLAY_BATCH_BYTES, quick_start=True, decode=False
+    )
     await reader.start("beginning", dict(stored), partitions=wanted)
     try:
-        async for chunk in read_ahead(reader.batches_until_end()):
+        chunks = build_batches(reader.batches_until_end(), store)
+        async for chunk in read_ahead(chunks):
             await projector.handle(chunk)
             on_batch(sum(span.next - span.first for span in chunk.ranges.values()))
     finally:

@@ -5,7 +5,7 @@ A :class:`RecordSource` hands over the raw records of one partition in offset or
 records exactly as Kafka stored them, re-labelled with the deployment's topic of the same
 role, so an archive written under another topic prefix replays too). :func:`replay_source`
 applies them partition by partition, cut at an :class:`Until` bound, decoding each chunk with
-:func:`~eventstore.codec.decode_records` into a :class:`~eventstore.Batch` of that partition
+:func:`~eventstore.codec.decode_compact` into a :class:`BuildBatch` of that partition
 and applying it with a :class:`~projectors.projector.Projector`: the offsets are stored in the
 batch's transaction as on every other path, so a run that dies resumes where it stopped.
 
@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, TypeVar
 
 import msgspec
 from aiokafka import TopicPartition
@@ -41,12 +41,13 @@ from eventstore import (
     OffsetRange,
     Position,
     TopicLayout,
-    decode_records,
 )
 from eventstore.archive import Archive, Manifest, absent_partitions, archived_layout
+from eventstore.codec import decode_compact
 from eventstore.consumer import Partition
 from eventstore.ends import end_offsets, range_consumer
 from eventstore.objects import s3_client
+from projectors.apply import Item
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
 
@@ -307,7 +308,7 @@ async def replay_source(
     wanted = sorted(ends if partitions is None else set(partitions) & set(ends))
     stored = await projector.positions.load(wanted)
 
-    async def batches() -> AsyncGenerator[Batch, None]:
+    async def batches() -> AsyncGenerator[BuildBatch, None]:
         for partition in wanted:
             start = stored.get(partition, 0)
             if start >= ends[partition]:
@@ -316,11 +317,11 @@ async def replay_source(
                 async for chunk in chunks:
                     kept = cut.kept(partition, chunk)
                     if kept:
-                        items = await decode_records(
+                        items = await decode_compact(
                             kept, store.layout, store.epoch, store.keyring.keys_for_read
                         )
                         span = OffsetRange(kept[0].offset, kept[-1].offset)
-                        yield Batch(items, {partition: span})
+                        yield BuildBatch(items, {partition: span})
                     if len(kept) < len(chunk):
                         break
 
@@ -330,14 +331,36 @@ async def replay_source(
             on_batch(sum(span.next - span.first for span in batch.ranges.values()))
 
 
-async def _next(batches: AsyncIterator[Batch]) -> Batch | None:
+class BuildBatch(msgspec.Struct, frozen=True):
+    """A batch a build applies: :class:`~eventstore.Batch`'s items and ranges, the sent
+    messages among the items read compactly (:func:`~eventstore.codec.decode_compact`)."""
+
+    items: list[Item]
+    ranges: dict[Partition, OffsetRange]
+
+
+async def build_batches(
+    raw: AsyncIterator[Batch], store: EventStore
+) -> AsyncGenerator[BuildBatch, None]:
+    """The raw batches of a reader made with ``decode=False``, decoded for a build."""
+    async for batch in raw:
+        records = [record for records in batch.records.values() for record in records]
+        keys = store.keyring.keys_for_read
+        items = await decode_compact(records, store.layout, store.epoch, keys)
+        yield BuildBatch(items, batch.ranges)
+
+
+B = TypeVar("B")
+
+
+async def _next(batches: AsyncIterator[B]) -> B | None:
     try:
         return await anext(batches)
     except StopAsyncIteration:
         return None
 
 
-async def read_ahead(batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
+async def read_ahead(batches: AsyncIterator[B]) -> AsyncIterator[B]:
     """``batches``, with the next one fetched and decoded while the caller applies this one.
 
     Decoding is CPU work in this process, applying mostly waits for PostgreSQL (its own

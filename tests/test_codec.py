@@ -14,7 +14,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eventstore import InvalidEvent, Position, Skipped, TopicLayout
 from eventstore.cloudevents import frame, structured
 from eventstore.codec import (
+    CompactSent,
     RecordedEvent,
+    decode_compact,
+    decode_records,
     encode_event,
     finish,
     needed_subjects,
@@ -26,7 +29,7 @@ from eventstore.keyring import seal
 from eventstore.metrics import EVENTS_SKIPPED
 from schemas import ERASED, Envelope, Event, InitialMember, MessageSent, new_event_id, utc_now
 from schemas.fields import MESSAGE_BODY_MAX
-from tests.samples import ALICE, PERSONAL_PLAINTEXTS, ROOM, sample_events
+from tests.samples import ALICE, BOB, PERSONAL_PLAINTEXTS, ROOM, sample_events
 
 LAYOUT = TopicLayout("chat", 4, 8, 1, 1)
 KEYS: dict[uuid.UUID, AESGCM | None] = {ALICE: AESGCM(AESGCM.generate_key(256))}
@@ -54,8 +57,8 @@ def envelope(event: Event, **overrides: Any) -> Envelope:
     return Envelope(**attrs)
 
 
-def written(event: Event, offset: int = 0) -> Record:
-    out = encode_event(event, envelope(event), KEYS, LAYOUT)
+def written(event: Event, offset: int = 0, keys: dict[uuid.UUID, AESGCM | None] = KEYS) -> Record:
+    out = encode_event(event, envelope(event), keys, LAYOUT)
     return Record(out.topic, 1, offset, out.value, out.headers)
 
 
@@ -380,3 +383,105 @@ def test_a_records_size_counts_its_key_value_and_every_header() -> None:
             out = encode_event(event, envelope(event, **extra), KEYS, LAYOUT)
             headers = sum(len(name) + len(value) for name, value in out.headers)
             assert out.size == len(out.key) + len(out.value) + headers
+
+
+STRANGER = uuid.UUID(int=7)
+
+
+def _headers(record: Record, change: dict[str, bytes | None]) -> Record:
+    """``record`` with headers replaced (``None``: removed) or added."""
+    headers = [(k, change.get(k, v)) for k, v in record.headers]
+    headers += [(k, v) for k, v in change.items() if k not in dict(record.headers)]
+    return Record(
+        record.topic, record.partition, record.offset, record.value, [h for h in headers if h[1]]
+    )
+
+
+def _sent_variants() -> list[Record]:
+    """A ``MessageSent`` in every shape a reader may meet: as writers write it (from a subject
+    with a key, an erased one, one never keyed), damaged, foreign or older headers."""
+    sent = sample_events()[10]
+    assert isinstance(sent, MessageSent)
+    plain = written(sent)
+    payload = msgspec.json.decode(plain.value or b"")
+    forged = written(sent)
+    forged.value = msgspec.json.encode(
+        {**msgspec.json.decode(forged.value or b""), **{"body": payload["body"]}}
+    )
+    event_id = dict(plain.headers)["ce_id"].decode()
+    variants = [
+        plain,
+        # Sealed under a key since erased (BOB's), and under one never made (a stranger's).
+        written(msgspec.structs.replace(sent, sender_id=BOB), keys={BOB: AESGCM(bytes(32))}),
+        written(
+            msgspec.structs.replace(sent, sender_id=STRANGER), keys={STRANGER: AESGCM(bytes(32))}
+        ),
+        written(
+            msgspec.structs.replace(sent, body="x" * 200, kind="media", media_id=BOB, reply_to=ROOM)
+        ),
+        forged,  # another event's sealed body: does not authenticate
+        _with_body("é" * MESSAGE_BODY_MAX),  # read through the JSON object
+        *(_with_body(text) for text in ("", "a\x00b", "x" * (MESSAGE_BODY_MAX + 1))),
+        _headers(plain, {"ce_schemaversion": None}),
+        _headers(plain, {"ce_schemaversion": b"2"}),
+        _headers(plain, {"content-type": None}),
+        _headers(plain, {"content-type": b"text/plain"}),
+        _headers(plain, {"ce_id": b"{" + event_id.encode() + b"}"}),
+        _headers(plain, {"ce_id": b"not an id"}),
+        _headers(plain, {"ce_time": b"yesterday"}),
+        _headers(plain, {"ce_source": None}),
+        _headers(plain, {"ce_subject": None}),
+        _headers(plain, {"ce_specversion": b"0.3"}),
+        _headers(plain, {"ce_type": b"chat.message.sent.v9"}),
+    ]
+    for body in ("plain words", "pd1:!!!!", "pd1:AAAA", "x" * (MESSAGE_BODY_MAX + 1), None):
+        variants.append(
+            Record(plain.topic, 1, 0, msgspec.json.encode({**payload, "body": body}), plain.headers)
+        )
+    for damage in ("{not json", "[1, 2]"):
+        variants.append(Record(plain.topic, 1, 0, damage.encode(), plain.headers))
+    kinds = plain.value.replace(b'"kind":"text"', b'"kind":"video"') if plain.value else None
+    variants.append(Record(plain.topic, 1, 0, kinds, plain.headers))
+    return variants
+
+
+async def test_a_builds_compact_decoding_yields_exactly_what_decoding_does() -> None:
+    """:func:`decode_compact` reads a well-formed ``MessageSent`` without its envelope, and
+    every other record (other types, and a ``MessageSent`` in any other shape) as
+    :func:`decode_records` does: both ways give the same events, poison and skips, and count
+    the same skips."""
+    keys: dict[uuid.UUID, AESGCM | None] = {**KEYS, BOB: None}
+
+    async def fetch(subjects: Any) -> dict[uuid.UUID, AESGCM | None]:
+        return {s: keys[s] for s in subjects if s in keys}
+
+    records = [written(e) for e in sample_events()] + _sent_variants()
+    for offset, record in enumerate(records):
+        record.offset = offset
+
+    def skips() -> dict[tuple[str, ...], float]:
+        return {
+            tuple(sample.labels.values()): sample.value
+            for metric in EVENTS_SKIPPED.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        }
+
+    async def counted(decode: Any) -> tuple[list[Any], dict[tuple[str, ...], float]]:
+        before = skips()
+        decoded = await decode(records, LAYOUT, 1, fetch)
+        after = skips()
+        return decoded, {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k)}
+
+    expected, expected_skips = await counted(decode_records)
+    compact, compact_skips = await counted(decode_compact)
+    assert compact_skips == expected_skips
+    assert [c.recorded() if isinstance(c, CompactSent) else c for c in compact] == expected
+    read_compactly = [c.position.offset for c in compact if isinstance(c, CompactSent)]
+    # The sample's message, and of the variants: as written, under an erased key (no body), a
+    # media message, and an id in braces (which the envelope's reading accepts too).
+    assert read_compactly == [10, 18, 19, 21, 31], read_compactly
+    bodies = {c.position.offset: c.body for c in compact if isinstance(c, CompactSent)}
+    assert bodies[18] == sample_events()[10].body
+    assert bodies[19] is None
+    assert sum(isinstance(d, Skipped) and d.reason == "poison" for d in expected) >= 18

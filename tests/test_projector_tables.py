@@ -9,13 +9,30 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore import Position, RecordedEvent, Settings, TopicLayout
+from eventstore.codec import CompactSent, decode_compact, decode_records, encode_event
 from projectors.apply import _ERASURE_LOCK_CLASS, apply_items
+from projectors.checksum import checksum
+from projectors.metrics import ASSUMED_KEYS_TAKEN
 from projectors.rows import MessageRow, ReadMarkerRow, UserRow
 from projectors.schema import MESSAGES, READ_MARKERS, READ_MODEL_VERSION, USERS, create_schema
 from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, load_sql, upsert_rows
-from schemas import Envelope, Event, UserErased, UserRegistered
+from schemas import (
+    ConversationCreated,
+    Envelope,
+    Event,
+    InitialMember,
+    MemberJoined,
+    MessageEdited,
+    MessageSent,
+    ReactionAdded,
+    ReadMarkerMoved,
+    UserErased,
+    UserRegistered,
+    new_event_id,
+)
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -200,3 +217,123 @@ async def test_a_batch_holding_an_erasure_locks_out_every_other_batch_of_its_sch
 
 _TRY_SHARED = "SELECT pg_try_advisory_xact_lock_shared($1, hashtext($2))"
 _TRY_ALONE = "SELECT pg_try_advisory_xact_lock($1, hashtext($2))"
+
+
+class _Record(msgspec.Struct):
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+async def test_a_build_applies_its_compact_messages_as_every_reader_applies_messages(
+    conn: asyncpg.Connection, scratch: Scratch, base_settings: Settings
+) -> None:
+    """A build reads its sent messages compactly (:func:`decode_compact`) and projects them on
+    a path of their own; the same batches applied as every other reader applies them give the
+    same model, whatever the batch holds: messages new and repeated, in a conversation made by
+    the same batch or in none, edited, reacted to, read, a body sealed under an erased key,
+    poison, an id a previous batch stored (the batch is applied again reading every key), an
+    erasure."""
+    layout = TopicLayout.from_settings(base_settings)
+    alice, bob, carol, dave, room = (uuid.uuid4() for _ in range(5))
+    written_keys = {user: AESGCM(AESGCM.generate_key(256)) for user in (alice, bob, carol)}
+    read_keys: dict[uuid.UUID, AESGCM | None] = {**written_keys, carol: None}  # carol: erased
+    offsets: dict[tuple[str, int], int] = {}
+
+    def record(event: Event, seconds: int) -> _Record:
+        envelope = Envelope(
+            id=new_event_id(),
+            source="urn:t",
+            type=event.type_name(),
+            subject=str(event.stream_id),
+            time=NOW + dt.timedelta(seconds=seconds),
+        )
+        out = encode_event(event, envelope, written_keys, layout)
+        offset = offsets[out.topic, out.partition] = offsets.get((out.topic, out.partition), -1) + 1
+        return _Record(out.topic, out.partition, offset, out.value, out.headers)
+
+    def sent(
+        sender: uuid.UUID, body: str, mid: uuid.UUID | None = None, to: uuid.UUID = room
+    ) -> MessageSent:
+        return MessageSent(
+            conversation_id=to,
+            message_id=mid or uuid.uuid4(),
+            sender_id=sender,
+            client_msg_id=f"c-{uuid.uuid4().hex[:8]}",
+            body=body,
+        )
+
+    first, second = sent(alice, "hello"), sent(bob, "hi there")
+    poison = record(sent(alice, "soon poison"), 9)
+    poison.value = (poison.value or b"").replace(b'"body":"pd1:', b'"body":"pd1:!!')
+    batches = [
+        [
+            *(
+                record(UserRegistered(user_id=u, username=f"u{u.hex[:6]}", email="u@t.test"), 0)
+                for u in (alice, bob, carol)
+            ),
+            record(
+                ConversationCreated(
+                    conversation_id=room,
+                    creator_id=alice,
+                    name="room",
+                    members=(InitialMember(bob, "member"), InitialMember(carol, "member")),
+                ),
+                1,
+            ),
+            record(first, 2),
+            record(second, 2),
+            record(sent(carol, "erased words"), 3),
+            record(sent(bob, "a second first", mid=first.message_id), 3),
+            record(sent(alice, "to nowhere", to=uuid.uuid4()), 4),
+            record(
+                MessageEdited(
+                    conversation_id=room, message_id=second.message_id, editor_id=bob, body="hi!"
+                ),
+                5,
+            ),
+            record(
+                ReactionAdded(
+                    conversation_id=room, message_id=first.message_id, user_id=bob, emoji="+1"
+                ),
+                6,
+            ),
+            record(ReadMarkerMoved(conversation_id=room, user_id=bob, up_to=second.message_id), 7),
+            record(
+                MemberJoined(conversation_id=room, user_id=dave, role="member", added_by=alice), 8
+            ),
+            poison,
+            *(record(sent(alice, f"message {n}"), 10) for n in range(COPY_FROM_ROWS)),
+        ],
+        [
+            record(sent(alice, "later"), 11),
+            record(sent(bob, "taken", mid=second.message_id), 12),
+            record(sent(bob, "after"), 13),
+            record(UserErased(user_id=bob), 14),
+        ],
+    ]
+
+    async def fetch(subjects: object) -> dict[uuid.UUID, AESGCM | None]:
+        return {s: read_keys[s] for s in subjects if s in read_keys}  # type: ignore[attr-defined]
+
+    async def build(compact: bool, history: bool) -> tuple[str, list[list[RecordedEvent]], float]:
+        schema = scratch("tables_compact")
+        await create_schema(conn, schema, build=True)
+        taken = ASSUMED_KEYS_TAKEN._value.get()
+        events = []
+        for records in batches:
+            decode = decode_compact if compact else decode_records
+            items = await decode(records, layout, 1, fetch)
+            assert any(isinstance(i, CompactSent) for i in items) is compact
+            async with conn.transaction():
+                applied = await apply_items(conn, schema, layout, items, history=history)
+            events.append(applied.events)
+        return await checksum(conn, schema), events, ASSUMED_KEYS_TAKEN._value.get() - taken
+
+    every, every_events, every_taken = await build(compact=False, history=True)
+    assert every_taken == 1, "the second batch's taken id made it start over"
+    assert len(every_events[0]) > COPY_FROM_ROWS
+    assert await build(compact=True, history=False) == (every, [[], []], 1)
+    assert await build(compact=True, history=True) == (every, every_events, 1)
