@@ -16,6 +16,15 @@ savepoint is rolled back and the batch applied again reading every key. Either w
 is the same. The assumption saves a lookup per message: in a live batch, the read of the
 messages table had been most of PostgreSQL's work (and whenever the table had grown since its
 statistics were taken, a sequential scan of it).
+
+*A build's sent messages.* A build (a replay into a shadow schema) decodes its records with
+:func:`~eventstore.codec.decode_compact`, which reads a well-formed ``MessageSent`` (most of
+any log) as a :class:`~eventstore.codec.CompactSent`: no envelope, parsed record or recorded
+event. The loop projects one with the rows :func:`~projectors.projection.sent_rows` makes (as
+the pure projection does), written straight into the working set instead of through ``Put``
+operations. Anything else about it (a conversation that does not exist, a batch that keeps a
+recent history) goes the general way, through :meth:`~eventstore.codec.CompactSent.recorded`.
+Tests apply the same batches both ways and compare the models.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ class Applied(msgspec.Struct):
     """What a batch changed, for the caches and the metrics."""
 
     events: list[RecordedEvent] = msgspec.field(default_factory=list)
-    """Every decoded conversation event, applied or not: the recent history mirrors the log."""
+    """Every decoded conversation event, applied or not: the recent history mirrors the log
+    (none when applied with ``history=False``: a build's, which writes no cache)."""
     membership: set[uuid.UUID] = msgspec.field(default_factory=set)
     """Conversations whose member list changed."""
     member_changes: set[tuple[uuid.UUID, uuid.UUID]] = msgspec.field(default_factory=set)

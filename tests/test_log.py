@@ -18,6 +18,7 @@ from eventstore import (
     Skipped,
     SubjectErased,
 )
+from eventstore.codec import RecordLike, decode_records
 from eventstore.metrics import EVENTS_SKIPPED
 from schemas import ERASED, MessageSent, UserProfileUpdated, UserRegistered
 from tests.samples import sample_events
@@ -73,6 +74,29 @@ async def test_appended_events_read_back_with_their_positions(store: EventStore)
         assert got.envelope.correlationid == "corr-1"
         assert got.envelope.actor == str(user)
         assert got.envelope.subject == str(sent.event.stream_id)
+
+
+async def test_a_reader_without_decoding_hands_over_the_records_a_decoding_one_reads(
+    store: EventStore,
+) -> None:
+    """``decode=False`` (a build's reader, which decodes its own way): each batch holds the
+    raw records per partition and their offset ranges, no items; decoded, they are what a
+    decoding reader hands over."""
+    user, room = uuid.uuid4(), uuid.uuid4()
+    await store.producer.append(sample_events(user=user, room=room))
+    decoded = await read_all(store)
+    raw: list[RecordLike] = []
+    async with store.reader(decode=False) as reader:
+        async for batch in reader.batches_until_end():
+            assert batch.items == []
+            assert set(batch.records) == set(batch.ranges)
+            for partition, records in batch.records.items():
+                span = batch.ranges[partition]
+                assert [r.offset for r in records] == list(range(span.first, span.next))
+                raw.extend(records)
+    keys = store.keyring.keys_for_read
+    assert await decode_records(raw, store.layout, store.epoch, keys) == decoded
+    assert len(decoded) == len(sample_events())
 
 
 async def test_order_is_kept_per_stream_across_many_streams(store: EventStore) -> None:
