@@ -640,8 +640,8 @@ def _parse_sent(
         if not isinstance(event.body, str):
             return None
         sealed = sealed_bytes(event.body)
-    except (KeyError, ValueError, DecodeError, msgspec.DecodeError):
-        return None  # msgspec's ValidationError is a DecodeError, DecodeError a ValueError
+    except (KeyError, ValueError, DecodeError):  # msgspec's errors are ValueErrors
+        return None
     position = Position(epoch, _stream_of(layout, record.topic), record.partition, record.offset)
     return _SentParsed(record, position, event_id, time, event, sealed)
 
