@@ -10,7 +10,19 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ops import archive_cli, backup, bench, dlq, privacy, replay, serve, status, testing, up
+    from ops import (
+        archive_cli,
+        backup,
+        bench,
+        caches_cli,
+        dlq,
+        privacy,
+        replay,
+        serve,
+        status,
+        testing,
+        up,
+    )
     from ops.restore_log import register as register_restore_log
     from ops.stack.commands import register as register_stack
 
@@ -22,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     replay.register(sub)
     dlq.register(sub)
+    caches_cli.register(sub)
     status.register(sub)
     privacy.register(sub)
     backup.register(sub)

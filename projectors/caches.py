@@ -356,9 +356,17 @@ async def _delete_matching(redis: Redis, pattern: str) -> None:
         await redis.delete(*batch)
 
 
+class CachesRebuilt(msgspec.Struct, frozen=True):
+    """What :func:`rebuild_caches` wrote: members hashes, users' conversation sets, summaries."""
+
+    conversations: int
+    users: int
+    summaries: int
+
+
 async def rebuild_caches(
     pool: Pool, redis: Redis, namespace: str, schema: str = LIVE_SCHEMA
-) -> None:
+) -> CachesRebuilt:
     """Drop and rebuild the membership, user-conversation and summary caches from PostgreSQL.
 
     Runs in a transaction holding ``SHARE`` locks on ``members`` and ``conversations``: a
@@ -383,7 +391,8 @@ async def rebuild_caches(
         summaries = await conn.fetch(in_schema(schema, _SUMMARY_SQL))
         offsets = await conn.fetch(in_schema(schema, _OFFSETS_SQL))
         pipe = redis.pipeline(transaction=False)
-        for conversation_id, roles in _members_by_conversation(members).items():
+        by_conversation = _members_by_conversation(members)
+        for conversation_id, roles in by_conversation.items():
             pipe.hset(members_key(namespace, conversation_id), mapping=roles)
         conversations: dict[uuid.UUID, list[str]] = defaultdict(list)
         for row in members:
@@ -401,3 +410,4 @@ async def rebuild_caches(
             }
             fences.hset(fence_key(namespace), mapping=versions)
         await fences.execute()
+    return CachesRebuilt(len(by_conversation), len(conversations), len(summaries))

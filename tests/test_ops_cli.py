@@ -1,4 +1,5 @@
-"""The operator commands: ``dlq list|retry``, ``status``, ``checksum``, ``replay``, ``provision``.
+"""The operator commands: ``dlq list|retry``, ``status``, ``checksum``, ``replay``, ``provision``,
+``caches rebuild``.
 
 Each command runs through ``backbone``'s own entry point (in a worker thread, as it starts an
 event loop of its own) against an isolated deployment named by the ``BACKBONE_*`` environment.
@@ -15,8 +16,9 @@ import pytest
 from eventstore import Settings, create_pool
 from ops.cli import main
 from ops.provision import provision
+from projectors.caches import fence_key, summary_key
 from projectors.checksum import checksum
-from projectors.read.contract import LIVE_SCHEMA
+from projectors.read.contract import LIVE_SCHEMA, members_key, user_conversations_key
 from projectors.schema import schema_exists
 from tests.store_fixtures import fresh_database
 from tests.test_projector_support import (
@@ -34,13 +36,15 @@ async def backbone(
     capsys: pytest.CaptureFixture[str],
     settings: Settings,
     *argv: str,
+    stderr: bool = False,
 ) -> tuple[int, str]:
-    """Run ``backbone argv`` against ``settings``; its exit status and stdout."""
+    """Run ``backbone argv`` against ``settings``; its exit status and stdout (or stderr)."""
     for key, value in settings_env(settings).items():
         monkeypatch.setenv(key, value)
     capsys.readouterr()
     status = await asyncio.to_thread(main, list(argv))
-    return status, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return status, captured.err if stderr else captured.out
 
 
 async def test_dlq_list_and_retry(
@@ -133,6 +137,42 @@ async def test_checksum_and_replay_commands(
         monkeypatch, capsys, world.settings, "checksum", "--schema", "nothing_here"
     )
     assert status == 1
+
+
+async def test_caches_rebuild_restores_what_redis_lost(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``caches rebuild`` after Redis lost the projector's keys: every members hash, user's
+    conversation set and summary is back as the projector had written it, and the fences at
+    the model's offsets; without a read model it fails and says why."""
+    owner, bob, rooms = uuid.uuid4(), uuid.uuid4(), [uuid.uuid4() for _ in range(3)]
+    await world.write([register(owner), register(bob)])
+    await world.write([group(room, owner, bob) for room in rooms])
+    await world.write([message(room, bob, f"hi {n}") for n, room in enumerate(rooms)])
+    await world.catch_up()
+    keys = [
+        *(members_key(world.namespace, room) for room in rooms),
+        *(summary_key(world.namespace, room) for room in rooms),
+    ]
+    sets = [user_conversations_key(world.namespace, user) for user in (owner, bob)]
+
+    async def cached() -> list[object]:
+        hashes = [await world.redis.hgetall(key) for key in [*keys, fence_key(world.namespace)]]
+        return [*hashes, *[await world.redis.smembers(key) for key in sets]]
+
+    before = await cached()
+    assert all(before), "the projector wrote every one of them"
+    await world.redis.delete(*keys, *sets, fence_key(world.namespace))
+
+    status, out = await backbone(monkeypatch, capsys, world.settings, "caches", "rebuild", "--json")
+    assert status == 0
+    assert json.loads(out) == {"schema": "chat", "conversations": 3, "users": 2, "summaries": 3}
+    assert await cached() == before
+
+    bare = await fresh_database(world.settings)
+    status, err = await backbone(monkeypatch, capsys, bare, "caches", "rebuild", stderr=True)
+    assert status == 1
+    assert "no read model" in err
 
 
 async def test_provision_creates_the_live_read_model(base_settings: Settings) -> None:
