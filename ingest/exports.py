@@ -52,6 +52,25 @@ def _rows(records: list[Any]) -> list[dict[str, Any]]:
     return [dict(r) for r in records]
 
 
+READ_MODEL_SQL: Final = {
+    "memberships": "SELECT m.conversation_id, c.kind, c.name, m.role, m.joined_at"
+    " FROM chat.members m JOIN chat.conversations c ON c.conversation_id = m.conversation_id"
+    " WHERE m.user_id = $1 ORDER BY m.joined_at",
+    "messages": 'SELECT message_id, conversation_id, partition, "offset", kind, body, reply_to,'
+    " media_id, created_at, edited_at, deleted FROM chat.messages WHERE sender_id = $1"
+    ' ORDER BY created_at, "offset"',
+    "reactions": "SELECT message_id, conversation_id, emoji, reacted_at FROM chat.reactions"
+    " WHERE user_id = $1 ORDER BY reacted_at",
+    "read_markers": "SELECT r.conversation_id, r.up_to, r.moved_at FROM chat.members m"
+    " JOIN chat.read_markers r ON r.conversation_id = m.conversation_id AND r.user_id = m.user_id"
+    " WHERE m.user_id = $1 ORDER BY r.moved_at",
+    "media": "SELECT media_id, content_type, size, sha256, filename, uploaded_at FROM chat.media"
+    " WHERE uploader_id = $1 ORDER BY uploaded_at",
+}
+"""What an export reads of the read model about one person ($1), by section: each by an index
+(a test reads their plans)."""
+
+
 async def collect(store: EventStore, user_id: uuid.UUID) -> dict[str, Any]:
     """The archive's content for ``user_id``."""
     pool = store.pool
@@ -74,34 +93,7 @@ async def collect(store: EventStore, user_id: uuid.UUID) -> dict[str, Any]:
         " FROM chat.users WHERE user_id = $1",
         user_id,
     )
-    memberships = await pool.fetch(
-        "SELECT m.conversation_id, c.kind, c.name, m.role, m.joined_at FROM chat.members m"
-        " JOIN chat.conversations c ON c.conversation_id = m.conversation_id"
-        " WHERE m.user_id = $1 ORDER BY m.joined_at",
-        user_id,
-    )
-    messages = await pool.fetch(
-        'SELECT message_id, conversation_id, partition, "offset", kind, body, reply_to,'
-        " media_id, created_at, edited_at, deleted FROM chat.messages WHERE sender_id = $1"
-        ' ORDER BY created_at, "offset"',
-        user_id,
-    )
-    reactions = await pool.fetch(
-        "SELECT message_id, conversation_id, emoji, reacted_at FROM chat.reactions"
-        " WHERE user_id = $1 ORDER BY reacted_at",
-        user_id,
-    )
-    markers = await pool.fetch(
-        "SELECT r.conversation_id, r.up_to, r.moved_at FROM chat.read_markers r"
-        " WHERE r.user_id = $1 AND r.conversation_id IN"
-        " (SELECT conversation_id FROM chat.members WHERE user_id = $1)",
-        user_id,
-    )
-    media = await pool.fetch(
-        "SELECT media_id, content_type, size, sha256, filename, uploaded_at FROM chat.media"
-        " WHERE uploader_id = $1 ORDER BY uploaded_at",
-        user_id,
-    )
+    held = {name: _rows(await pool.fetch(sql, user_id)) for name, sql in READ_MODEL_SQL.items()}
     events = [structured(e) async for e in stream_events(store, "user", user_id)]
     settings = dict(profile) if profile is not None else None
     if settings is not None and isinstance(settings.get("settings"), str):
@@ -113,11 +105,7 @@ async def collect(store: EventStore, user_id: uuid.UUID) -> dict[str, Any]:
         "sessions": _rows(sessions),
         "api_keys": _rows(api_keys),
         "profile": settings,
-        "memberships": _rows(memberships),
-        "messages": _rows(messages),
-        "reactions": _rows(reactions),
-        "read_markers": _rows(markers),
-        "media": _rows(media),
+        **held,
         "events": events,
     }
 

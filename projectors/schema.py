@@ -17,7 +17,10 @@ Every query of the read API is served by an index (primary keys plus :attr:`Tabl
 * who may download a media object: ``messages (media_id)`` (v2; from v3 without the NULLs of
   text messages, see :attr:`Table.sparse`);
 * erasure: ``messages (sender_id)``, ``conversations (creator_id)``, ``media (uploader_id)``,
-  ``sessions (user_id)``.
+  ``sessions (user_id)``;
+* a person's export (:mod:`ingest.exports`): those, ``members (user_id, conversation_id)``
+  (then the read markers by primary key) and ``reactions (user_id)`` (v4: the export had read
+  every reaction of the deployment to find one person's).
 
 Unread counts cost one subtraction: every message gets ``seq``, its 1-based number in its
 conversation; ``conversations.message_count`` is the latest ``seq`` and a read marker stores the
@@ -39,7 +42,7 @@ from eventstore import Connection, Pool
 from projectors.errors import SchemaNameInvalid
 from projectors.read.contract import LIVE_SCHEMA
 
-READ_MODEL_VERSION: Final = 3
+READ_MODEL_VERSION: Final = 4
 """Recorded as the schema's comment; a rebuild compares it to decide whether to rebuild."""
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -183,6 +186,7 @@ REACTIONS = Table(
         _c("reacted_at", "timestamptz"),
     ),
     ("message_id", "user_id", "emoji"),
+    indexes=(("user_id",),),
 )
 READ_MARKERS = Table(
     "read_markers",

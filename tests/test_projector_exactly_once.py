@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer
 from eventstore import Batch, Position, RecordedEvent, codec, create_pool
 from eventstore.codec import stream_placement
 from eventstore.consumer import Partition, PositionsMoved
+from ingest.exports import READ_MODEL_SQL
 from ingest.media import SHARED_WITH_SQL
 from projectors.caches import rebuild_caches, summary_key
 from projectors.checksum import checksum
@@ -118,6 +119,19 @@ async def test_live_schema_has_the_contract_columns_and_indexes_serve_the_reads(
             for name, sql in queries.items():
                 plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", uuid.uuid4()))
                 assert "Seq Scan" not in plan, f"{name}:\n{plan}"
+            # What a person's export reads, each by an index on the person's column.
+            by_person = {
+                "memberships": "members_by_user_id_conversation_id",
+                "messages": "messages_by_sender_id",
+                "reactions": "reactions_by_user_id",
+                "read_markers": "members_by_user_id_conversation_id",
+                "media": "media_by_uploader_id",
+            }
+            assert set(by_person) == set(READ_MODEL_SQL)
+            for name, sql in READ_MODEL_SQL.items():
+                plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", uuid.uuid4()))
+                assert "Seq Scan" not in plan, f"export {name}:\n{plan}"
+                assert f" on {by_person[name]} " in plan, f"export {name}:\n{plan}"
             # Who may download a media object: by the index that leaves out text messages.
             sql = f"EXPLAIN {SHARED_WITH_SQL}"
             plan = "\n".join(r[0] for r in await conn.fetch(sql, uuid.uuid4(), uuid.uuid4()))

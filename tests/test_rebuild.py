@@ -176,6 +176,7 @@ async def test_a_build_schema_leaves_indexes_out_until_it_is_finished(world: Wor
             "CREATE INDEX members_by_user_id_conversation_id",
             "CREATE INDEX messages_by_media_id",
             "CREATE UNIQUE INDEX messages_by_conversation_id_offset",
+            "CREATE INDEX reactions_by_user_id",
         }
         await finish_build(pool, built)
         await finish_build(pool, built)  # a resumed build finishes again: nothing to add
