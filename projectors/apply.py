@@ -44,7 +44,7 @@ from projectors import schema
 from projectors.metrics import ASSUMED_KEYS_TAKEN, EVENTS
 from projectors.projection import Drop, EraseUser, Put, creates, needs, project, sent_rows
 from projectors.rows import ConversationRow, Key, MemberRow, Row, key_getter
-from projectors.schema import Table, checked_schema_name, in_schema
+from projectors.schema import ERASE_SQL, Table, checked_schema_name, defer_erasures, in_schema
 from projectors.tables import delete_rows, insert_rows, load_rows, upsert_rows
 from schemas import ConversationEvent, Event, MessageSent, UserErased
 
@@ -245,15 +245,8 @@ _DEAD_LETTER_SQL = (
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, now(), false) "
     'ON CONFLICT (topic, partition, "offset") DO NOTHING'
 )
-# Erasure, in order: redact every personal value of the user ($1), then find the
-# conversations whose cached copies (summary, recent history) hold some of it.
-_ERASE_SQL = (
-    "UPDATE {schema}.messages SET body = NULL WHERE sender_id = $1 AND body IS NOT NULL",
-    "UPDATE {schema}.conversations SET name = NULL, description = NULL "
-    "WHERE creator_id = $1 AND (name IS NOT NULL OR description IS NOT NULL)",
-    "UPDATE {schema}.media SET filename = NULL WHERE uploader_id = $1 AND filename IS NOT NULL",
-    "UPDATE {schema}.sessions SET device = NULL WHERE user_id = $1 AND device IS NOT NULL",
-)
+# After an erasure's redactions (projectors.schema.ERASE_SQL): the conversations whose cached
+# copies (summary, recent history) hold some of the user's ($1) values.
 _ERASED_IN_SQL = (
     "SELECT conversation_id FROM {schema}.conversations WHERE creator_id = $1 "
     "UNION SELECT DISTINCT conversation_id FROM {schema}.messages WHERE sender_id = $1"
@@ -290,7 +283,7 @@ async def _write_dead_letters(
 
 async def _erase(conn: Connection, schema_name: str, user_id: uuid.UUID, applied: Applied) -> None:
     """Redact the personal values of ``user_id`` in every table."""
-    for sql in _ERASE_SQL:
+    for sql in ERASE_SQL:
         await conn.execute(in_schema(schema_name, sql), user_id)
     touched = [r[0] for r in await conn.fetch(in_schema(schema_name, _ERASED_IN_SQL), user_id)]
     applied.conversations.update(touched)
@@ -473,7 +466,8 @@ async def _apply(
         await insert_rows(conn, schema_name, table, new, assumed=assume_new)
         await upsert_rows(conn, schema_name, table, replaced)
     await _write_dead_letters(conn, schema_name, letters)
-    for user_id in erasures:
-        await _erase(conn, schema_name, user_id, applied)
-        applied.erased.append(user_id)
+    if erasures and not await defer_erasures(conn, schema_name, list(erasures)):
+        for user_id in erasures:
+            await _erase(conn, schema_name, user_id, applied)
+    applied.erased.extend(erasures)
     return _Attempt(applied, counts, warnings)

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -74,9 +76,6 @@ class Table(msgspec.Struct, frozen=True, cache_hash=True):
     index for ``column = $1``. A message's ``media_id`` is NULL on all but media messages:
     indexing the NULLs too took a fifth of a replay's index building (0.66 s of CPU a million
     messages) and an index insertion per text message (v3)."""
-    build_indexes: tuple[tuple[str, ...], ...] = ()
-    """Of :attr:`indexes`, those a build needs while it runs (erasure's set-based updates find
-    rows by them); a build creates the others once its rows are in (:func:`finish_build`)."""
     # Columns left out of the checksum: wall-clock bookkeeping that a replay cannot reproduce.
     unchecked: tuple[str, ...] = ()
     fillfactor: int = 100
@@ -136,7 +135,6 @@ CONVERSATIONS = Table(
     ),
     ("conversation_id",),
     indexes=(("creator_id",),),
-    build_indexes=(("creator_id",),),
     fillfactor=50,
 )
 MEMBERS = Table(
@@ -174,7 +172,6 @@ MESSAGES = Table(
     indexes=(("sender_id",), ("media_id",)),
     unique_indexes=(("conversation_id", "offset"),),
     sparse=("media_id",),
-    build_indexes=(("sender_id",),),
 )
 REACTIONS = Table(
     "reactions",
@@ -214,7 +211,6 @@ MEDIA = Table(
     ),
     ("media_id",),
     indexes=(("uploader_id",),),
-    build_indexes=(("uploader_id",),),
 )
 SESSIONS = Table(
     "sessions",
@@ -229,7 +225,6 @@ SESSIONS = Table(
     ),
     ("session_id",),
     indexes=(("user_id",),),
-    build_indexes=(("user_id",),),
 )
 DEAD_LETTERS = Table(
     "dead_letters",
@@ -282,15 +277,13 @@ def _columns(names: tuple[str, ...]) -> str:
     return ", ".join('"offset"' if n == "offset" else n for n in names)
 
 
-def index_ddl(schema: str, table: Table, *, build: bool = False) -> list[str]:
-    """``CREATE INDEX`` statements of ``table`` in ``schema`` (``build``: only those a build
-    needs while it runs). Idempotent: an index already there is left as it is."""
+def index_ddl(schema: str, table: Table) -> list[str]:
+    """``CREATE INDEX`` statements of ``table``'s secondary indexes in ``schema``. Idempotent:
+    an index already there is left as it is."""
     schema = checked_schema_name(schema)
     statements = []
     for unique, groups in ((False, table.indexes), (True, table.unique_indexes)):
         for cols_ in groups:
-            if build and cols_ not in table.build_indexes:
-                continue
             name = f"{table.name}_by_{'_'.join(cols_)}"
             kind = "UNIQUE INDEX" if unique else "INDEX"
             where = f" WHERE {cols_[0]} IS NOT NULL" if cols_[0] in table.sparse else ""
@@ -302,7 +295,8 @@ def index_ddl(schema: str, table: Table, *, build: bool = False) -> list[str]:
 
 
 def table_ddl(schema: str, table: Table, *, build: bool = False) -> list[str]:
-    """``CREATE TABLE`` and ``CREATE INDEX`` statements of one table in ``schema``."""
+    """``CREATE TABLE`` and ``CREATE INDEX`` statements of one table in ``schema`` (``build``:
+    its primary key only)."""
     schema = checked_schema_name(schema)
     cols = [f"{c.sql_name} {c.type}{'' if c.nullable else ' NOT NULL'}" for c in table.columns]
     cols.append(f"PRIMARY KEY ({_columns(table.primary_key)})")
@@ -310,16 +304,19 @@ def table_ddl(schema: str, table: Table, *, build: bool = False) -> list[str]:
     statements = [
         f"CREATE TABLE {schema}.{table.name} (\n    " + ",\n    ".join(cols) + f"\n){storage}"
     ]
-    return statements + index_ddl(schema, table, build=build)
+    return statements if build else statements + index_ddl(schema, table)
 
 
 def schema_ddl(schema: str, *, build: bool = False) -> list[str]:
     """Every statement that creates the read model in a new schema ``schema`` (``build``: for
-    a build, with the indexes that can wait left out; see :func:`create_schema`)."""
+    a build, its secondary indexes left out and its erasures deferred; see
+    :func:`create_schema`)."""
     schema = checked_schema_name(schema)
     statements = [f"CREATE SCHEMA {schema}"]
     for table in TABLES:
         statements.extend(table_ddl(schema, table, build=build))
+    if build:
+        statements.append(in_schema(schema, _PENDING_ERASURES_DDL))
     statements.append(f"COMMENT ON SCHEMA {schema} IS 'backbone read model v{READ_MODEL_VERSION}'")
     return statements
 
@@ -337,11 +334,12 @@ async def create_schema(conn: Connection, schema: str, *, build: bool = False) -
     Idempotent and safe from many processes at once: creation runs in one transaction under
     an advisory lock, so a schema is either absent or complete.
 
-    ``build``: a schema that a replay fills before anyone reads it gets its primary keys and
-    :attr:`Table.build_indexes` only; :func:`finish_build` adds the rest once the rows are in.
-    Each secondary index costs every row written a B-tree insertion at a random place; one
-    sorted build at the end costs a fraction of that (a million messages: about 5 µs a row
-    less, most of PostgreSQL's share of a replay).
+    ``build``: a schema that a replay fills before anyone reads it gets its primary keys only;
+    :func:`finish_build` adds the secondary indexes once the rows are in. Each secondary index
+    costs every row written a B-tree insertion at a random place; one sorted build at the end
+    costs a fraction of that (a million messages: about 5 µs a row less, most of PostgreSQL's
+    share of a replay). Erasure finds a person's rows by those indexes, so a build records its
+    erasures instead (:func:`defer_erasures`) and :func:`finish_build` applies them.
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
@@ -352,13 +350,51 @@ async def create_schema(conn: Connection, schema: str, *, build: bool = False) -
     return True
 
 
+ERASE_SQL: Final = (
+    "UPDATE {schema}.messages SET body = NULL WHERE sender_id = $1 AND body IS NOT NULL",
+    "UPDATE {schema}.conversations SET name = NULL, description = NULL "
+    "WHERE creator_id = $1 AND (name IS NOT NULL OR description IS NOT NULL)",
+    "UPDATE {schema}.media SET filename = NULL WHERE uploader_id = $1 AND filename IS NOT NULL",
+    "UPDATE {schema}.sessions SET device = NULL WHERE user_id = $1 AND device IS NOT NULL",
+)
+"""Erasing a person ($1): every personal value of theirs in the tables, redacted set-wise by
+the secondary indexes on their columns (the users row is the projection's)."""
+
+_PENDING_ERASURES_DDL: Final = "CREATE TABLE {schema}.pending_erasures (user_id uuid PRIMARY KEY)"
+_PENDING_EXISTS_SQL: Final = "SELECT to_regclass($1)"
+_PENDING_SQL: Final = "SELECT user_id FROM {schema}.pending_erasures ORDER BY user_id"
+_DEFER_SQL: Final = (
+    "INSERT INTO {schema}.pending_erasures (user_id) VALUES ($1) ON CONFLICT DO NOTHING"
+)
+
+
+def _pending(schema: str) -> str:
+    return f"{checked_schema_name(schema)}.pending_erasures"
+
+
+async def defer_erasures(conn: Connection, schema: str, users: Sequence[uuid.UUID]) -> bool:
+    """Record the erasures of ``users`` for :func:`finish_build` if ``schema`` is a build it
+    has not finished (whose tables lack the indexes erasure finds rows by: each would read the
+    whole messages table); whether it did. Deferring changes no outcome: the table is read by
+    no one before the build is finished, and erasure's redactions commute with every later
+    write of the build (a person's values written after their erasure are sealed under the
+    key it destroyed, and decode as erased). The records commit with the batch, so a build
+    that dies keeps them."""
+    if await conn.fetchval(_PENDING_EXISTS_SQL, _pending(schema)) is None:
+        return False
+    await conn.executemany(in_schema(schema, _DEFER_SQL), [(user,) for user in users])
+    return True
+
+
 _INDEX_BUILD_MEMORY: Final = "512MB"
 """``maintenance_work_mem`` of each session that builds a deferred index: a sort of a
 million keys in memory instead of on disk."""
 
 
 async def finish_build(pool: Pool, schema: str) -> None:
-    """Create every index of ``schema`` that is not there yet (those a build left out).
+    """Create every index of ``schema`` that is not there yet (those a build left out), then
+    apply the erasures the build deferred (:func:`defer_erasures`), in one transaction that
+    also drops their record.
 
     Idempotent: a build resumed after a crash, or one that never left anything out, gets only
     what is missing. The statements run side by side, each on a connection of its own and
@@ -382,6 +418,13 @@ async def finish_build(pool: Pool, schema: str) -> None:
         for table in TABLES:
             for statement in index_ddl(schema, table):
                 builds.create_task(build(statement))
+    async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval(_PENDING_EXISTS_SQL, _pending(schema)) is None:
+            return  # finished before (a resumed build), or never a build
+        for (user_id,) in await conn.fetch(in_schema(schema, _PENDING_SQL)):
+            for sql in ERASE_SQL:
+                await conn.execute(in_schema(schema, sql), user_id)
+        await conn.execute(in_schema(schema, "DROP TABLE {schema}.pending_erasures"))
 
 
 async def ensure_live_schema(pool: Pool) -> bool:

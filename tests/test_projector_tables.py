@@ -11,13 +11,20 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from eventstore import Position, RecordedEvent, Settings, TopicLayout
+from eventstore import Position, RecordedEvent, Settings, TopicLayout, create_pool
 from eventstore.codec import CompactSent, decode_compact, decode_records, encode_event
 from projectors.apply import _ERASURE_LOCK_CLASS, apply_items
 from projectors.checksum import checksum
 from projectors.metrics import ASSUMED_KEYS_TAKEN
 from projectors.rows import MessageRow, ReadMarkerRow, UserRow
-from projectors.schema import MESSAGES, READ_MARKERS, READ_MODEL_VERSION, USERS, create_schema
+from projectors.schema import (
+    MESSAGES,
+    READ_MARKERS,
+    READ_MODEL_VERSION,
+    USERS,
+    create_schema,
+    finish_build,
+)
 from projectors.tables import COPY_FROM_ROWS, insert_rows, load_rows, load_sql, upsert_rows
 from schemas import (
     ConversationCreated,
@@ -29,6 +36,7 @@ from schemas import (
     MessageSent,
     ReactionAdded,
     ReadMarkerMoved,
+    SessionStarted,
     UserErased,
     UserRegistered,
     new_event_id,
@@ -227,6 +235,43 @@ class _Record(msgspec.Struct):
     headers: list[tuple[str, bytes]]
 
 
+class _Log:
+    """Records as the producer writes them (sealed under ``keys``), offsets counted per
+    partition, without Kafka."""
+
+    def __init__(self, layout: TopicLayout, keys: dict[uuid.UUID, AESGCM]) -> None:
+        self._layout = layout
+        self._keys = keys
+        self._offsets: dict[tuple[str, int], int] = {}
+
+    def record(self, event: Event, seconds: int) -> _Record:
+        envelope = Envelope(
+            id=new_event_id(),
+            source="urn:t",
+            type=event.type_name(),
+            subject=str(event.stream_id),
+            time=NOW + dt.timedelta(seconds=seconds),
+        )
+        out = encode_event(event, envelope, self._keys, self._layout)
+        where = (out.topic, out.partition)
+        offset = self._offsets[where] = self._offsets.get(where, -1) + 1
+        return _Record(out.topic, out.partition, offset, out.value, out.headers)
+
+
+def _sent(sender: uuid.UUID, body: str, to: uuid.UUID, mid: uuid.UUID | None = None) -> MessageSent:
+    return MessageSent(
+        conversation_id=to,
+        message_id=mid or uuid.uuid4(),
+        sender_id=sender,
+        client_msg_id=f"c-{uuid.uuid4().hex[:8]}",
+        body=body,
+    )
+
+
+def _registered(user: uuid.UUID) -> UserRegistered:
+    return UserRegistered(user_id=user, username=f"u{user.hex[:6]}", email="u@t.test")
+
+
 async def test_a_build_applies_its_compact_messages_as_every_reader_applies_messages(
     conn: asyncpg.Connection, scratch: Scratch, base_settings: Settings
 ) -> None:
@@ -240,40 +285,19 @@ async def test_a_build_applies_its_compact_messages_as_every_reader_applies_mess
     alice, bob, carol, dave, room = (uuid.uuid4() for _ in range(5))
     written_keys = {user: AESGCM(AESGCM.generate_key(256)) for user in (alice, bob, carol)}
     read_keys: dict[uuid.UUID, AESGCM | None] = {**written_keys, carol: None}  # carol: erased
-    offsets: dict[tuple[str, int], int] = {}
-
-    def record(event: Event, seconds: int) -> _Record:
-        envelope = Envelope(
-            id=new_event_id(),
-            source="urn:t",
-            type=event.type_name(),
-            subject=str(event.stream_id),
-            time=NOW + dt.timedelta(seconds=seconds),
-        )
-        out = encode_event(event, envelope, written_keys, layout)
-        offset = offsets[out.topic, out.partition] = offsets.get((out.topic, out.partition), -1) + 1
-        return _Record(out.topic, out.partition, offset, out.value, out.headers)
+    record = _Log(layout, written_keys).record
 
     def sent(
         sender: uuid.UUID, body: str, mid: uuid.UUID | None = None, to: uuid.UUID = room
     ) -> MessageSent:
-        return MessageSent(
-            conversation_id=to,
-            message_id=mid or uuid.uuid4(),
-            sender_id=sender,
-            client_msg_id=f"c-{uuid.uuid4().hex[:8]}",
-            body=body,
-        )
+        return _sent(sender, body, to, mid)
 
     first, second = sent(alice, "hello"), sent(bob, "hi there")
     poison = record(sent(alice, "soon poison"), 9)
     poison.value = (poison.value or b"").replace(b'"body":"pd1:', b'"body":"pd1:!!')
     batches = [
         [
-            *(
-                record(UserRegistered(user_id=u, username=f"u{u.hex[:6]}", email="u@t.test"), 0)
-                for u in (alice, bob, carol)
-            ),
+            *(record(_registered(u), 0) for u in (alice, bob, carol)),
             record(
                 ConversationCreated(
                     conversation_id=room,
@@ -337,3 +361,81 @@ async def test_a_build_applies_its_compact_messages_as_every_reader_applies_mess
     assert len(every_events[0]) > COPY_FROM_ROWS
     assert await build(compact=True, history=False) == (every, [[], []], 1)
     assert await build(compact=True, history=True) == (every, every_events, 1)
+
+
+async def test_a_build_defers_its_erasures_until_it_has_the_indexes_they_need(
+    conn: asyncpg.Connection, scratch: Scratch, base_settings: Settings
+) -> None:
+    """A build's tables have no secondary index until it is finished, and erasure finds a
+    person's rows by those: its batches record their erasures, and ``finish_build`` applies
+    them once the indexes are there (again: nothing more). The model then equals the one the
+    same batches make where erasures apply at once, a build that died before finishing keeps
+    the record, and only the finished build reads as erased."""
+    layout = TopicLayout.from_settings(base_settings)
+    alice, bob, room = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    keys = {user: AESGCM(AESGCM.generate_key(256)) for user in (alice, bob)}
+    log = _Log(layout, keys)
+    batches = [
+        [
+            *(log.record(_registered(u), 0) for u in (alice, bob)),
+            log.record(
+                ConversationCreated(
+                    conversation_id=room,
+                    creator_id=alice,
+                    name="alice's room",
+                    members=(InitialMember(bob, "member"),),
+                ),
+                1,
+            ),
+            *(log.record(_sent(alice, f"words {n}", room), 2) for n in range(3)),
+            log.record(_sent(bob, "bob's words", room), 3),
+            log.record(
+                SessionStarted(
+                    user_id=alice, session_id=uuid.uuid4(), expires_at=1_900_000_000, device="pc"
+                ),
+                3,
+            ),
+            log.record(UserErased(user_id=alice), 4),
+        ],
+        [log.record(_sent(bob, "after", room), 5)],
+    ]
+
+    async def fetch(subjects: object) -> dict[uuid.UUID, AESGCM | None]:
+        # Alice's key still opens her values here, so the redaction has something to do.
+        return {s: keys[s] for s in subjects if s in keys}  # type: ignore[attr-defined]
+
+    async def applied(schema: str, build: bool) -> None:
+        await create_schema(conn, schema, build=build)
+        for records in batches:
+            items = await decode_compact(records, layout, 1, fetch)
+            async with conn.transaction():
+                await apply_items(conn, schema, layout, items, history=not build)
+
+    async def alices(schema: str) -> list[object]:
+        return [
+            await conn.fetchval(
+                f"SELECT count(body) FROM {schema}.messages WHERE sender_id = $1", alice
+            ),
+            await conn.fetchval(f"SELECT name FROM {schema}.conversations"),
+            await conn.fetchval(f"SELECT device FROM {schema}.sessions"),
+        ]
+
+    at_once, built = scratch("tables_erase_now"), scratch("tables_erase_built")
+    await applied(at_once, build=False)
+    await applied(built, build=True)
+    assert await alices(at_once) == [0, None, None]
+    assert await alices(built) == [3, "alice's room", "pc"], "not yet: deferred"
+    pending = f"SELECT array_agg(user_id) FROM {built}.pending_erasures"
+    assert await conn.fetchval(pending) == [alice]
+    pool = await create_pool(base_settings.postgres_dsn, min_size=1, max_size=2)
+    try:
+        await finish_build(pool, built)
+        assert await alices(built) == [0, None, None]
+        assert await conn.fetchval("SELECT to_regclass($1)", f"{built}.pending_erasures") is None
+        assert await checksum(conn, built) == await checksum(conn, at_once)
+        await finish_build(pool, built)  # a resumed build finishes again: nothing changes
+        assert await checksum(conn, built) == await checksum(conn, at_once)
+    finally:
+        await pool.close()
+    bob_words = f"SELECT count(body) FROM {built}.messages WHERE sender_id = $1"
+    assert await conn.fetchval(bob_words, bob) == 2
