@@ -406,7 +406,7 @@ def _envelope(attrs: dict[str, bytes]) -> Envelope:
         )
     except KeyError as exc:
         raise DecodeError(f"missing CloudEvents header {exc.args[0]}") from None
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # a time past year 9999 in UTC overflows
         raise DecodeError(f"bad CloudEvents header: {exc}") from None
 
 
@@ -640,7 +640,7 @@ def _parse_sent(
         if not isinstance(event.body, str):
             return None
         sealed = sealed_bytes(event.body)
-    except (KeyError, ValueError, DecodeError):  # msgspec's errors are ValueErrors
+    except (KeyError, ValueError, OverflowError, DecodeError):  # msgspec's: ValueErrors
         return None
     position = Position(epoch, _stream_of(layout, record.topic), record.partition, record.offset)
     return _SentParsed(record, position, event_id, time, event, sealed)

@@ -19,6 +19,7 @@ import sys
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from eventstore import EventStoreError, Settings, create_pool
 from ops.deployment import command_settings
@@ -46,7 +47,7 @@ async def rebuild(settings: Settings) -> CachesRebuilt:
 def run_rebuild(args: argparse.Namespace) -> int:
     try:
         rebuilt = asyncio.run(rebuild(command_settings()))
-    except (EventStoreError, ProjectorError, OSError) as exc:
+    except (EventStoreError, ProjectorError, RedisError, OSError) as exc:
         print(f"backbone caches rebuild: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -321,9 +321,8 @@ async def apply_items(
         schema_name,
         _BATCH_PLANNER,
     )
-    if len(events) < len(items) or any(creates(e) is not None for e in events):
-        # (Every item that is not a decoded event is poison or a compact sent message: a batch
-        # of poison alone has nothing to assume, and is no cheaper to tell apart.)
+    compact = len(events) < len(items) and any(type(i) is CompactSent for i in items)
+    if compact or any(creates(e) is not None for e in events):
         try:
             async with conn.transaction():  # a savepoint: the caller's transaction goes on
                 outcome = await _apply(
@@ -414,9 +413,14 @@ async def _apply(
     project_sent = None if history else _sent_projection(work)
     for entry in items:
         if isinstance(entry, CompactSent):
-            if project_sent is not None and project_sent(entry):
-                sent += 1
-                continue
+            if project_sent is not None:
+                try:
+                    done = project_sent(entry)
+                except Exception:  # noqa: BLE001 - the general path below raises it again
+                    done = False  # (project_sent changes nothing before it cannot fail)
+                if done:
+                    sent += 1
+                    continue
             item: Decoded = entry.recorded()  # the path of every event (its history, its error)
         else:
             item = entry

@@ -8,9 +8,10 @@ batch, so a rebuild that dies is resumed by running it again (it reads on from t
 stored offsets). Meanwhile the live projector keeps serving and writing ``chat``.
 
 The shadow is created for a build (:func:`~projectors.schema.create_schema` with ``build``):
-primary keys and the indexes erasure needs, the other secondary indexes built in one sorted
-pass each once the build passes are done (:func:`~projectors.schema.finish_build`), followed by
-one more pass for what was written meanwhile. Nothing reads the shadow before the swap.
+primary keys only, the secondary indexes built in one sorted pass each once the build passes
+are done, and the erasures the build recorded meanwhile applied then
+(:func:`~projectors.schema.finish_build`), followed by one more pass for what was written
+meanwhile. Nothing reads the shadow before the swap.
 
 Once the shadow has caught up with the log end, the swap is one transaction:
 

@@ -375,11 +375,14 @@ def _pending(schema: str) -> str:
 async def defer_erasures(conn: Connection, schema: str, users: Sequence[uuid.UUID]) -> bool:
     """Record the erasures of ``users`` for :func:`finish_build` if ``schema`` is a build it
     has not finished (whose tables lack the indexes erasure finds rows by: each would read the
-    whole messages table); whether it did. Deferring changes no outcome: the table is read by
-    no one before the build is finished, and erasure's redactions commute with every later
-    write of the build (a person's values written after their erasure are sealed under the
-    key it destroyed, and decode as erased). The records commit with the batch, so a build
-    that dies keeps them."""
+    whole messages table); whether it did. Deferring changes no outcome for a log ingest
+    writes: the table is read by no one before the build is finished, and erasure's
+    redactions commute with every later write of the build (a person's values written after
+    their erasure are sealed under the key it destroyed, and decode as erased; only a
+    message's sender may edit it). In a log where someone else edited a message after its
+    sender's erasure (ingest refuses that edit), the deferred redaction blanks that edit too,
+    where one applied at once would leave it; across partitions a parallel build never fixed
+    that order anyway. The records commit with the batch, so a build that dies keeps them."""
     if await conn.fetchval(_PENDING_EXISTS_SQL, _pending(schema)) is None:
         return False
     await conn.executemany(in_schema(schema, _DEFER_SQL), [(user,) for user in users])

@@ -141,6 +141,11 @@ def test_unknown_event_types_are_skipped_and_counted() -> None:
         ),
         lambda r: setattr(r, "value", r.value.replace(b'"kind":"text"', b'"kind":"video"')),
         lambda r: setattr(r, "value", r.value.replace(b'"body":"pd1:', b'"body":"pd1:AAAA')),
+        lambda r: setattr(  # a time that overflows once taken to UTC
+            r,
+            "headers",
+            [(k, b"9999-12-31T23:59:59-01:00" if k == "ce_time" else v) for k, v in r.headers],
+        ),
     ],
 )
 def test_damaged_records_are_reported_as_poison_not_raised(damage: Any) -> None:
@@ -429,6 +434,7 @@ def _sent_variants() -> list[Record]:
         _headers(plain, {"ce_id": b"{" + event_id.encode() + b"}"}),
         _headers(plain, {"ce_id": b"not an id"}),
         _headers(plain, {"ce_time": b"yesterday"}),
+        _headers(plain, {"ce_time": b"9999-12-31T23:59:59-01:00"}),  # past 9999 in UTC
         _headers(plain, {"ce_source": None}),
         _headers(plain, {"ce_subject": None}),
         _headers(plain, {"ce_specversion": b"0.3"}),

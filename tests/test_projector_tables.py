@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -13,9 +14,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eventstore import Position, RecordedEvent, Settings, TopicLayout, create_pool
 from eventstore.codec import CompactSent, decode_compact, decode_records, encode_event
+from projectors import apply as apply_module
 from projectors.apply import _ERASURE_LOCK_CLASS, apply_items
 from projectors.checksum import checksum
-from projectors.metrics import ASSUMED_KEYS_TAKEN
+from projectors.metrics import ASSUMED_KEYS_TAKEN, EVENTS
 from projectors.rows import MessageRow, ReadMarkerRow, UserRow
 from projectors.schema import (
     MESSAGES,
@@ -273,7 +275,10 @@ def _registered(user: uuid.UUID) -> UserRegistered:
 
 
 async def test_a_build_applies_its_compact_messages_as_every_reader_applies_messages(
-    conn: asyncpg.Connection, scratch: Scratch, base_settings: Settings
+    conn: asyncpg.Connection,
+    scratch: Scratch,
+    base_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A build reads its sent messages compactly (:func:`decode_compact`) and projects them on
     a path of their own; the same batches applied as every other reader applies them give the
@@ -342,11 +347,34 @@ async def test_a_build_applies_its_compact_messages_as_every_reader_applies_mess
     async def fetch(subjects: object) -> dict[uuid.UUID, AESGCM | None]:
         return {s: read_keys[s] for s in subjects if s in read_keys}  # type: ignore[attr-defined]
 
-    async def build(compact: bool, history: bool) -> tuple[str, list[list[RecordedEvent]], float]:
+    fast: list[bool] = []  # what each call of the compact projection returned
+    real = apply_module._sent_projection
+
+    def spied(work: Any) -> Callable[[CompactSent], bool]:
+        project = real(work)
+
+        def counted(item: CompactSent) -> bool:
+            fast.append(project(item))
+            return fast[-1]
+
+        return counted
+
+    monkeypatch.setattr(apply_module, "_sent_projection", spied)
+
+    def counts() -> dict[tuple[str, ...], float]:
+        return {
+            tuple(sample.labels.values()): sample.value
+            for metric in EVENTS.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        }
+
+    async def build(compact: bool, history: bool) -> tuple[Any, ...]:
         schema = scratch("tables_compact")
         await create_schema(conn, schema, build=True)
-        taken = ASSUMED_KEYS_TAKEN._value.get()
+        taken, before = ASSUMED_KEYS_TAKEN._value.get(), counts()
         events = []
+        fast.clear()
         for records in batches:
             decode = decode_compact if compact else decode_records
             items = await decode(records, layout, 1, fetch)
@@ -354,13 +382,20 @@ async def test_a_build_applies_its_compact_messages_as_every_reader_applies_mess
             async with conn.transaction():
                 applied = await apply_items(conn, schema, layout, items, history=history)
             events.append(applied.events)
-        return await checksum(conn, schema), events, ASSUMED_KEYS_TAKEN._value.get() - taken
+        counted = {k: v - before.get(k, 0.0) for k, v in counts().items() if v != before.get(k)}
+        taken = ASSUMED_KEYS_TAKEN._value.get() - taken
+        return await checksum(conn, schema), events, taken, counted, fast.count(True)
 
-    every, every_events, every_taken = await build(compact=False, history=True)
+    every, every_events, every_taken, every_counts, _ = await build(compact=False, history=True)
     assert every_taken == 1, "the second batch's taken id made it start over"
     assert len(every_events[0]) > COPY_FROM_ROWS
-    assert await build(compact=True, history=False) == (every, [[], []], 1)
-    assert await build(compact=True, history=True) == (every, every_events, 1)
+    assert every_counts[("dead_lettered", "chat.message.sent")] == 2  # poison, no conversation
+    # The compact path took the messages it could (a first attempt of the second batch, which
+    # is then applied again, included); a batch keeping a history takes none.
+    built = await build(compact=True, history=False)
+    assert built[:4] == (every, [[], []], 1, every_counts)
+    assert built[4] > COPY_FROM_ROWS
+    assert await build(compact=True, history=True) == (every, every_events, 1, every_counts, 0)
 
 
 async def test_a_build_defers_its_erasures_until_it_has_the_indexes_they_need(
@@ -439,3 +474,48 @@ async def test_a_build_defers_its_erasures_until_it_has_the_indexes_they_need(
         await pool.close()
     bob_words = f"SELECT count(body) FROM {built}.messages WHERE sender_id = $1"
     assert await conn.fetchval(bob_words, bob) == 2
+
+
+async def test_a_compact_message_whose_projection_fails_takes_the_general_path(
+    conn: asyncpg.Connection,
+    scratch: Scratch,
+    base_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception in a build's compact projection of a message does not fail the batch: the
+    message is projected again the general way (which dead-letters it if it fails there too),
+    and the model is the one every reader makes."""
+    layout = TopicLayout.from_settings(base_settings)
+    alice, room = uuid.uuid4(), uuid.uuid4()
+    keys = {alice: AESGCM(AESGCM.generate_key(256))}
+    log = _Log(layout, keys)
+    records = [
+        log.record(_registered(alice), 0),
+        log.record(ConversationCreated(conversation_id=room, creator_id=alice, name="r"), 1),
+        *(log.record(_sent(alice, f"words {n}", room), 2) for n in range(5)),
+    ]
+
+    async def fetch(subjects: object) -> dict[uuid.UUID, AESGCM | None]:
+        return {s: keys[s] for s in subjects if s in keys}  # type: ignore[attr-defined]
+
+    async def built(decode: Any, history: bool) -> str:
+        schema = scratch("tables_fallback")
+        await create_schema(conn, schema, build=True)
+        items = await decode(records, layout, 1, fetch)
+        async with conn.transaction():
+            await apply_items(conn, schema, layout, items, history=history)
+        return await checksum(conn, schema)
+
+    expected = await built(decode_records, history=True)
+    real = apply_module.sent_rows
+    failed: list[int] = []
+
+    def flaky(*args: Any) -> Any:
+        if not failed:  # the first compact message only
+            failed.append(1)
+            raise RuntimeError("unexpected")
+        return real(*args)
+
+    monkeypatch.setattr(apply_module, "sent_rows", flaky)
+    assert await built(decode_compact, history=False) == expected
+    assert failed == [1]
