@@ -29,6 +29,7 @@ from eventstore.keyring import seal
 from eventstore.metrics import EVENTS_SKIPPED
 from schemas import ERASED, Envelope, Event, InitialMember, MessageSent, new_event_id, utc_now
 from schemas.fields import MESSAGE_BODY_MAX
+from tests.metrics_support import Series, added, series
 from tests.samples import ALICE, BOB, PERSONAL_PLAINTEXTS, ROOM, sample_events
 
 LAYOUT = TopicLayout("chat", 4, 8, 1, 1)
@@ -465,19 +466,10 @@ async def test_a_builds_compact_decoding_yields_exactly_what_decoding_does() -> 
     for offset, record in enumerate(records):
         record.offset = offset
 
-    def skips() -> dict[tuple[str, ...], float]:
-        return {
-            tuple(sample.labels.values()): sample.value
-            for metric in EVENTS_SKIPPED.collect()
-            for sample in metric.samples
-            if sample.name.endswith("_total")
-        }
-
-    async def counted(decode: Any) -> tuple[list[Any], dict[tuple[str, ...], float]]:
-        before = skips()
+    async def counted(decode: Any) -> tuple[list[Any], Series]:
+        before = series(EVENTS_SKIPPED)
         decoded = await decode(records, LAYOUT, 1, fetch)
-        after = skips()
-        return decoded, {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k)}
+        return decoded, added(EVENTS_SKIPPED, before)
 
     expected, expected_skips = await counted(decode_records)
     compact, compact_skips = await counted(decode_compact)

@@ -43,6 +43,7 @@ from schemas import (
     UserRegistered,
     new_event_id,
 )
+from tests.metrics_support import added, series
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -361,18 +362,10 @@ async def test_a_build_applies_its_compact_messages_as_every_reader_applies_mess
 
     monkeypatch.setattr(apply_module, "_sent_projection", spied)
 
-    def counts() -> dict[tuple[str, ...], float]:
-        return {
-            tuple(sample.labels.values()): sample.value
-            for metric in EVENTS.collect()
-            for sample in metric.samples
-            if sample.name.endswith("_total")
-        }
-
     async def build(compact: bool, history: bool) -> tuple[Any, ...]:
         schema = scratch("tables_compact")
         await create_schema(conn, schema, build=True)
-        taken, before = ASSUMED_KEYS_TAKEN._value.get(), counts()
+        taken, before = ASSUMED_KEYS_TAKEN._value.get(), series(EVENTS)
         events = []
         fast.clear()
         for records in batches:
@@ -382,7 +375,7 @@ async def test_a_build_applies_its_compact_messages_as_every_reader_applies_mess
             async with conn.transaction():
                 applied = await apply_items(conn, schema, layout, items, history=history)
             events.append(applied.events)
-        counted = {k: v - before.get(k, 0.0) for k, v in counts().items() if v != before.get(k)}
+        counted = added(EVENTS, before)
         taken = ASSUMED_KEYS_TAKEN._value.get() - taken
         return await checksum(conn, schema), events, taken, counted, fast.count(True)
 
