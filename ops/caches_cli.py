@@ -26,7 +26,7 @@ from ops.deployment import command_settings
 from projectors.caches import CachesRebuilt, rebuild_caches
 from projectors.errors import ProjectorError
 from projectors.read.contract import LIVE_SCHEMA
-from projectors.schema import schema_exists
+from projectors.schema import require_live_schema
 
 
 async def rebuild(settings: Settings) -> CachesRebuilt:
@@ -34,10 +34,7 @@ async def rebuild(settings: Settings) -> CachesRebuilt:
     pool = await create_pool(settings.postgres_dsn, min_size=1, max_size=1)
     redis = Redis.from_url(settings.redis_url)
     try:
-        if not await schema_exists(pool, LIVE_SCHEMA):
-            raise ProjectorError(
-                f"no read model in schema {LIVE_SCHEMA!r}; run `backbone provision`"
-            )
+        await require_live_schema(pool)
         return await rebuild_caches(pool, redis, settings.topic_prefix)
     finally:
         await redis.aclose()

@@ -17,14 +17,13 @@ import sys
 import msgspec
 from redis.asyncio import Redis
 
-from eventstore import Connection, EventStore, EventStoreError, Pool, Settings, create_pool
+from eventstore import EventStore, EventStoreError, Settings, create_pool
 from ops.deployment import command_settings
 from projectors.caches import Caches
 from projectors.dead_letters import DeadLetter, list_dead_letters, retry_dead_letter
 from projectors.errors import ProjectorError
 from projectors.projector import Projector
-from projectors.read.contract import LIVE_SCHEMA
-from projectors.schema import in_schema, schema_exists
+from projectors.schema import in_schema, require_live_schema
 
 _ERROR_SQL = (
     'SELECT error FROM {schema}.dead_letters WHERE topic = $1 AND partition = $2 AND "offset" = $3'
@@ -39,17 +38,12 @@ class RetryOutcome(msgspec.Struct, frozen=True):
     error: str | None
 
 
-async def _require_live(conn: Connection | Pool) -> None:
-    if not await schema_exists(conn, LIVE_SCHEMA):
-        raise ProjectorError(f"no read model in schema {LIVE_SCHEMA!r}; run `backbone provision`")
-
-
 async def dead_letters(settings: Settings, *, include_resolved: bool = False) -> list[DeadLetter]:
     """The live read model's dead letters in log order."""
     pool = await create_pool(settings.postgres_dsn, min_size=1, max_size=1)
     try:
         async with pool.acquire() as conn:
-            await _require_live(conn)
+            await require_live_schema(conn)
             return await list_dead_letters(conn, include_resolved=include_resolved)
     finally:
         await pool.close()
@@ -62,7 +56,7 @@ async def retry(
     redis = Redis.from_url(settings.redis_url)
     try:
         async with await EventStore.open(settings, with_producer=False) as store:
-            await _require_live(store.pool)
+            await require_live_schema(store.pool)
             if targets is None:
                 async with store.pool.acquire() as conn:
                     found = await list_dead_letters(conn)

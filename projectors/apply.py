@@ -44,7 +44,7 @@ from projectors import schema
 from projectors.metrics import ASSUMED_KEYS_TAKEN, EVENTS
 from projectors.projection import Drop, EraseUser, Put, creates, needs, project, sent_rows
 from projectors.rows import ConversationRow, Key, MemberRow, Row, key_getter
-from projectors.schema import ERASE_SQL, Table, checked_schema_name, defer_erasures, in_schema
+from projectors.schema import Table, checked_schema_name, defer_erasures, in_schema, redact
 from projectors.tables import delete_rows, insert_rows, load_rows, upsert_rows
 from schemas import ConversationEvent, Event, MessageSent, UserErased
 
@@ -283,8 +283,7 @@ async def _write_dead_letters(
 
 async def _erase(conn: Connection, schema_name: str, user_id: uuid.UUID, applied: Applied) -> None:
     """Redact the personal values of ``user_id`` in every table."""
-    for sql in ERASE_SQL:
-        await conn.execute(in_schema(schema_name, sql), user_id)
+    await redact(conn, schema_name, user_id)
     touched = [r[0] for r in await conn.fetch(in_schema(schema_name, _ERASED_IN_SQL), user_id)]
     applied.conversations.update(touched)
     applied.redacted_conversations.update(touched)

@@ -41,7 +41,7 @@ from typing import Final
 import msgspec
 
 from eventstore import Connection, Pool
-from projectors.errors import SchemaNameInvalid
+from projectors.errors import ProjectorError, SchemaNameInvalid
 from projectors.read.contract import LIVE_SCHEMA
 
 READ_MODEL_VERSION: Final = 4
@@ -360,6 +360,13 @@ ERASE_SQL: Final = (
 """Erasing a person ($1): every personal value of theirs in the tables, redacted set-wise by
 the secondary indexes on their columns (the users row is the projection's)."""
 
+
+async def redact(conn: Connection, schema: str, user_id: uuid.UUID) -> None:
+    """Run :data:`ERASE_SQL` for ``user_id`` in ``schema``."""
+    for sql in ERASE_SQL:
+        await conn.execute(in_schema(schema, sql), user_id)
+
+
 _PENDING_ERASURES_DDL: Final = "CREATE TABLE {schema}.pending_erasures (user_id uuid PRIMARY KEY)"
 _PENDING_EXISTS_SQL: Final = "SELECT to_regclass($1)"
 _PENDING_SQL: Final = "SELECT user_id FROM {schema}.pending_erasures ORDER BY user_id"
@@ -425,9 +432,15 @@ async def finish_build(pool: Pool, schema: str) -> None:
         if await conn.fetchval(_PENDING_EXISTS_SQL, _pending(schema)) is None:
             return  # finished before (a resumed build), or never a build
         for (user_id,) in await conn.fetch(in_schema(schema, _PENDING_SQL)):
-            for sql in ERASE_SQL:
-                await conn.execute(in_schema(schema, sql), user_id)
+            await redact(conn, schema, user_id)
         await conn.execute(in_schema(schema, "DROP TABLE {schema}.pending_erasures"))
+
+
+async def require_live_schema(conn: Connection | Pool) -> None:
+    """Raise :class:`ProjectorError` unless the live read model exists (an operator command
+    that reads or writes it, before ``backbone provision``)."""
+    if not await schema_exists(conn, LIVE_SCHEMA):
+        raise ProjectorError(f"no read model in schema {LIVE_SCHEMA!r}; run `backbone provision`")
 
 
 async def ensure_live_schema(pool: Pool) -> bool:
