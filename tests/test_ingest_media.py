@@ -157,6 +157,19 @@ async def test_upload_verify_share_and_download(system: System) -> None:
     assert (await api.call("GET", f"/v1/media/{uuid.uuid4()}", token=bob.access)).status == 404
 
 
+async def _write_at_upload_key(system: System, media_id: str, data: bytes) -> None:
+    """Put ``data`` at the media's upload key straight through S3 (as if a store checked no
+    checksum), behind the upload URL's back."""
+    key = await system.store.pool.fetchval(
+        "SELECT object_key FROM ingest.media_uploads WHERE media_id = $1", uuid.UUID(media_id)
+    )
+    client = s3_client(system.settings)
+    try:
+        await asyncio.to_thread(client.put_object, Bucket=MEDIA_BUCKET, Key=key, Body=data)
+    finally:
+        client.close()
+
+
 async def test_an_upload_that_does_not_match_its_declaration_is_refused(system: System) -> None:
     api = system.api
     alice = await api.user()
@@ -171,14 +184,7 @@ async def test_an_upload_that_does_not_match_its_declaration_is_refused(system: 
     nothing = await api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access)
     assert (nothing.status, nothing.body["type"]) == (409, PROBLEM + "conflict")
     # Should a store not check checksums, complete still does (bytes written behind the URL).
-    key = await system.store.pool.fetchval(
-        "SELECT object_key FROM ingest.media_uploads WHERE media_id = $1", uuid.UUID(media_id)
-    )
-    client = s3_client(system.settings)
-    try:
-        await asyncio.to_thread(client.put_object, Bucket=MEDIA_BUCKET, Key=key, Body=data)
-    finally:
-        client.close()
+    await _write_at_upload_key(system, media_id, data)
     refused = await api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access)
     assert (refused.status, refused.body["type"]) == (422, PROBLEM + "upload-mismatch")
     # Never completed: it cannot be sent, nor downloaded.
@@ -211,14 +217,7 @@ async def test_a_put_after_complete_cannot_change_what_is_downloaded(system: Sys
     assert await _try_put(url, evil, hashlib.sha256(evil).hexdigest()) != 200
     # Even bytes landing at the upload key (a store that checks no checksum) are never served:
     # downloads come from the copy complete verified, which the upload URL cannot reach.
-    key = await system.store.pool.fetchval(
-        "SELECT object_key FROM ingest.media_uploads WHERE media_id = $1", uuid.UUID(media_id)
-    )
-    client = s3_client(system.settings)
-    try:
-        await asyncio.to_thread(client.put_object, Bucket=MEDIA_BUCKET, Key=key, Body=evil)
-    finally:
-        client.close()
+    await _write_at_upload_key(system, media_id, evil)
     assert await _download(api, alice, media_id) == good
     # A retried complete does not pick the new bytes up either.
     again = await api.call("POST", f"/v1/media/{media_id}/complete", token=alice.access)
